@@ -1,0 +1,63 @@
+"""The Python API: build or load a SOFT model in one call."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .checkpoint import build_model, read_checkpoint
+from .models import LandmarkPolicy, SoftConfig, SoftModel, create_soft
+
+
+def create_model(name_or_config: str | Mapping[str, Any] | SoftConfig, num_classes: int | None = 1000,
+                 **overrides: Any) -> SoftModel:
+    """A freshly initialised SOFT model (eval mode).
+
+    ``name_or_config`` is a variant name (``soft_tiny`` … ``soft_norm_huge``), a
+    config dict as in the official configs, or a :class:`SoftConfig`.
+    """
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return create_soft(name_or_config, **overrides).eval()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
+    from .errors import UsageError
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps asked for, but MPS is not available here")
+    return dev
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, use_ema: bool = False,
+               landmarks: LandmarkPolicy | str | int | None = None) -> SoftModel:
+    """Load an official or softcli checkpoint and return the model in eval mode.
+
+    ``path`` is a ``.pth``/``.pth.tar``/``.safetensors`` file or a folder with
+    ``model.safetensors`` + ``config.json``. ``forward(x)`` on (B, 3, H, W)
+    returns logits; ``forward_features(x)`` the four stage maps.
+    """
+    ck = read_checkpoint(path, use_ema=use_ema)
+    model = build_model(ck, resolve_device(device))
+    if landmarks is not None:
+        policy = landmarks if isinstance(landmarks, LandmarkPolicy) else LandmarkPolicy.parse(landmarks)
+        model.set_landmark_policy(policy)
+    return model

@@ -1,0 +1,1 @@
+"""The ``soft`` command line: thin Typer commands over the library."""

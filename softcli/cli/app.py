@@ -1,0 +1,99 @@
+"""The ``soft`` Typer app and the one place that turns exceptions into ``error:`` lines.
+
+Each command lives in its own module and registers itself on :data:`app` when
+imported (see :data:`COMMAND_MODULES`). Commands parse, call one library
+function and render; they never print tracebacks: :func:`main` maps
+:class:`~softcli.errors.SoftError` to ``error: ...`` on stderr with its exit
+code (1 for failed work, 2 for usage), and ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+import typer
+
+try:  # typer >= 0.20 vendors its own copy of click
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exc
+
+from .. import __version__
+from ..errors import SoftError
+
+app = typer.Typer(
+    name="soft",
+    help="SOFT softmax-free vision transformers on images of any size.\n\n"
+         "Example: [bold]soft classify photo.jpg[/bold]",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+#: Command modules, imported by :func:`main` so each can register on :data:`app`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"softcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """SOFT softmax-free vision transformers on images of any size."""
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"softcli.cli.{name}")
+
+
+def error_line(message: str) -> None:
+    """One ``error: ...`` line on stderr; the only way commands report failures."""
+    text = " ".join(str(message).split())
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("SOFTCLI_DEBUG") == "1"
+    _register_commands()
+    try:
+        rv = app(args=args, prog_name="soft", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_exc.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see 'soft {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'soft --help')"
+        error_line(exc.format_message() + hint)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        error_line("interrupted")
+        sys.exit(130)
+    except SoftError as exc:
+        if debug:
+            raise
+        error_line(str(exc))
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug:
+            raise
+        error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

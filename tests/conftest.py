@@ -1,0 +1,70 @@
+"""Shared fixtures: where the golden reference lives, tiny models, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _golden_dir() -> Path:
+    env = os.environ.get("SOFTCLI_GOLDEN")
+    if env:
+        return Path(env)
+    return REPO.parent / "shared" / "reference" / "golden"
+
+
+GOLDEN = _golden_dir()
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    """The official reference outputs; CI lays shared/ beside the checkout."""
+    if not (GOLDEN / "manifest.json").is_file():
+        pytest.fail(f"golden reference files not found at {GOLDEN} (set SOFTCLI_GOLDEN)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def manifest(golden: Path) -> dict:
+    return json.loads((golden / "manifest.json").read_text())
+
+
+#: A SOFT network small enough for fast tests (same code paths as the real ones).
+TINY_CONFIG = {
+    "embed_dims": [16, 32, 48, 64],
+    "num_heads": [1, 2, 3, 2],
+    "depths": [1, 1, 1, 1],
+    "sr_ratios": [8, 4, 2],
+    "num_classes": 10,
+}
+
+
+@pytest.fixture
+def tiny_model():
+    import torch
+
+    import softcli
+
+    torch.manual_seed(0)
+    return softcli.create_model(TINY_CONFIG, num_classes=10)
+
+
+def run_soft(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300,
+             input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m softcli ARGS`` as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("SOFTCLI_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "softcli", *map(str, args)], capture_output=True,
+                          env=full_env, cwd=cwd, timeout=timeout, input=input)
+
+
+@pytest.fixture
+def soft():
+    return run_soft
