@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+if TYPE_CHECKING:
+    from ..models import SoftModel
 
 #: Logs, warnings and progress: stderr, so ``--json`` stdout stays clean.
 err_console = Console(stderr=True)
@@ -52,3 +56,39 @@ WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", "-w", help="A local checkpoint file or folder (official .pth/.safetensors or softcli).")]
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
+
+
+# Model loading: the one place a command turns --model/--weights into a model -------
+
+#: The model used when neither --model nor --weights is given.
+DEFAULT_MODEL = "soft_tiny"
+
+
+def model_name(model: str | None, weights: Path | None) -> str:
+    """What to call the model in output: the --weights path, the --model value or the default."""
+    if weights is not None:
+        return str(weights)
+    return model or DEFAULT_MODEL
+
+
+def load_cli_model(model: str | None, weights: Path | None, device: str = "auto") -> SoftModel:
+    """The model a command runs: ``--weights PATH``, ``--model PATH``, or the default.
+
+    Registry names and ``hf-hub:`` references need the Hub resolver, which this
+    build does not have yet: they (and the default) fail with a clear message.
+    """
+    from .. import load_model
+    from ..errors import UsageError
+
+    if model is not None and weights is not None:
+        raise UsageError("give --model or --weights, not both")
+    if weights is not None:
+        return load_model(weights, device=device)
+    if model is not None and (Path(model).exists() or os.sep in model or model.endswith(_WEIGHT_SUFFIXES)):
+        return load_model(model, device=device)
+    name = model or DEFAULT_MODEL
+    raise UsageError(f"no weights available for {name!r}: downloading registry models is not part of this build; "
+                     "pass --weights PATH (a .pth/.safetensors checkpoint or a softcli folder)")
+
+
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".ckpt", ".bin")

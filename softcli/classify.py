@@ -1,0 +1,134 @@
+"""Classify image files with a SOFT model: paths in, ranked predictions out (nothing printed).
+
+Each input succeeds or fails on its own: a missing, empty, truncated or
+non-image file yields a :class:`ClassifyResult` with ``error`` set and the
+rest go on. Results come out in input order, as a generator, so a caller can
+show progress and stream output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .io.image import DEFAULT_MAX_PIXELS, load_image
+from .io.inputs import InputItem, expand_inputs
+from .labels import labels_for
+from .preprocess import Preprocess, batch_same_size, eval_transform, full_res_transform, min_side
+
+
+@dataclass(frozen=True)
+class Prediction:
+    rank: int  # 1 = most probable
+    index: int  # class index in the model's output
+    label: str
+    prob: float  # softmax probability over all classes
+
+
+@dataclass
+class ClassifyResult:
+    """What happened to one input: ``predictions`` on success, ``error`` otherwise."""
+
+    image: str
+    predictions: list[Prediction] | None = None
+    input_size: tuple[int, int] | None = None  # (H, W) of the tensor the model saw
+    seconds: float = 0.0  # decode + preprocess + this image's share of its batch's forward pass
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self, model_name: str) -> dict[str, Any]:
+        """The ``--json`` object for this input."""
+        out: dict[str, Any] = {"image": self.image}
+        if self.error is None:
+            out["predictions"] = [asdict(p) for p in self.predictions or []]
+        else:
+            out["error"] = self.error
+        out["model"] = model_name
+        out["input_size"] = list(self.input_size) if self.input_size else None
+        out["seconds"] = round(self.seconds, 4)
+        return out
+
+
+def _reason(exc: InputError, path: str) -> str:
+    """The message without its ``path: `` prefix (the result names the path already)."""
+    msg = str(exc)
+    prefix = f"{path}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smallest: int,
+             max_pixels: int | None) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
+    """Decode and preprocess lazily: one image in memory at a time (plus the batch being filled)."""
+    for item in items:
+        start = time.perf_counter()
+        if item.error is not None:
+            yield (item.path, 0.0, item.error), None
+            continue
+        try:
+            image = load_image(item.path, max_pixels=max_pixels)
+        except InputError as exc:
+            yield (item.path, time.perf_counter() - start, _reason(exc, item.path)), None
+            continue
+        tensor = full_res_transform(image, pre, smallest) if full_res else eval_transform(image, pre)
+        del image
+        yield (item.path, time.perf_counter() - start, None), tensor
+
+
+def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequence[InputItem], *, top_k: int = 5,
+                   batch_size: int = 1, full_res: bool = False,
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[ClassifyResult]:
+    """Top-``top_k`` predictions for each input (files, folders or globs), in input order.
+
+    Preprocessing follows ``model.pretrained_cfg`` (resize + centre crop at the
+    model's input size); ``full_res`` feeds every image whole, at its own size,
+    one at a time. Same-size tensors are batched ``batch_size`` at a time. The
+    model runs on whatever device its parameters are on.
+    """
+    if top_k < 1:
+        raise ValueError("top_k must be at least 1")
+    items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
+    pre = Preprocess.for_model(model)
+    labels = labels_for(model)
+    k = min(top_k, len(labels))
+    device = next(model.parameters()).device
+    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels)  # type: ignore[arg-type]
+    for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
+        if batch is None:
+            path, seconds, error = keys[0]
+            yield ClassifyResult(path, seconds=seconds, error=error)
+            continue
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = model(batch.to(device))
+                probs = torch.softmax(logits.float(), dim=-1)
+                top_p, top_i = probs.topk(k, dim=-1)
+            top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+        except torch.OutOfMemoryError:
+            share = (time.perf_counter() - start) / len(keys)
+            h, w = batch.shape[-2:]
+            for path, seconds, _ in keys:
+                yield ClassifyResult(path, seconds=seconds + share,
+                                     error=f"out of memory running the model on {h}x{w} "
+                                           f"(batch of {len(keys)}); try a smaller --batch-size or no --full-res")
+            continue
+        share = (time.perf_counter() - start) / len(keys)
+        size = (int(batch.shape[-2]), int(batch.shape[-1]))
+        for (path, seconds, _), ps, idx in zip(keys, top_p, top_i):
+            preds = [Prediction(rank=r + 1, index=int(i), label=labels[i], prob=float(p))
+                     for r, (p, i) in enumerate(zip(ps, idx))]
+            yield ClassifyResult(path, preds, size, seconds + share)
+
+
+def classify(model: Any, inputs: Sequence[str | os.PathLike[str]], **kwargs: Any) -> list[ClassifyResult]:
+    """:func:`classify_paths` as a list."""
+    return list(classify_paths(model, inputs, **kwargs))
