@@ -88,7 +88,8 @@ def classify(
     if csv_file is not None:
         check_output_path(csv_file, [i.path for i in items])
     name = model_name(model, weights)
-    net = load_cli_model(model, weights, device)
+    with err_console.status("loading model"):
+        net = load_cli_model(model, weights, device)
     err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}",
                       highlight=False, soft_wrap=True)
 
