@@ -56,8 +56,19 @@ def workdir(tmp_path_factory):
     return d
 
 
-def _error_lines(stderr: bytes) -> list[str]:
-    return [ln for ln in stderr.decode().splitlines() if ln.startswith("error:")]
+def _error_lines(stderr: bytes | str) -> list[str]:
+    text = stderr.decode() if isinstance(stderr, bytes) else stderr
+    return [ln for ln in text.splitlines() if ln.startswith("error:")]
+
+
+def _in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """``soft ARGS`` through the console script's own ``main``, without a new interpreter (faster)."""
+    from softcli.cli.app import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
 
 
 def test_every_kind_of_file_json_and_broken_ones(workdir):
@@ -87,20 +98,21 @@ def test_every_kind_of_file_json_and_broken_ones(workdir):
         assert all(p["label"] == LABELS[p["index"]] for p in preds)
 
 
-def test_full_res_sees_each_image_whole_exif_applied(workdir):
-    r = run_soft("classify", *GOOD, "--weights", "ckpt", "--json", "--full-res", "-k", "2", cwd=workdir)
-    assert r.returncode == 0, r.stderr.decode()
-    assert not _error_lines(r.stderr)
-    doc = json.loads(r.stdout)
+def test_full_res_sees_each_image_whole_exif_applied(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    code, out, err = _in_process(["classify", *GOOD, "--weights", "ckpt", "--json", "--full-res", "-k", "2"], capsys)
+    assert code == 0, err
+    assert not _error_lines(err)
+    doc = json.loads(out)
     assert {o["image"]: tuple(o["input_size"]) for o in doc} == SIZES
     assert all(len(o["predictions"]) == 2 for o in doc)
 
 
-def test_tables_on_stdout_and_csv(workdir):
-    r = run_soft("classify", "photo.png", "gray.png", "--weights", "ckpt", "--csv", "out.csv", "-k", "3",
-                 cwd=workdir)
-    assert r.returncode == 0, r.stderr.decode()
-    out = r.stdout.decode()
+def test_tables_on_stdout_and_csv(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    code, out, err = _in_process(["classify", "photo.png", "gray.png", "--weights", "ckpt", "--csv", "out.csv",
+                                  "-k", "3"], capsys)
+    assert code == 0, err
     assert "photo.png" in out and "gray.png" in out and "thing" in out and "224×224" in out
     rows = list(csv.DictReader((workdir / "out.csv").open()))
     assert [(row["image"], row["rank"]) for row in rows] == [
@@ -109,7 +121,9 @@ def test_tables_on_stdout_and_csv(workdir):
     assert all(row["label"] == LABELS[int(row["index"])] and not row["error"] for row in rows)
 
 
-def test_usage_and_output_errors(workdir):
+def test_usage_and_output_errors(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    before = (workdir / "photo.png").read_bytes()
     for args, code, text in [
         (["photo.png", "--weights", "ckpt", "--top-k", "0"], 2, "--top-k"),
         (["photo.png", "--weights", "ckpt", "--model", "ckpt"], 2, "not both"),
@@ -118,21 +132,21 @@ def test_usage_and_output_errors(workdir):
         (["photo.png", "--weights", "ckpt", "--csv", "photo.png"], 1, "refusing to overwrite an input"),
         (["photo.png", "--weights", "no-such-ckpt.pth"], 1, "no such file"),
     ]:
-        before = (workdir / "photo.png").read_bytes()
-        r = run_soft("classify", *args, cwd=workdir)
-        errors = _error_lines(r.stderr)
-        assert r.returncode == code and len(errors) == 1 and text in errors[0], (args, r.stderr.decode())
-        assert b"Traceback" not in r.stderr and r.stdout == b""
-        assert (workdir / "photo.png").read_bytes() == before
+        got, out, err = _in_process(["classify", *args], capsys)
+        errors = _error_lines(err)
+        assert got == code and len(errors) == 1 and text in errors[0], (args, err)
+        assert "Traceback" not in err and out == ""
+    assert (workdir / "photo.png").read_bytes() == before
 
 
-def test_max_pixels_guard(workdir):
-    r = run_soft("classify", "photo.png", "gray.png", "--weights", "ckpt", "--max-pixels", "3200", "--json",
-                 cwd=workdir)
-    assert r.returncode == 1
-    doc = json.loads(r.stdout)
+def test_max_pixels_guard(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    code, out, err = _in_process(["classify", "photo.png", "gray.png", "--weights", "ckpt", "--max-pixels", "3200",
+                                  "--json"], capsys)
+    assert code == 1
+    doc = json.loads(out)
     assert "predictions" in doc[0] and "decompression-bomb guard" in doc[1]["error"]  # 48x64 fits, 50x70 not
-    assert len(_error_lines(r.stderr)) == 1
+    assert len(_error_lines(err)) == 1
 
 
 def test_golden_weights_probabilities_are_softmax_of_load_model_logits(tmp_path):
