@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .io.image import DEFAULT_MAX_PIXELS, load_image
 from .io.inputs import InputItem, expand_inputs
 from .labels import labels_for
@@ -96,7 +96,14 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
     items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
-    pre = Preprocess.for_model(model)
+    source = getattr(model, "source", "the model")
+    if not model.config.num_classes:
+        raise CheckpointError(f"{source}: has no classification head (num_classes = 0); "
+                              "it gives features, not classes")
+    try:
+        pre = Preprocess.for_model(model)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: unusable pretrained_cfg ({exc})") from None
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device

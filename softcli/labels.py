@@ -29,7 +29,7 @@ def labels_for(model: Any) -> list[str]:
 
     The model's own ``labels`` (from its ``config.json``) win; a 1000-class model
     without labels is taken to be an ImageNet-1k classifier; anything else gets
-    ``class N``. Labels of the wrong length are padded/ignored rather than trusted.
+    ``class N``. Labels shorter than the class count are padded with ``class N``.
     """
     num_classes = int(model.config.num_classes)
     own = getattr(model, "labels", None)

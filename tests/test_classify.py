@@ -93,3 +93,16 @@ def test_labels_for_model_labels_then_imagenet_then_numbers(tiny_model):
 
     big = softcli.create_model(TINY_CONFIG, num_classes=1000)
     assert labels_for(big)[0] == "tench"
+
+
+def test_models_that_cannot_classify_are_refused(tiny_model, images):
+    import softcli
+    from softcli.errors import CheckpointError
+    from tests.conftest import TINY_CONFIG
+
+    headless = softcli.create_model(TINY_CONFIG, num_classes=0)
+    with pytest.raises(CheckpointError, match="no classification head"):
+        classify(headless, images)
+    tiny_model.pretrained_cfg = {"input_size": [3, 224, 224], "crop_pct": 7}
+    with pytest.raises(CheckpointError, match="pretrained_cfg"):
+        classify(tiny_model, images)
