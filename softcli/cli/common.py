@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -42,6 +42,26 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+if TYPE_CHECKING:
+    from ..models import SoftModel
+
+
+def load_cli_model(model: str | None, weights: Path | None, device: str = "auto",
+                   landmarks: str | int | None = None) -> "SoftModel":
+    """The model for ``--model``/``--weights``: one of them, or the registry's default (soft_tiny).
+
+    ``--model`` takes a registry name, ``hf-hub:ORG/REPO[@REV]``, a folder or a
+    file; ``--weights`` a local file or folder. Downloads show huggingface_hub's
+    progress bars on stderr.
+    """
+    from ..api import load_model
+    from ..errors import UsageError
+
+    if model is not None and weights is not None:
+        raise UsageError("give --model or --weights, not both")
+    return load_model(Path(weights) if weights is not None else model, device=device, landmarks=landmarks)
 
 
 # Options shared by every command that runs a model ---------------------------------
