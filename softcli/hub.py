@@ -286,7 +286,7 @@ def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
             return cached
         raise _not_cached(spec, f"the Hub at {hub_endpoint()} cannot be reached ({_describe(exc)})") from None
     try:
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS,
+        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS, endpoint=hub_endpoint(),
                                         etag_timeout=meta_timeout(), force_download=force))
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
@@ -651,7 +651,7 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
 
     api = HfApi(endpoint=hub_endpoint())
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         info = api.upload_folder(folder_path=str(src), repo_id=repo_id, revision=revision,
                                  allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"],
                                  commit_message=message or "Upload SOFT weights (softcli)")

@@ -231,7 +231,7 @@ class FakeHub(_Server):
         repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
         if repo_id in self.repos:
             return h.send_json(409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"})
-        self.repos[repo_id] = Repo(private=bool(req.get("private")))
+        self.repos[repo_id] = Repo(private=bool(req.get("private")) or req.get("visibility") == "private")
         h.send_json(200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
 
     def _preupload(self, h: _Handler) -> None:
@@ -272,6 +272,7 @@ class FakeDrive(_Server):
         super().__init__()
         self.files: dict[str, tuple[str, bytes]] = {}  # id -> (name, data)
         self.confirm_above = confirm_above
+        self.form_action: str | None = None  # where the confirm form points (default: this server)
         self._tokens: set[str] = set()
 
     def add(self, file_id: str, name: str, data: bytes) -> None:
@@ -292,7 +293,7 @@ class FakeDrive(_Server):
             page = (f"<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>"
                     f"<p>Google Drive can't scan this file for viruses.</p><p>{name} ({len(data)} bytes) is too large "
                     f"for Google to scan for viruses. Would you still like to download this file?</p>"
-                    f'<form id="download-form" action="{self.url}/download" method="get">'
+                    f'<form id="download-form" action="{self.form_action or self.url + "/download"}" method="get">'
                     f'<input type="submit" id="uc-download-link" value="Download anyway"/>'
                     f'<input type="hidden" name="id" value="{q["id"]}">'
                     f'<input type="hidden" name="export" value="download">'
@@ -302,3 +303,22 @@ class FakeDrive(_Server):
         if parts.path == "/download" and needs_confirm and q.get("uuid") not in self._tokens:
             return h.send_bytes(403, b"<html>confirm first</html>", "text/html")
         h.send_bytes(200, data, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+# -- pytest helpers shared by the hub tests ------------------------------------------------
+
+def hub_env(hf_home, endpoint: str, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that uses only the given Hub and a private cache.
+
+    The Drive endpoint points at a closed loopback port unless a test sets it,
+    so no test can reach the internet.
+    """
+    env = {
+        "HF_HOME": str(hf_home), "HF_HUB_CACHE": f"{hf_home}/hub", "HUGGINGFACE_HUB_CACHE": f"{hf_home}/hub",
+        "HF_ENDPOINT": endpoint, "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5", "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0", "HF_TOKEN": "", "SOFTCLI_GDRIVE_ENDPOINT": f"http://127.0.0.1:{free_port_closed()}",
+        "SOFTCLI_REGISTRY": "",
+    }
+    env.update(extra)
+    return env
