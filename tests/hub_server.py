@@ -27,8 +27,11 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
 
 LFS_SUFFIXES = (".safetensors", ".pth", ".bin", ".tar")
 
@@ -322,3 +325,43 @@ def hub_env(hf_home, endpoint: str, **extra: str) -> dict[str, str]:
     }
     env.update(extra)
     return env
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch):
+    """In this process, only loopback addresses can be looked up or connected to."""
+    real = socket.getaddrinfo
+
+    def loopback_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise OSError(f"test tried to reach {host}: tests never touch the internet")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+
+
+@pytest.fixture
+def hf(monkeypatch, tmp_path):
+    """In-process Hub settings (huggingface_hub read the real env at import; we patch what it reads)."""
+    from huggingface_hub import constants
+
+    def configure(endpoint: str, *, offline: bool = False, home: Path | None = None, **env: str) -> Path:
+        home = home or tmp_path / "hf"
+        for name, value in {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "ENDPOINT": endpoint,
+                            "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+                            "HF_HUB_OFFLINE": offline, "HF_HUB_DISABLE_XET": True,
+                            "HF_TOKEN_PATH": str(home / "token"),
+                            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+            monkeypatch.setattr(constants, name, value)
+        base = hub_env(home, endpoint)
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SOFTCLI_REGISTRY"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT", "SOFTCLI_GDRIVE_ENDPOINT"):
+            monkeypatch.setenv(name, base[name])
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return home
+
+    return configure
+
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from softcli import hub
 from softcli.checkpoint import read_checkpoint, save_pretrained
 from softcli.errors import UsageError
 from tests.conftest import GOLDEN, REPO, TINY_CONFIG, run_soft
-from tests.hub_server import FakeDrive, FakeHub, free_port_closed, hub_env
+from tests.hub_server import FakeDrive, FakeHub, free_port_closed, hf, hub_env, no_internet  # noqa: F401 (fixtures)
 
 PROBE = """
 import json, sys, torch, softcli
@@ -77,44 +76,6 @@ def fake_hub(tiny_pair):
         server.v2 = server.add_commit("acme/soft-mini", folder_files(f1))
         server.add_commit("acme/bare", {"model.safetensors": (f0 / "model.safetensors").read_bytes()})
         yield server
-
-
-@pytest.fixture(autouse=True)
-def no_internet(monkeypatch):
-    """In this process, only loopback addresses can be looked up or connected to."""
-    real = socket.getaddrinfo
-
-    def loopback_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            raise OSError(f"test tried to reach {host}: tests never touch the internet")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
-
-
-@pytest.fixture
-def hf(monkeypatch, tmp_path):
-    """In-process Hub settings (huggingface_hub read the real env at import; we patch what it reads)."""
-    from huggingface_hub import constants
-
-    def configure(endpoint: str, *, offline: bool = False, home: Path | None = None, **env: str) -> Path:
-        home = home or tmp_path / "hf"
-        for name, value in {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "ENDPOINT": endpoint,
-                            "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-                            "HF_HUB_OFFLINE": offline, "HF_HUB_DISABLE_XET": True,
-                            "HF_TOKEN_PATH": str(home / "token"),
-                            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
-            monkeypatch.setattr(constants, name, value)
-        base = hub_env(home, endpoint)
-        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "SOFTCLI_REGISTRY"):
-            monkeypatch.delenv(name, raising=False)
-        for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT", "SOFTCLI_GDRIVE_ENDPOINT"):
-            monkeypatch.setenv(name, base[name])
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        return home
-
-    return configure
 
 
 def _ok(r: subprocess.CompletedProcess) -> dict:
