@@ -76,9 +76,10 @@ def pull(spec: SpecArg,
     if json_out:
         print_json(res.to_dict())
         return
-    where = f"hf-hub:{res.repo_id}@{res.revision} commit {res.commit}" if res.source == "hub" else (
-        f"converted from the official release, sha256 {res.sha256}" if res.source == "origin" else "local")
-    err_console.print(f"{spec}: {where}", highlight=False, soft_wrap=True)
+    where = f"hf-hub:{res.repo_id}@{res.revision} is commit {res.commit}" if res.source == "hub" else (
+        f"{spec}: converted from the official release, sha256 {res.sha256}" if res.source == "origin"
+        else f"{spec}: a local path")
+    err_console.print(where, highlight=False, soft_wrap=True)
     typer.echo(str(res.path))
 
 
@@ -87,12 +88,14 @@ def _checkpoint_summary(path: Path) -> dict[str, Any]:
 
     ck = read_checkpoint(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
+    provenance = ck.extra.get("converted_from")
     return {"format": ck.format, "architecture": ck.config.to_dict(),
             "params": sum(int(t.numel()) for k, t in ck.state_dict.items() if "running_" not in k
                           and "num_batches_tracked" not in k),
             "labels": len(ck.labels) if ck.labels else 0, "pretrained_cfg": ck.pretrained_cfg,
             "weights_file": str(weights) if weights.is_file() else None,
-            "sha256": hub.sha256_file(weights) if weights.is_file() else None}
+            "sha256": hub.sha256_file(weights) if weights.is_file() else None,
+            **({"converted_from": provenance} if provenance else {})}
 
 
 @weights_app.command()
@@ -107,10 +110,10 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
         out["registry"] = reg.get(spec).to_dict()
     try:
         res = hub.resolve_weights(spec, download=False)
-    except hub.WeightsError as exc:
+    except hub.WeightsError:
         if out["kind"] == "path":
             raise
-        out.update(cached=False, why=str(exc))
+        out.update(cached=False, why=f"not in the cache; 'soft weights pull {spec}' downloads it")
     else:
         out.update(cached=res.source != "local", resolved=res.to_dict(), checkpoint=_checkpoint_summary(res.path))
     if json_out:
@@ -125,7 +128,7 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
                   f"{(r['origin'] or {}).get('official_name')} ({(r['origin'] or {}).get('kind')}, "
                   f"id {(r['origin'] or {}).get('id') or 'not recorded'})", highlight=False)
     if not out.get("checkpoint"):
-        con.print(f"  not cached: {out.get('why')}", highlight=False, soft_wrap=True)
+        con.print(f"  {out['why']}", highlight=False, soft_wrap=True)
         return
     res, ck = out["resolved"], out["checkpoint"]
     arch = ck["architecture"]
@@ -163,8 +166,8 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
     if json_out:
         print_json({"out": str(dest), **summary})
         return
-    err_console.print(f"converted {checkpoint} ({summary['format']}, {summary['params']:,} params) → {dest}",
-                      highlight=False, soft_wrap=True)
+    err_console.print(f"converted {checkpoint} ({summary['converted_from']['format']}, {summary['params']:,} "
+                      f"params) → {dest}", highlight=False, soft_wrap=True)
     typer.echo(str(dest))
 
 
