@@ -81,6 +81,22 @@ def test_info_of_an_uncached_registry_model(capsys, hf):
     assert info["registry"]["top1"] == 82.4 and info["registry"]["origin"]["official_name"] == "SOFT_Small_norm"
 
 
+def test_push_cli_json(capsys, tmp_path, hf, mini_hub):
+    hf(mini_hub.url, HF_TOKEN="hf_test")
+    hub_folder = tmp_path / "hf/hub"
+    code, out, err = soft_in_process(capsys, "weights", "convert", GOLDEN / "mini_plain.weights.safetensors",
+                                     "--out", tmp_path / "mini")
+    assert code == 0, err
+    code, out, err = soft_in_process(capsys, "weights", "push", tmp_path / "mini", "--repo", "acme/cli-pushed",
+                                     "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["spec"] == f"hf-hub:acme/cli-pushed@{res['commit']}" and not res["private"]
+    assert set(mini_hub.repos["acme/cli-pushed"].commits[res["commit"]]) == {"model.safetensors", "config.json",
+                                                                            "README.md"}
+    assert not hub_folder.exists()  # pushing does not fill the download cache
+
+
 def test_convert_cli_and_error_lines(capsys, tmp_path, hf):
     hf("http://127.0.0.1:9")
     labels = tmp_path / "labels.txt"
@@ -97,6 +113,9 @@ def test_convert_cli_and_error_lines(capsys, tmp_path, hf):
     code, _, err = soft_in_process(capsys, "weights", "convert", GOLDEN / "mini_plain.weights.safetensors",
                                    "--out", tmp_path / "y", "--model", "soft_tiny")
     assert code == 1 and "does not fit soft_tiny" in err
+    hf("http://127.0.0.1:9", HF_TOKEN="hf_test")
+    code, out, err = soft_in_process(capsys, "weights", "push", tmp_path / "mini", "--repo", "acme/x")
+    assert code == 1 and "pushing to hf-hub:acme/x on http://127.0.0.1:9 failed: connection refused" in err
     code, _, err = soft_in_process(capsys, "weights", "push", tmp_path / "nothing", "--repo", "a/b")
     assert code == 1 and "not a softcli folder" in err
     code, _, err = soft_in_process(capsys, "weights", "pull", "hf-hub:bad")

@@ -229,6 +229,25 @@ def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_
         hub.resolve_weights("mini")
 
 
+def test_origin_official_pth_training_checkpoint(fake_hub, tmp_path, hf):
+    """The format the SOFT training script saves: {'model': state_dict, 'args': Namespace}, read weights-only."""
+    import argparse
+
+    official = GOLDEN / "mini_plain.weights.safetensors"
+    pth = tmp_path / "MINI.pth"
+    torch.save({"model": load_file(str(official)), "args": argparse.Namespace(model="mini", lr=1e-3)}, pth)
+    registry = json.loads(_mini_registry(tmp_path, "pth-id", None).read_text())
+    registry["models"]["mini"]["origin"]["format"] = "pth"
+    (tmp_path / "pth-registry.json").write_text(json.dumps(registry))
+    with FakeDrive() as drive:
+        drive.add("pth-id", "MINI.pth", pth.read_bytes())
+        hf(fake_hub.url, SOFTCLI_GDRIVE_ENDPOINT=drive.url, SOFTCLI_REGISTRY=str(tmp_path / "pth-registry.json"))
+        model = softcli.load_model("mini")
+    assert logits_of(model) == pytest.approx(logits_of(softcli.load_model(official)), abs=1e-6)
+    record = json.loads((tmp_path / "hf/softcli/origin/mini/origin.json").read_text())
+    assert record["download_sha256"] == hashlib.sha256(pth.read_bytes()).hexdigest()
+
+
 def test_origin_with_wrong_sha256_is_refused(fake_hub, tmp_path, hf):
     official = (GOLDEN / "mini_plain.weights.safetensors").read_bytes()
     with FakeDrive() as drive:
@@ -301,16 +320,13 @@ def test_convert_official_checkpoint(tmp_path):
 
 def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
     folder = hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
-    env = hub_env(tmp_path / "hf", fake_hub.url, HF_TOKEN="hf_test_token")
-    r = run_soft("weights", "push", folder, "--repo", "acme/pushed", "--private", "--json", env=env)
-    assert r.returncode == 0, r.stderr
-    pushed = json.loads(r.stdout)
+    hf(fake_hub.url, HF_TOKEN="hf_test_token")
+    pushed = hub.push_folder(folder, "acme/pushed", private=True)
     assert fake_hub.repos["acme/pushed"].private and fake_hub.validated[-1].startswith("---")
     files = fake_hub.repos["acme/pushed"].commits[pushed["commit"]]
     assert set(files) == {"model.safetensors", "config.json", "README.md"}
     assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
 
-    hf(fake_hub.url, HF_TOKEN="hf_test_token")
     res = hub.resolve_weights(pushed["spec"])
     assert res.commit == pushed["commit"]
     assert logits_of(softcli.load_model(res.path)) == pytest.approx(logits_of(softcli.load_model(folder)), abs=1e-6)
