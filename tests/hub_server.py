@@ -25,6 +25,7 @@ import json
 import re
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class _Server:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
         self.fail_status: int | None = None  # answer every request with this status when set
+        self.hang: tuple[str, float] | None = None  # (path regex, seconds): answer matching requests that late
         handler = type("Handler", (_Handler,), {"owner": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -88,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self.owner.requests.append((method, self.path))
+        if self.owner.hang and re.search(self.owner.hang[0], self.path):
+            time.sleep(self.owner.hang[1])
         if self.owner.fail_status is not None:
             self.send_bytes(self.owner.fail_status, b'{"error": "internal error"}', "application/json")
             return

@@ -163,6 +163,19 @@ def test_server_error_is_one_clear_error(fake_hub, hf):
         fake_hub.fail_status = None
 
 
+def test_server_that_never_answers_times_out(fake_hub, hf, monkeypatch):
+    hf(fake_hub.url)
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    fake_hub.hang = ("/api/models/", 8.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(hub.WeightsError, match="cannot be reached .no answer within 1 s"):
+            hub.resolve_weights("hf-hub:acme/soft-mini")
+        assert time.monotonic() - t0 < 6
+    finally:
+        fake_hub.hang = None
+
+
 def test_server_down_cli_error_line(tmp_path):
     env = hub_env(tmp_path / "hf", down_url())
     t0 = time.monotonic()
