@@ -75,9 +75,9 @@ class HubUnavailable(WeightsError):
         self.reason = reason
 
 
-def _not_cached(spec: str, reason: str, advice_spec: str | None = None) -> HubUnavailable:
-    return HubUnavailable(f"{spec} is not in the cache ({hub_cache()}) and {reason}; "
-                          + WHAT_TO_DO.format(spec=advice_spec or spec), reason)
+def _not_cached(spec: str, reason: str) -> HubUnavailable:
+    return HubUnavailable(f"{spec} is not in the cache ({hub_cache()}) and {reason}; " + WHAT_TO_DO.format(spec=spec),
+                          reason)
 
 
 @dataclass
@@ -102,15 +102,12 @@ class ResolvedWeights:
 
 # -- environment ----------------------------------------------------------------------
 
-def _env_seconds(*names: str, default: float = 10.0) -> float:
-    for name in names:
-        try:
-            value = float(os.environ.get(name, ""))
-        except ValueError:
-            continue
-        if value > 0:
-            return value
-    return default
+def _env_seconds(name: str, default: float = 10.0) -> float:
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def meta_timeout() -> float:
@@ -227,7 +224,7 @@ def _describe(exc: BaseException) -> str:
         return f"no answer within {meta_timeout():g} s"
     if "refused" in text:
         return "connection refused"
-    if "name or service" in text or "nodename" in text or "getaddrinfo" in text or "resolve" in text:
+    if any(t in text for t in ("name or service", "nodename", "getaddrinfo", "name resolution")):
         return "host name not found"
     first = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {first[0][:160]}" if first else type(exc).__name__
@@ -251,7 +248,9 @@ def _missing_message(repo_id: str, revision: str | None, exc: BaseException) -> 
     where = hub_endpoint()
     if isinstance(exc, RevisionNotFoundError):
         return f"hf-hub:{repo_id} has no revision {revision!r} on {where}"
-    token = "" if os.environ.get("HF_TOKEN") else "; if it is private or gated, set HF_TOKEN"
+    from huggingface_hub import get_token
+
+    token = "" if get_token() else "; if it is private or gated, set HF_TOKEN"
     return f"no model repo hf-hub:{repo_id} on {where} ({_describe(exc)}){token}"
 
 
@@ -439,14 +438,14 @@ def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str)
     ck.config = want
     model = build_model(ck)
     folder = origin_cache() / entry.name
-    origin = asdict(entry.origin) if entry.origin else None
+    origin = asdict(entry.origin) if entry.origin else {}
+    provenance = {**origin, "file": checkpoint.name, "sha256": download_sha256}
     save_pretrained(model, folder, labels=ck.labels, pretrained_cfg=ck.pretrained_cfg,
-                    extra={"registry_name": entry.name, "converted_from": origin})
-    write_model_card(folder, entry.name, source=f"official release {origin and origin.get('official_name')}",
-                     entry=entry)
+                    extra={"registry_name": entry.name, "converted_from": provenance})
+    write_model_card(folder, entry.name, repo_id=entry.hub.repo_id, entry=entry)
     record = {"name": entry.name, "origin": origin, "download_sha256": download_sha256,
-              "weights_sha256": sha256_file(folder / WEIGHTS_NAME), "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                                 time.gmtime())}
+              "weights_sha256": sha256_file(folder / WEIGHTS_NAME),
+              "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with atomic_path(folder / ORIGIN_MANIFEST) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return ResolvedWeights(spec=entry.name, kind="registry", path=folder, source="origin", registry_name=entry.name,
@@ -511,8 +510,8 @@ def resolve_weights(spec: str | os.PathLike[str] | None, *, download: bool = Tru
     """Find (downloading when allowed) the weights a model spec names.
 
     ``None`` means the registry's default model; a ``Path`` object is always a
-    local path. ``download=False`` never
-    touches the network: the answer comes from the caches or fails.
+    local path. ``download=False`` never touches the network: the answer comes
+    from the caches or fails.
     """
     registry = load_registry()
     if spec is None:
@@ -542,14 +541,23 @@ def is_cached(entry: RegistryEntry) -> bool:
 
 # -- the Hub repo folder: model card ----------------------------------------------------------
 
-def write_model_card(folder: Path, name: str, *, source: str, entry: RegistryEntry | None = None) -> Path:
-    """A README.md with Hub metadata (library, license, tags) describing the weights in ``folder``."""
+CARD_MARK = "<!-- written by softcli; 'soft weights push' rewrites it -->"
+
+
+def model_card(folder: Path, name: str, *, repo_id: str | None = None, entry: RegistryEntry | None = None) -> str:
+    """README.md text with Hub metadata (library, license, tags) describing the weights in ``folder``."""
     cfg = json.loads((folder / CONFIG_NAME).read_text())
     mc = cfg.get("model_config", {})
+    src = cfg.get("converted_from") or {}
+    source = (f"the official release {src['official_name']}" if src.get("official_name") else
+              f"`{src.get('file')}` ({src.get('format')})" if src.get("file") else "a softcli folder")
+    if src.get("sha256"):
+        source += f", sha256 `{src['sha256']}`"
+    repo = repo_id or f"ORG/{name}"
     labels = cfg.get("labels")
     top1 = f"{entry.top1:.1f}%" if entry and entry.top1 is not None else "not reported"
     pre = cfg.get("pretrained_cfg", {})
-    text = f"""---
+    return f"""---
 library_name: softcli
 license: apache-2.0
 pipeline_tag: image-classification
@@ -559,12 +567,13 @@ tags:
 - linear-attention
 - image-classification
 ---
+{CARD_MARK}
 
 # {name}
 
-SOFT (softmax-free transformer, linear-complexity attention) weights in the
-[softcli](https://github.com/fudan-zvg/SOFT) layout: `model.safetensors` (our key
-layout, float weights) and `config.json` (architecture, labels, preprocessing).
+SOFT (softmax-free transformer, linear-complexity attention) weights in the softcli
+layout: `model.safetensors` (softcli's key layout, float32) and `config.json`
+(architecture, labels, preprocessing).
 
 - Architecture: `{mc.get("variant") or "custom"}`, embed dims {mc.get("embed_dims")}, depths {mc.get("depths")},
   heads {mc.get("num_heads")}, {"normalised" if mc.get("norm") else "plain"} SOFT attention, {mc.get("num_classes")} classes
@@ -578,12 +587,12 @@ layout, float weights) and `config.json` (architecture, labels, preprocessing).
 
 ```bash
 pip install softcli
-soft classify photo.jpg --model hf-hub:ORG/{name}
+soft classify photo.jpg --model hf-hub:{repo}
 ```
 
 ```python
 import softcli
-model = softcli.load_model("hf-hub:ORG/{name}")
+model = softcli.load_model("hf-hub:{repo}")
 ```
 
 ## Credits
@@ -591,9 +600,13 @@ model = softcli.load_model("hf-hub:ORG/{name}")
 SOFT: Lu et al., "SOFT: Softmax-free Transformer with Linear Complexity", NeurIPS 2021, and
 "Softmax-free Linear Transformers", IJCV 2024. Official code and checkpoints: https://github.com/fudan-zvg/SOFT.
 """
+
+
+def write_model_card(folder: Path, name: str, *, repo_id: str | None = None,
+                     entry: RegistryEntry | None = None) -> Path:
     card = folder / "README.md"
     with atomic_path(card) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(model_card(folder, name, repo_id=repo_id, entry=entry))
     return card
 
 
@@ -630,7 +643,7 @@ def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
         for f in (tmp / "w").iterdir():
             f.rename(tmp / f.name)
         (tmp / "w").rmdir()
-        write_model_card(tmp, name or dest.name, source=f"`{src.name}` ({ck.format})")
+        write_model_card(tmp, name or dest.name)
     return dest
 
 
@@ -648,19 +661,26 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
     if is_offline():
         raise WeightsError("HF_HUB_OFFLINE=1 is set; unset it to push")
     build_model(read_checkpoint(src))  # refuse to publish weights that do not load
-    if not (src / "README.md").is_file():
-        write_model_card(src, repo_id.split("/")[1], source="a softcli folder")
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
+    card = src / "README.md"
+    if card.is_file() and CARD_MARK not in card.read_text(errors="replace"):
+        card_op = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card))  # the user's own card
+    else:  # ours (or none): regenerate it naming the real repo; the folder itself is left as it is
+        text = model_card(src, repo_id.split("/")[1], repo_id=repo_id)
+        card_op = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode())
+    ops = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(src / n)) for n in (WEIGHTS_NAME, CONFIG_NAME)]
     api = HfApi(endpoint=hub_endpoint())
     try:
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(src), repo_id=repo_id, revision=revision,
-                                 allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"],
+        info = api.create_commit(repo_id, operations=[*ops, card_op], revision=revision,
                                  commit_message=message or "Upload SOFT weights (softcli)")
     except Exception as exc:  # noqa: BLE001 - one clear line for every failure
+        from huggingface_hub.errors import HfHubHTTPError
+
+        status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else 0
         text = str(exc).lower()
-        if "token" in text and ("not found" in text or "required" in text or "no token" in text):
+        if status in (401, 403) or ("token" in text and ("not found" in text or "required" in text)):
             raise WeightsError("pushing needs a Hugging Face token with write access: set HF_TOKEN "
                                "(or run 'hf auth login')") from None
         raise WeightsError(f"pushing to hf-hub:{repo_id} on {hub_endpoint()} failed: {_describe(exc)}") from None

@@ -339,6 +339,8 @@ def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
     files = fake_hub.repos["acme/pushed"].commits[pushed["commit"]]
     assert set(files) == {"model.safetensors", "config.json", "README.md"}
     assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert b"hf-hub:acme/pushed" in files["README.md"] and b"mini_plain.weights.safetensors" in files["README.md"]
+    assert "ORG/mini" in (folder / "README.md").read_text()  # the local folder is left as it was
 
     res = hub.resolve_weights(pushed["spec"])
     assert res.commit == pushed["commit"]
