@@ -516,7 +516,8 @@ def resolve_weights(spec: str | os.PathLike[str] | None, *, download: bool = Tru
     registry = load_registry()
     if spec is None:
         spec = registry.default
-    kind = spec_kind(spec, registry) if isinstance(spec, str) else "path"  # a Path object is always a path
+    is_str = isinstance(spec, str)
+    kind = spec_kind(spec, registry) if is_str else "path"  # a Path object is always a path
     spec = os.fspath(spec)
     if kind == "hub":
         repo_id, revision = parse_hub_spec(spec)
@@ -527,6 +528,8 @@ def resolve_weights(spec: str | os.PathLike[str] | None, *, download: bool = Tru
         return resolve_registry(registry.get(spec), download=download, force=force, progress=progress)
     path = Path(spec).expanduser()
     if not path.exists():
+        if not is_str or "/" in spec or os.sep in spec or path.suffix:
+            raise CheckpointError(f"{path}: no such file or folder")
         raise WeightsError(f"unknown model {spec!r}: not a registry name (see 'soft weights list'), not "
                            "hf-hub:ORG/REPO, and no such file or folder")
     return ResolvedWeights(spec=spec, kind="path", path=path, source="local")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import softcli
 from softcli import hub
 from softcli.checkpoint import read_checkpoint, save_pretrained
-from softcli.errors import UsageError
+from softcli.errors import CheckpointError, UsageError
 from tests.conftest import GOLDEN, REPO, TINY_CONFIG, run_soft
 from tests.hub_server import FakeDrive, FakeHub, free_port_closed, hf, hub_env, no_internet  # noqa: F401 (fixtures)
 
@@ -307,7 +307,9 @@ def test_parse_hub_spec_and_kinds(tmp_path):
     assert hub.spec_kind("soft_tiny") == "registry"
     assert hub.spec_kind("./soft_tiny") == "path"
     assert hub.spec_kind("hf-hub:a/b") == "hub"
-    with pytest.raises(hub.WeightsError, match="not a registry name"):
+    with pytest.raises(hub.WeightsError, match="unknown model 'soft_tnyi': not a registry name"):
+        hub.resolve_weights("soft_tnyi")
+    with pytest.raises(CheckpointError, match="missing.pth: no such file"):
         hub.resolve_weights(str(tmp_path / "missing.pth"))
     assert hub.resolve_weights(tmp_path).kind == "path"  # Path objects are always paths
 
@@ -351,8 +353,12 @@ def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
         hub.resolve_weights("hf-hub:acme/pushed")
 
 
-def test_load_cli_model_rules(tmp_path, tiny_pair):
+def test_load_cli_model_rules(tmp_path, tiny_pair, hf):
     from softcli.cli.common import load_cli_model
+
+    hf(down_url(), offline=True)
+    with pytest.raises(hub.WeightsError, match="^soft_tiny: its weights are not in the cache"):
+        load_cli_model(None, None, "cpu")  # neither given: the registry default
 
     with pytest.raises(UsageError, match="not both"):
         load_cli_model("soft_tiny", tiny_pair[0][0], "cpu")
