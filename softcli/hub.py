@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -232,8 +231,7 @@ def _describe(exc: BaseException) -> str:
 
 def _classify(exc: BaseException) -> str:
     """``missing`` (repo or revision absent / no access) or ``unreachable`` (network, server error)."""
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)):
         return "missing"
@@ -359,7 +357,7 @@ def gdrive_download(file_id: str, dest: Path, *, endpoint: str | None = None, pr
         except urllib.error.HTTPError as exc:
             detail = "no such file or not shared publicly" if exc.code == 404 else f"HTTP {exc.code}"
             raise WeightsError(f"Google Drive file {file_id}: {detail} ({base})") from None
-        except (urllib.error.URLError, socket.timeout, OSError) as exc:
+        except OSError as exc:  # URLError, timeouts, resets
             reason = getattr(exc, "reason", exc)
             raise WeightsError(f"cannot reach Google Drive at {base} ({reason})") from None
         with resp:
@@ -579,7 +577,8 @@ layout: `model.safetensors` (softcli's key layout, float32) and `config.json`
 (architecture, labels, preprocessing).
 
 - Architecture: `{mc.get("variant") or "custom"}`, embed dims {mc.get("embed_dims")}, depths {mc.get("depths")},
-  heads {mc.get("num_heads")}, {"normalised" if mc.get("norm") else "plain"} SOFT attention, {mc.get("num_classes")} classes
+  heads {mc.get("num_heads")}, {"normalised" if mc.get("norm") else "plain"} SOFT attention,
+  {mc.get("num_classes")} classes
 - ImageNet-1k top-1 reported in the paper: {top1}
 - Labels: {f"{len(labels)} class names in config.json" if labels else "none stored (class indices only)"}
 - Preprocessing: resize/crop to {pre.get("input_size", [3, 224, 224])[1:]} ({pre.get("interpolation")}, crop

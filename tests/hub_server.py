@@ -28,8 +28,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
@@ -77,7 +77,7 @@ class _Server:
         self.httpd.server_close()
         self._thread.join(5)
 
-    def handle(self, h: "_Handler", method: str) -> None:  # pragma: no cover - overridden
+    def handle(self, h: _Handler, method: str) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
 
@@ -218,7 +218,8 @@ class FakeHub(_Server):
         repo, sha = found
         data = repo.commits[sha].get(name)
         if data is None:
-            h.send_json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}, head)
+            errors = {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}
+            h.send_json(404, {"error": "Entry not found"}, errors, head)
             return
         headers = {"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
         if name.endswith(LFS_SUFFIXES):

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 
 def load_cli_model(model: str | None, weights: Path | None, device: str = "auto",
-                   landmarks: str | int | None = None) -> "SoftModel":
+                   landmarks: str | int | None = None) -> SoftModel:
     """The model for ``--model``/``--weights``: one of them, or the registry's default (soft_tiny).
 
     ``--model`` takes a registry name, ``hf-hub:ORG/REPO[@REV]``, a folder or a
