@@ -127,6 +127,8 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
                   f"  hub: hf-hub:{r['hub']['repo_id']}@{r['hub']['revision']}  official release: "
                   f"{(r['origin'] or {}).get('official_name')} ({(r['origin'] or {}).get('kind')}, "
                   f"id {(r['origin'] or {}).get('id') or 'not recorded'})", highlight=False)
+    else:
+        con.print(f"[bold]{spec}[/bold]", highlight=False)
     if not out.get("checkpoint"):
         con.print(f"  {out['why']}", highlight=False, soft_wrap=True)
         return
