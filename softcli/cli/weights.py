@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import Progress
 from rich.table import Table
 
 from .. import hub
@@ -63,12 +65,14 @@ def pull(spec: SpecArg,
 
     Example: soft weights pull hf-hub:acme/soft-mini@v1
     """
-    with progress_bar() as bar:
+    with ExitStack() as stack:
+        bar: Progress | None = None  # started on the first Drive bytes only: Hub downloads show their own bars
         task = None
 
         def report(done: int, total: int | None) -> None:
-            nonlocal task
-            if task is None:
+            nonlocal bar, task
+            if bar is None:
+                bar = stack.enter_context(progress_bar())
                 task = bar.add_task("official release", total=total)
             bar.update(task, completed=done, total=total)
 
