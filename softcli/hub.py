@@ -419,32 +419,20 @@ def _cached_origin(entry: RegistryEntry) -> ResolvedWeights | None:
 
 
 def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str) -> ResolvedWeights:
-    """Check an official checkpoint against the registry architecture and store it converted."""
-    from .models import SoftConfig
+    """Store an official checkpoint converted, with the registry's architecture and a sha256 manifest.
 
-    ck = read_checkpoint(checkpoint)
-    want = SoftConfig.from_dict({**entry.architecture, "num_classes": ck.config.num_classes})
-    # What the tensor shapes fix; `norm` and the stage-4 head count leave no trace in the weights,
-    # so the registry decides those (build_model then checks every shape).
-    def shape_fields(c: SoftConfig) -> dict[str, list[int]]:
-        return {"embed_dims": list(c.embed_dims), "depths": list(c.depths), "num_heads[:3]": list(c.num_heads[:3])}
-
-    if shape_fields(ck.config) != shape_fields(want):
-        got = shape_fields(ck.config)
-        raise CheckpointError(f"{entry.name}: the official checkpoint does not match the registry architecture "
-                              f"{entry.architecture} (it has {got})")
-    ck.config = want
-    model = build_model(ck)
+    The registry decides what the weights cannot show (Norm vs plain attention,
+    the stage-4 head count); every tensor shape is still checked against it.
+    """
     folder = origin_cache() / entry.name
     origin = asdict(entry.origin) if entry.origin else {}
-    provenance = {**origin, "file": checkpoint.name, "sha256": download_sha256}
-    save_pretrained(model, folder, labels=ck.labels, pretrained_cfg=ck.pretrained_cfg,
-                    extra={"registry_name": entry.name, "converted_from": provenance})
-    write_model_card(folder, entry.name, repo_id=entry.hub.repo_id, entry=entry)
+    convert_checkpoint(checkpoint, folder, name=entry.name, architecture=entry.architecture, repo_id=entry.hub.repo_id,
+                       entry=entry, extra={"registry_name": entry.name, "converted_from": {
+                           **origin, "file": checkpoint.name, "sha256": download_sha256}})
     record = {"name": entry.name, "origin": origin, "download_sha256": download_sha256,
               "weights_sha256": sha256_file(folder / WEIGHTS_NAME),
               "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    with atomic_path(folder / ORIGIN_MANIFEST) as tmp:
+    with atomic_path(folder / ORIGIN_MANIFEST) as tmp:  # written last: it marks the conversion complete
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return ResolvedWeights(spec=entry.name, kind="registry", path=folder, source="origin", registry_name=entry.name,
                            sha256=record["weights_sha256"])
@@ -621,8 +609,13 @@ def _is_softcli_folder(folder: Path) -> bool:
 
 def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
                        labels: list[str] | None = None, name: str | None = None,
-                       architecture: dict[str, Any] | None = None) -> Path:
-    """An official ``.pth``/``.pth.tar``/``.safetensors`` (or softcli) checkpoint → a Hub-ready folder."""
+                       architecture: dict[str, Any] | None = None, repo_id: str | None = None,
+                       entry: RegistryEntry | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """An official ``.pth``/``.pth.tar``/``.safetensors`` (or softcli) checkpoint → a Hub-ready folder.
+
+    ``architecture`` (a registry entry's) replaces what the file says or
+    implies; the weights must still fit it tensor by tensor.
+    """
     from .models import SoftConfig
 
     src, dest = Path(checkpoint), Path(out)
@@ -639,13 +632,13 @@ def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
     if labels is not None and len(labels) != ck.config.num_classes:
         raise WeightsError(f"{len(labels)} labels given for a {ck.config.num_classes}-class checkpoint")
     with atomic_dir(dest) as tmp:
+        provenance = {"file": src.name, "sha256": sha256_file(src), "format": ck.format}
         save_pretrained(model, tmp / "w", labels=labels if labels is not None else ck.labels,
-                        pretrained_cfg=ck.pretrained_cfg,
-                        extra={"converted_from": {"file": src.name, "sha256": sha256_file(src), "format": ck.format}})
+                        pretrained_cfg=ck.pretrained_cfg, extra={"converted_from": provenance, **(extra or {})})
         for f in (tmp / "w").iterdir():
             f.rename(tmp / f.name)
         (tmp / "w").rmdir()
-        write_model_card(tmp, name or dest.name)
+        write_model_card(tmp, name or dest.name, repo_id=repo_id, entry=entry)
     return dest
 
 
