@@ -528,6 +528,37 @@ def is_cached(entry: RegistryEntry) -> bool:
     return _cached_snapshot(entry.hub.repo_id, entry.hub.revision) is not None
 
 
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """Format, architecture, parameter count, labels and sha256 of a checkpoint file or folder."""
+    ck = read_checkpoint(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    provenance = ck.extra.get("converted_from")
+    return {"format": ck.format, "architecture": ck.config.to_dict(),
+            "params": sum(int(t.numel()) for k, t in ck.state_dict.items() if "running_" not in k
+                          and "num_batches_tracked" not in k),
+            "labels": len(ck.labels) if ck.labels else 0, "pretrained_cfg": ck.pretrained_cfg,
+            "weights_file": str(weights) if weights.is_file() else None,
+            "sha256": sha256_file(weights) if weights.is_file() else None,
+            **({"converted_from": provenance} if provenance else {})}
+
+
+def weights_info(spec: str) -> dict[str, Any]:
+    """What a model spec is and whether it is usable offline; never touches the network."""
+    registry = load_registry()
+    out: dict[str, Any] = {"spec": spec, "kind": spec_kind(spec, registry)}
+    if out["kind"] == "registry":
+        out["registry"] = registry.get(spec).to_dict()
+    try:
+        res = resolve_weights(spec, download=False)
+    except WeightsError:
+        if out["kind"] == "path":
+            raise
+        out.update(cached=False, why=f"not in the cache; 'soft weights pull {spec}' downloads it")
+    else:
+        out.update(cached=res.source != "local", resolved=res.to_dict(), checkpoint=checkpoint_summary(res.path))
+    return out
+
+
 # -- the Hub repo folder: model card ----------------------------------------------------------
 
 CARD_MARK = "<!-- written by softcli; 'soft weights push' rewrites it -->"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import Progress
@@ -87,39 +87,13 @@ def pull(spec: SpecArg,
     typer.echo(str(res.path))
 
 
-def _checkpoint_summary(path: Path) -> dict[str, Any]:
-    from ..checkpoint import WEIGHTS_NAME, read_checkpoint
-
-    ck = read_checkpoint(path)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    provenance = ck.extra.get("converted_from")
-    return {"format": ck.format, "architecture": ck.config.to_dict(),
-            "params": sum(int(t.numel()) for k, t in ck.state_dict.items() if "running_" not in k
-                          and "num_batches_tracked" not in k),
-            "labels": len(ck.labels) if ck.labels else 0, "pretrained_cfg": ck.pretrained_cfg,
-            "weights_file": str(weights) if weights.is_file() else None,
-            "sha256": hub.sha256_file(weights) if weights.is_file() else None,
-            **({"converted_from": provenance} if provenance else {})}
-
-
 @weights_app.command()
 def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
     """What a model spec is: registry data, cache state, architecture and sha256. Never downloads.
 
     Example: soft weights info soft_tiny
     """
-    reg = load_registry()
-    out: dict[str, Any] = {"spec": spec, "kind": hub.spec_kind(spec, reg)}
-    if out["kind"] == "registry":
-        out["registry"] = reg.get(spec).to_dict()
-    try:
-        res = hub.resolve_weights(spec, download=False)
-    except hub.WeightsError:
-        if out["kind"] == "path":
-            raise
-        out.update(cached=False, why=f"not in the cache; 'soft weights pull {spec}' downloads it")
-    else:
-        out.update(cached=res.source != "local", resolved=res.to_dict(), checkpoint=_checkpoint_summary(res.path))
+    out = hub.weights_info(spec)
     if json_out:
         print_json(out)
         return
@@ -168,7 +142,7 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
             raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from None
     arch = load_registry().get(model).architecture if model else None
     dest = hub.convert_checkpoint(checkpoint, out, labels=names, name=name or model, architecture=arch)
-    summary = _checkpoint_summary(dest)
+    summary = hub.checkpoint_summary(dest)
     if json_out:
         print_json({"out": str(dest), **summary})
         return
