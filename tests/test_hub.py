@@ -376,6 +376,7 @@ def test_classify_from_hub_then_offline_identical(fake_hub, tmp_path):
     env = hub_env(tmp_path / "hf", fake_hub.url)
     online = run_soft("classify", photo, "--model", "hf-hub:acme/soft-mini", "--json", env=env)
     assert online.returncode == 0, online.stderr
+    assert b"class_" in online.stdout  # labels from the pulled config.json
     seen = len(fake_hub.requests)
     offline = run_soft("classify", photo, "--model", "hf-hub:acme/soft-mini", "--json",
                        env={**env, "HF_HUB_OFFLINE": "1"})
