@@ -209,6 +209,19 @@ def _mini_registry(tmp_path: Path, drive_id: str, sha256: str | None) -> Path:
     return path
 
 
+def test_registry_name_pulls_its_pinned_hub_repo(fake_hub, tiny_pair, tmp_path, hf):
+    reg = {"models": {"mini": {"architecture": TINY_CONFIG, "params": 1, "top1": None,
+                               "hub": {"repo_id": "acme/soft-mini", "revision": "v1"}}}}
+    (tmp_path / "reg.json").write_text(json.dumps(reg))
+    hf(fake_hub.url, SOFTCLI_REGISTRY=str(tmp_path / "reg.json"))
+    entry = hub.load_registry().get("mini")
+    assert not hub.is_cached(entry)
+    res = hub.resolve_weights(None)  # the registry default
+    assert (res.source, res.registry_name, res.commit) == ("hub", "mini", fake_hub.v1)
+    assert res.path.name == "model.safetensors" and hub.is_cached(entry)
+    assert logits_of(softcli.load_model("mini")) == pytest.approx(tiny_pair[0][1], abs=1e-6)
+
+
 def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_path, hf):
     official = GOLDEN / "mini_plain.weights.safetensors"
     digest = hashlib.sha256(official.read_bytes()).hexdigest()
