@@ -7,7 +7,7 @@
   with ``X-Repo-Commit``, ``ETag`` and, for LFS files, ``X-Linked-Etag`` /
   ``X-Linked-Size``; errors carry ``X-Error-Code`` (``RepoNotFound``,
   ``RevisionNotFound``, ``EntryNotFound``) as the real Hub does. It also takes
-  uploads the way ``HfApi.create_repo`` + ``upload_folder`` send them with Xet
+  uploads the way ``HfApi.create_repo`` + ``create_commit`` send them with Xet
   disabled (``/api/repos/create``, ``preupload``, the LFS batch API, ``commit``).
 - :class:`FakeDrive` plays Google Drive's ``/uc?export=download&id=...`` with
   the virus-scan confirm page that large files get (a form to ``/download``
@@ -233,7 +233,7 @@ class FakeHub(_Server):
             data, status = data[start:], 206
         h.send_bytes(status, data, headers=headers, head=head)
 
-    # -- uploads (HfApi.create_repo + upload_folder with HF_HUB_DISABLE_XET=1) --------
+    # -- uploads (HfApi.create_repo + create_commit with HF_HUB_DISABLE_XET=1) --------
     def _create(self, h: _Handler) -> None:
         req = json.loads(h.body() or b"{}")
         repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
@@ -335,14 +335,22 @@ def hub_env(hf_home, endpoint: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_internet(monkeypatch):
     """In this process, only loopback addresses can be looked up or connected to."""
-    real = socket.getaddrinfo
+    real_lookup, real_connect = socket.getaddrinfo, socket.create_connection
 
-    def loopback_only(host, *args, **kwargs):
+    def check(host) -> None:
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise OSError(f"test tried to reach {host}: tests never touch the internet")
-        return real(host, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
+    def lookup(host, *args, **kwargs):
+        check(host)
+        return real_lookup(host, *args, **kwargs)
+
+    def connect(address, *args, **kwargs):
+        check(address[0])
+        return real_connect(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr(socket, "create_connection", connect)
 
 
 @pytest.fixture
