@@ -140,8 +140,10 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
             names = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as exc:
             raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from None
-    arch = load_registry().get(model).architecture if model else None
-    dest = hub.convert_checkpoint(checkpoint, out, labels=names, name=name or model, architecture=arch)
+    entry = load_registry().get(model) if model else None
+    dest = hub.convert_checkpoint(checkpoint, out, labels=names, name=name or model, entry=entry,
+                                  architecture=entry.architecture if entry else None,
+                                  repo_id=entry.hub.repo_id if entry else None)
     summary = hub.checkpoint_summary(dest)
     if json_out:
         print_json({"out": str(dest), **summary})
