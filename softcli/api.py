@@ -47,15 +47,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu", *, use_ema: bool = False,
+def load_model(path: str | os.PathLike[str] | None, device: str | torch.device = "cpu", *, use_ema: bool = False,
                landmarks: LandmarkPolicy | str | int | None = None) -> SoftModel:
     """Load an official or softcli checkpoint and return the model in eval mode.
 
-    ``path`` is a ``.pth``/``.pth.tar``/``.safetensors`` file or a folder with
-    ``model.safetensors`` + ``config.json``. ``forward(x)`` on (B, 3, H, W)
+    ``path`` is any model spec: a registry name (``soft_tiny``), a Hub repo
+    (``hf-hub:ORG/REPO[@REV]``, downloaded into the Hugging Face cache), a
+    ``.pth``/``.pth.tar``/``.safetensors`` file or a folder with
+    ``model.safetensors`` + ``config.json``; ``None``: the registry's default
+    model. ``forward(x)`` on (B, 3, H, W)
     returns logits; ``forward_features(x)`` the four stage maps.
     """
-    ck = read_checkpoint(path, use_ema=use_ema)
+    from .hub import resolve_weights
+
+    ck = read_checkpoint(resolve_weights(path).path, use_ema=use_ema)
     model = build_model(ck, resolve_device(device))
     if landmarks is not None:
         policy = landmarks if isinstance(landmarks, LandmarkPolicy) else LandmarkPolicy.parse(landmarks)

@@ -48,6 +48,22 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
         yield progress
 
 
+def load_cli_model(model: str | None, weights: Path | None, device: str = "auto",
+                   landmarks: str | int | None = None) -> SoftModel:
+    """The model for ``--model``/``--weights``: one of them, or the registry's default (soft_tiny).
+
+    ``--model`` takes a registry name, ``hf-hub:ORG/REPO[@REV]``, a folder or a
+    file; ``--weights`` a local file or folder. Downloads show huggingface_hub's
+    progress bars on stderr.
+    """
+    from ..api import load_model
+    from ..errors import UsageError
+
+    if model is not None and weights is not None:
+        raise UsageError("give --model or --weights, not both")
+    return load_model(Path(weights) if weights is not None else model, device=device, landmarks=landmarks)
+
+
 # Options shared by every command that runs a model ---------------------------------
 
 ModelOpt = Annotated[str | None, typer.Option(
@@ -69,26 +85,3 @@ def model_name(model: str | None, weights: Path | None) -> str:
     if weights is not None:
         return str(weights)
     return model or DEFAULT_MODEL
-
-
-def load_cli_model(model: str | None, weights: Path | None, device: str = "auto") -> SoftModel:
-    """The model a command runs: ``--weights PATH``, ``--model PATH``, or the default.
-
-    Registry names and ``hf-hub:`` references need the Hub resolver, which this
-    build does not have yet: they (and the default) fail with a clear message.
-    """
-    from .. import load_model
-    from ..errors import UsageError
-
-    if model is not None and weights is not None:
-        raise UsageError("give --model or --weights, not both")
-    if weights is not None:
-        return load_model(weights, device=device)
-    if model is not None and (Path(model).exists() or os.sep in model or model.endswith(_WEIGHT_SUFFIXES)):
-        return load_model(model, device=device)
-    name = model or DEFAULT_MODEL
-    raise UsageError(f"no weights available for {name!r}: downloading registry models is not part of this build; "
-                     "pass --weights PATH (a .pth/.safetensors checkpoint or a softcli folder)")
-
-
-_WEIGHT_SUFFIXES = (".pth", ".pt", ".tar", ".safetensors", ".ckpt", ".bin")

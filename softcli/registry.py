@@ -1,0 +1,146 @@
+"""The registry of named SOFT models: data, not code.
+
+One file, ``softcli/data/registry.json`` (``weights/registry.json`` in the
+source tree links to it), ships inside the package so a pip install has it.
+Each entry names the architecture, the paper's ImageNet top-1, where softcli's
+converted weights live on the Hugging Face Hub, and the official release
+origin the weights can be rebuilt from when that Hub repo is missing.
+
+``SOFTCLI_REGISTRY=/path/registry.json`` replaces the built-in registry (for a
+private model zoo, or tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import SoftError
+
+REGISTRY_ENV = "SOFTCLI_REGISTRY"
+ORIGIN_KINDS = ("gdrive", "url")
+ORIGIN_FORMATS = ("pth", "pth.tar", "safetensors")
+
+
+class RegistryError(SoftError):
+    """The registry file is missing, malformed, or does not know a name."""
+
+
+@dataclass(frozen=True)
+class HubLocation:
+    repo_id: str
+    filename: str = "model.safetensors"
+    revision: str = "main"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the official checkpoint was released (``id`` None: not recorded)."""
+
+    kind: str
+    format: str
+    id: str | None = None
+    official_name: str | None = None
+    sha256: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    architecture: dict[str, Any]
+    params: int
+    top1: float | None
+    hub: HubLocation
+    origin: Origin | None
+    description: str = ""
+    top1_source: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str
+    entries: dict[str, RegistryEntry]
+    source: str
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def get(self, name: str) -> RegistryEntry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise RegistryError(f"unknown model {name!r}; known: {', '.join(self.entries)} "
+                                "(see 'soft weights list')") from None
+
+
+def _bad(source: str, what: str) -> RegistryError:
+    return RegistryError(f"{source}: bad registry ({what})")
+
+
+def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
+    if not isinstance(raw, dict):
+        raise _bad(source, f"entry {name!r} is not an object")
+    try:
+        arch = raw["architecture"]
+        hub = HubLocation(**raw["hub"])
+        if not isinstance(arch, dict) or "/" not in hub.repo_id:
+            raise ValueError("architecture must be an object and hub.repo_id ORG/NAME")
+        origin = None
+        if raw.get("origin") is not None:
+            origin = Origin(**raw["origin"])
+            if origin.kind not in ORIGIN_KINDS or origin.format not in ORIGIN_FORMATS:
+                raise ValueError(f"origin kind must be one of {ORIGIN_KINDS}, format one of {ORIGIN_FORMATS}")
+        top1 = raw.get("top1")
+        known = {"architecture", "hub", "origin", "params", "top1", "description", "top1_source"}
+        return RegistryEntry(name=name, architecture=dict(arch), params=int(raw["params"]),
+                             top1=None if top1 is None else float(top1), hub=hub, origin=origin,
+                             description=str(raw.get("description", "")), top1_source=raw.get("top1_source"),
+                             extra={k: v for k, v in raw.items() if k not in known})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad(source, f"entry {name!r}: {exc}") from None
+
+
+def parse_registry(text: str, source: str) -> Registry:
+    """Parse and validate registry JSON; every problem names the file and entry."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _bad(source, f"invalid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
+        raise _bad(source, "expected an object with a non-empty 'models' object")
+    entries = {name: _entry(name, raw, source) for name, raw in data["models"].items()}
+    default = data.get("default") or next(iter(entries))
+    if default not in entries:
+        raise _bad(source, f"default {default!r} is not one of its models")
+    return Registry(default=default, entries=entries, source=source)
+
+
+@lru_cache(maxsize=4)
+def _load(path: str | None) -> Registry:
+    if path:
+        p = Path(path)
+        try:
+            return parse_registry(p.read_text(encoding="utf-8"), str(p))
+        except OSError as exc:
+            raise RegistryError(f"{p}: cannot read registry ({exc.strerror}); check {REGISTRY_ENV}") from None
+    ref = resources.files("softcli") / "data" / "registry.json"
+    return parse_registry(ref.read_text(encoding="utf-8"), "softcli/data/registry.json")
+
+
+def load_registry() -> Registry:
+    """The active registry: ``$SOFTCLI_REGISTRY`` if set, else the one shipped with softcli."""
+    return _load(os.environ.get(REGISTRY_ENV) or None)
