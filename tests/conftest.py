@@ -12,6 +12,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Tests never reach the internet and never touch the user's Hugging Face cache: unless a
+# test points them elsewhere, the Hub and the Drive origin are a closed loopback port.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("SOFTCLI_GDRIVE_ENDPOINT", "http://127.0.0.1:9")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 
 def _golden_dir() -> Path:
     env = os.environ.get("SOFTCLI_GOLDEN")

@@ -128,7 +128,6 @@ def test_usage_and_output_errors(workdir, monkeypatch, capsys):
         (["photo.png", "--weights", "ckpt", "--top-k", "0"], 2, "--top-k"),
         (["photo.png", "--weights", "ckpt", "--model", "ckpt"], 2, "not both"),
         ([], 2, "INPUT"),
-        (["photo.png"], 2, "pass --weights"),  # no Hub resolver in this build: say what to do
         (["photo.png", "--weights", "ckpt", "--csv", "photo.png"], 1, "refusing to overwrite an input"),
         (["photo.png", "--weights", "no-such-ckpt.pth"], 1, "no such file"),
     ]:
@@ -137,6 +136,18 @@ def test_usage_and_output_errors(workdir, monkeypatch, capsys):
         assert got == code and len(errors) == 1 and text in errors[0], (args, err)
         assert "Traceback" not in err and out == ""
     assert (workdir / "photo.png").read_bytes() == before
+
+
+def test_default_model_without_network_says_what_to_do(workdir, tmp_path):
+    """No --model/--weights means the registry default; offline with an empty cache that is one clear line."""
+    from tests.hub_server import free_port_closed, hub_env
+
+    env = hub_env(tmp_path / "hf", f"http://127.0.0.1:{free_port_closed()}", HF_HUB_OFFLINE="1")
+    proc = run_soft("classify", "photo.png", env=env, cwd=workdir)
+    errors = _error_lines(proc.stderr.decode())
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr
+    assert "soft_tiny" in errors[0] and "HF_HUB_OFFLINE=1" in errors[0] and "--weights" in errors[0]
+    assert b"Traceback" not in proc.stderr
 
 
 def test_max_pixels_guard(workdir, monkeypatch, capsys):
