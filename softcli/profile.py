@@ -89,6 +89,7 @@ class ProfileSettings:
     timeout_s: float | None = 600.0  # wall-clock limit of one worker
     max_memory_bytes: int | None = None  # CPU: address-space limit of a worker beyond its setup
     isolate: bool = True
+    threads: int | None = None  # torch CPU threads while measuring (None: torch's default)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class ProfileSettings:
         for name in ("dim", "heads", "batch", "sr_ratio", "local_kernel", "repeat"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads must be at least 1")
         if self.warmup < 0:
             raise UsageError("--warmup must be 0 or more")
         if self.dim % self.heads:
@@ -389,7 +392,7 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
       + local conv 2·B·C·N·k²                                              (linear in N at fixed m)
     - soft-official: as soft with K1 once, but K1·A⁺ costs 2·B·h·N·m² (m = N/r² grows with N)
     - nystromformer: qkv, proj 8·B·N·C² + three kernels 4·B·h·N·m·d + 2·B·h·m²·d
-      + pinv 30·2·B·h·m³ (6 iterations of 5 m x m products) + K1·Z 2·B·h·N·m² + Z₃V, (K1Z)(Z₃V) 4·B·h·N·m·d
+      + pinv 6·4·2·B·h·m³ (6 iterations of 4 m x m products) + K1·Z 2·B·h·N·m² + Z₃V, (K1Z)(Z₃V) 4·B·h·N·m·d
     """
     b, c, h = settings.batch, settings.dim, settings.heads
     d = c // h
@@ -400,7 +403,7 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
     assert m is not None
     if method == "nystromformer":
         return float(8 * b * n * c * c + 4 * b * h * n * m * d + 2 * b * h * m * m * d
-                     + 2 * NYSTROM_PINV_ITERS * 5 * b * h * m ** 3 + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
+                     + 2 * NYSTROM_PINV_ITERS * 4 * b * h * m ** 3 + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
     r, k = settings.sr_ratio, settings.local_kernel
     m0 = (grid[0] // r) * (grid[1] // r)
     common = (6 * b * n * c * c + 2 * b * h * m0 * d * d * r * r + 2 * b * h * m * m * d
@@ -461,6 +464,26 @@ def _is_oom(exc: BaseException) -> bool:
                                               or "not enough memory" in text or "failed to allocate" in text)
 
 
+def _random_model(name: str) -> nn.Module:
+    """A SOFT variant with cheap random weights: the work does not depend on the values,
+    and the model's own truncated-normal init takes seconds for the bigger variants."""
+    with torch.device("meta"):
+        model = create_soft(name)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.LayerNorm, nn.BatchNorm2d)):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.reset_running_stats()
+            else:
+                for param in mod.parameters(recurse=False):
+                    param.normal_(0.0, 0.02)
+    # No parameter needs a gradient: FlopCounterMode's module hooks trip over ones that do.
+    return model.requires_grad_(False)
+
+
 def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
              ) -> tuple[Callable[[], Any], Callable[[], Any], int | None]:
     """(call to measure, tiny call that warms thread pools before limits apply, landmark count)."""
@@ -474,8 +497,7 @@ def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
         small = torch.randn(1, 4 * r * r, settings.dim, device=device, dtype=dtype)
         return (lambda: mod(x, job.grid)), (lambda: mod(small, (2 * r, 2 * r))), \
             landmark_count(job.method, job.grid, settings)
-    # No parameter needs a gradient: FlopCounterMode's module hooks trip over ones that do.
-    model = create_soft(job.model).eval().requires_grad_(False).to(device=device, dtype=dtype)
+    model = _random_model(job.model).to(device=device, dtype=dtype)
     model.set_landmark_policy(LandmarkPolicy.parse(settings.landmarks))
     assert job.image_size is not None and job.part is not None
     tiny = torch.randn(1, 3, 64, 64, device=device, dtype=dtype)
@@ -516,6 +538,17 @@ def measure(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
                         dim=None if job.model else settings.dim, heads=None if job.model else settings.heads)
     if job.model is None:
         res.flops = estimate_flops(job.method, job.grid, settings)
+    threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        _measure_into(res, job, settings, device)
+    finally:
+        torch.set_num_threads(threads)
+    return res
+
+
+def _measure_into(res: ProfileResult, job: ProfileJob, settings: ProfileSettings, device: torch.device) -> None:
     with torch.inference_mode():
         try:
             call, prime, res.landmarks = _prepare(job, settings, device)
@@ -549,6 +582,8 @@ def measure(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
             res.status = "oom"
             res.message = " ".join(str(exc).split())[:300]
             times = []
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next in-process configuration starts clean
         if device.type == "cuda":
             res.peak_mem_bytes = int(torch.cuda.max_memory_allocated(device))
         elif device.type == "cpu" and settings.isolate:
@@ -560,7 +595,6 @@ def measure(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
         res.tokens_per_s = settings.batch * job.tokens / med
         if job.image_size is not None:
             res.megapixels_per_s = settings.batch * job.image_size ** 2 / 1e6 / med
-    return res
 
 
 def _worker_main() -> None:
@@ -692,5 +726,6 @@ def run_sweep(jobs: Sequence[ProfileJob], settings: ProfileSettings,
             on_result(res)
     settings_dict = asdict(settings)
     return ProfileReport(device=str(device), device_name=_device_name(device), torch_version=torch.__version__,
-                         threads=torch.get_num_threads(), loadavg=loadavg, settings=settings_dict, results=results)
+                         threads=settings.threads or torch.get_num_threads(), loadavg=loadavg,
+                         settings=settings_dict, results=results)
 

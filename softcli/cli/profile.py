@@ -94,29 +94,36 @@ def _write_plot(report: ProfileReport, path: Path, model_mode: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cpu = report.device == "cpu"
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[str, list[ProfileResult]] = {}
     for r in report.results:
-        if model_mode and r.part == "model":
-            continue
-        series.setdefault(r.method, []).append(r)
-    mem_label = "peak memory above setup (bytes)" if report.device == "cpu" else "peak memory (bytes)"
+        if r.part != "model":  # model mode: the whole-model row is not a point on the token axis
+            series.setdefault(r.part or r.method, []).append(r)
+    failed = []
     for name, rows in series.items():
         ok = [r for r in rows if r.status == "ok"]
-        mem = [(r.tokens, r.extra_mem_bytes if report.device == "cpu" else r.peak_mem_bytes) for r in ok]
+        failed += [f"{name} {r.tokens}: {r.status}" for r in rows if r.status != "ok"]
         ax_t.plot([r.tokens for r in ok], [r.latency_ms for r in ok], marker="o", label=name)
-        ax_m.plot([t for t, m in mem if m], [m for t, m in mem if m], marker="o", label=name)
-        for r in rows:
-            if r.status != "ok":
-                ax_t.annotate(r.status, (r.tokens, ax_t.get_ylim()[1]), fontsize=8, color="red")
+        mem = [(r.tokens, r.extra_mem_bytes if cpu else r.peak_mem_bytes) for r in ok]
+        mem = [(t, m) for t, m in mem if m]
+        if mem:
+            ax_m.plot(*zip(*mem), marker="o", label=name)
+    mem_label = "peak RSS above setup (bytes)" if cpu else "peak memory (bytes)"
     for ax, label in ((ax_t, "median latency (ms)"), (ax_m, mem_label)):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xlabel("tokens")
         ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"soft profile: {report.device} ({report.device_name})", fontsize=10)
+        if ax.lines:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    title = f"soft profile on {report.device} ({report.device_name})"
+    if failed:
+        title += "\nnot plotted: " + ", ".join(failed)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
@@ -147,6 +154,8 @@ def profile(
     max_memory: Annotated[str | None, typer.Option(
         "--max-memory", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
                              "exceeding it is reported as oom.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads torch may use while measuring (default: torch's choice).")] = None,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Measure in this process: faster start, no timeout, no CPU memory peak.")] = False,
     model: Annotated[str | None, typer.Option(
@@ -183,7 +192,8 @@ def profile(
     settings = ProfileSettings(
         device=str(dev), dim=dim, heads=heads, batch=batch, dtype=dtype, sr_ratio=sr_ratio, landmarks=landmarks,
         repeat=repeat, warmup=warmup, time_budget_s=time_budget, timeout_s=timeout,
-        max_memory_bytes=None if max_memory is None else parse_bytes(max_memory), isolate=not in_process)
+        max_memory_bytes=None if max_memory is None else parse_bytes(max_memory), isolate=not in_process,
+        threads=threads)
     if model is not None:
         jobs = model_jobs(model, image_size)
     else:
