@@ -386,7 +386,7 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
     k local kernel, T Newton steps:
 
     - softmax: q, kv, proj linears 8·B·N·C² + QKᵀ and PV 4·B·h·N²·d        (quadratic in N)
-    - soft: q, v, proj 6·B·N·C² + landmark conv 2·B·h·m₀·d²·r² (m₀ = ⌊H/r⌋⌊W/r⌋)
+    - soft: q, v, proj 6·B·N·C² + landmark conv 2·B·h·m·d²·r² (only kept patches are convolved)
       + kernel A 2·B·h·m²·d + Newton 4·T·B·h·m³ + K1 (once, or twice when chunked)
       2·B·h·N·m·d each + K1ᵀV and K1·W 4·B·h·N·m·d + A⁺(K1ᵀV) 2·B·h·m²·d
       + local conv 2·B·C·N·k²                                              (linear in N at fixed m)
@@ -405,8 +405,7 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
         return float(8 * b * n * c * c + 4 * b * h * n * m * d + 2 * b * h * m * m * d
                      + 2 * NYSTROM_PINV_ITERS * 4 * b * h * m ** 3 + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
     r, k = settings.sr_ratio, settings.local_kernel
-    m0 = (grid[0] // r) * (grid[1] // r)
-    common = (6 * b * n * c * c + 2 * b * h * m0 * d * d * r * r + 2 * b * h * m * m * d
+    common = (6 * b * n * c * c + 2 * b * h * m * d * d * r * r + 2 * b * h * m * m * d
               + 4 * NEWTON_STEPS * b * h * m ** 3 + 2 * b * c * n * k * k)
     if method == "soft-official":
         return float(common + 2 * b * h * n * m * d + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
