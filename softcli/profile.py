@@ -484,8 +484,8 @@ def _random_model(name: str) -> nn.Module:
 
 
 def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
-             ) -> tuple[Callable[[], Any], Callable[[], Any], int | None]:
-    """(call to measure, tiny call that warms thread pools before limits apply, landmark count)."""
+             ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(call to measure, tiny call that warms thread pools before limits apply)."""
     dtype = DTYPES[settings.dtype]
     torch.manual_seed(settings.seed)
     b = settings.batch
@@ -494,15 +494,14 @@ def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
         x = torch.randn(b, job.tokens, settings.dim, device=device, dtype=dtype)
         r = settings.sr_ratio
         small = torch.randn(1, 4 * r * r, settings.dim, device=device, dtype=dtype)
-        return (lambda: mod(x, job.grid)), (lambda: mod(small, (2 * r, 2 * r))), \
-            landmark_count(job.method, job.grid, settings)
+        return (lambda: mod(x, job.grid)), (lambda: mod(small, (2 * r, 2 * r)))
     model = _random_model(job.model).to(device=device, dtype=dtype)
     model.set_landmark_policy(LandmarkPolicy.parse(settings.landmarks))
     assert job.image_size is not None and job.part is not None
     tiny = torch.randn(1, 3, 64, 64, device=device, dtype=dtype)
     if job.part == "model":
         img = torch.randn(b, 3, job.image_size, job.image_size, device=device, dtype=dtype)
-        return (lambda: model(img)), (lambda: model(tiny)), None
+        return (lambda: model(img)), (lambda: model(tiny))
     i = int(job.part[len("stage"):]) - 1
     stage = model.stages[i]
     side = stage_input_sizes(job.image_size)[i]
@@ -510,7 +509,7 @@ def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
     act = torch.randn(b, channels, side, side, device=device, dtype=dtype)
     cls = model.cls_token if i == 3 else None
     small = torch.randn(1, channels, 64, 64, device=device, dtype=dtype)  # large enough for every stage
-    return (lambda: stage(act, cls)), (lambda: stage(small, cls)), None
+    return (lambda: stage(act, cls)), (lambda: stage(small, cls))
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -529,14 +528,23 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _result_for(job: ProfileJob, settings: ProfileSettings, status: str, message: str | None = None
+                ) -> ProfileResult:
+    """A result with what is known before measuring: sizes, estimated FLOPs, landmarks."""
+    res = ProfileResult(method=job.method, tokens=job.tokens, status=status, grid=list(job.grid),
+                        batch=settings.batch, dtype=settings.dtype, part=job.part, image_size=job.image_size,
+                        message=message)
+    if job.model is None:
+        res.dim, res.heads = settings.dim, settings.heads
+        res.flops = estimate_flops(job.method, job.grid, settings)
+        res.landmarks = landmark_count(job.method, job.grid, settings)
+    return res
+
+
 def measure(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
     """Run one job in this process: warm up, time, read peak memory. Never raises for OOM."""
     device = torch.device(settings.device)
-    res = ProfileResult(method=job.method, tokens=job.tokens, status="ok", grid=list(job.grid),
-                        batch=settings.batch, dtype=settings.dtype, part=job.part, image_size=job.image_size,
-                        dim=None if job.model else settings.dim, heads=None if job.model else settings.heads)
-    if job.model is None:
-        res.flops = estimate_flops(job.method, job.grid, settings)
+    res = _result_for(job, settings, "ok")
     threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -550,7 +558,7 @@ def measure(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
 def _measure_into(res: ProfileResult, job: ProfileJob, settings: ProfileSettings, device: torch.device) -> None:
     with torch.inference_mode():
         try:
-            call, prime, res.landmarks = _prepare(job, settings, device)
+            call, prime = _prepare(job, settings, device)
             prime()  # thread pools and allocator arenas exist before any memory limit applies
             _sync(device)
             if device.type == "cuda":
@@ -645,7 +653,8 @@ def _run_isolated(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
     spec = json.dumps({"job": asdict(job), "settings": asdict(settings)})
     code = "from softcli.profile import _worker_main; _worker_main()"
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-c", code, spec], stdout=out, stderr=err, env=_worker_env())
+        proc = subprocess.Popen([sys.executable, "-c", code, spec], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=_worker_env())
         try:
             rc, usage, timed_out = _wait(proc, settings.timeout_s)
         except BaseException:
@@ -659,23 +668,13 @@ def _run_isolated(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
     lines = [ln for ln in stdout.splitlines() if ln.startswith(_RESULT_TAG)]
     if rc == 0 and lines:
         result = ProfileResult.from_dict(json.loads(lines[-1][len(_RESULT_TAG):]))
+    elif timed_out:
+        result = _result_for(job, settings, "timeout", f"stopped after {settings.timeout_s:g} s")
+    elif rc == -getattr(signal, "SIGKILL", 9):
+        result = _result_for(job, settings, "oom", "worker killed by SIGKILL (the system's out-of-memory killer)")
     else:
-        result = ProfileResult(method=job.method, tokens=job.tokens, status="error", grid=list(job.grid),
-                               batch=settings.batch, dtype=settings.dtype, part=job.part,
-                               image_size=job.image_size)
-        if job.model is None:
-            result.dim, result.heads = settings.dim, settings.heads
-            result.flops = estimate_flops(job.method, job.grid, settings)
-            result.landmarks = landmark_count(job.method, job.grid, settings)
-        if timed_out:
-            result.status = "timeout"
-            result.message = f"stopped after {settings.timeout_s:g} s"
-        elif rc == -signal.SIGKILL:
-            result.status = "oom"
-            result.message = "worker killed by SIGKILL (the system's out-of-memory killer)"
-        else:
-            tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-            result.message = f"worker exited with {rc}: " + (tail[-1] if tail else "no message")
+        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        result = _result_for(job, settings, "error", f"worker exited with {rc}: " + (tail[-1] if tail else "no message"))
     if usage is not None and torch.device(settings.device).type == "cpu":
         # The worker's own high-water mark, read by the parent: valid for killed workers too.
         result.peak_mem_bytes = int(usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024)
@@ -689,9 +688,7 @@ def run_job(job: ProfileJob, settings: ProfileSettings) -> ProfileResult:
     try:
         return measure(job, settings)
     except Exception as exc:  # noqa: BLE001 - recorded, and the sweep goes on
-        return ProfileResult(method=job.method, tokens=job.tokens, status="error", grid=list(job.grid),
-                             batch=settings.batch, dtype=settings.dtype, part=job.part, image_size=job.image_size,
-                             message=f"{type(exc).__name__}: {exc}")
+        return _result_for(job, settings, "error", f"{type(exc).__name__}: {exc}")
 
 
 def _device_name(device: torch.device) -> str:

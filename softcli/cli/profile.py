@@ -200,7 +200,7 @@ def profile(
         method_list = [m.strip() for m in (methods or ",".join(DEFAULT_METHODS)).split(",") if m.strip()]
         sizes = _int_list(tokens, "--tokens") if tokens is not None else list(DEFAULT_TOKENS)
         jobs = attention_jobs(method_list, sizes, settings)
-    with progress_bar(not json_out) as bar:
+    with progress_bar() as bar:  # stderr, and only on a terminal: --json stdout stays clean
         task = bar.add_task("profiling", total=len(jobs))
 
         def done(r: ProfileResult) -> None:
