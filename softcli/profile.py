@@ -52,8 +52,8 @@ from .models.soft import LOCAL_KERNELS, NEWTON_STEPS, VARIANTS, SoftAttention, S
 __all__ = [
     "METHODS", "DEFAULT_METHODS", "DEFAULT_TOKENS", "STATUSES",
     "ProfileSettings", "ProfileJob", "ProfileResult", "ProfileReport",
-    "attention_jobs", "model_jobs", "build_attention", "estimate_flops", "grid_for",
-    "run_job", "run_sweep", "parse_bytes", "NystromAttention",
+    "attention_jobs", "model_jobs", "stage_input_sizes", "build_attention", "landmark_count", "estimate_flops",
+    "grid_for", "measure", "run_job", "run_sweep", "parse_bytes", "NystromAttention",
 ]
 
 METHODS = ("soft", "soft-official", "softmax", "softmax-math", "nystromformer")

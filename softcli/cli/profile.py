@@ -22,7 +22,7 @@ from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
 
 def _int_list(text: str, option: str) -> list[int]:
     try:
-        values = [int(float(v)) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{option} takes comma-separated numbers such as 4096,16384, not {text!r}") from None
     if not values or min(values) < 1:
