@@ -88,7 +88,7 @@ def _write_csv(report: ProfileReport, path: Path) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
 
 
-def _write_plot(report: ProfileReport, path: Path, model_mode: bool) -> None:
+def _write_plot(report: ProfileReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,10 +99,10 @@ def _write_plot(report: ProfileReport, path: Path, model_mode: bool) -> None:
     series: dict[str, list[ProfileResult]] = {}
     for r in report.results:
         if r.part != "model":  # model mode: the whole-model row is not a point on the token axis
-            series.setdefault(r.part or r.method, []).append(r)
+            series.setdefault(r.method, []).append(r)  # model mode: one line through its stages
     failed = []
     for name, rows in series.items():
-        ok = [r for r in rows if r.status == "ok"]
+        ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: r.tokens)
         failed += [f"{name} {r.tokens}: {r.status}" for r in rows if r.status != "ok"]
         ax_t.plot([r.tokens for r in ok], [r.latency_ms for r in ok], marker="o", label=name)
         mem = [(r.tokens, r.extra_mem_bytes if cpu else r.peak_mem_bytes) for r in ok]
@@ -210,7 +210,7 @@ def profile(
     if csv_out is not None:
         _write_csv(report, csv_out)
     if plot is not None:
-        _write_plot(report, plot, model is not None)
+        _write_plot(report, plot)
     if json_out:
         print_json(report.to_dict())
     else:
