@@ -99,3 +99,22 @@ def test_output_folder_must_exist(capsys, tmp_path):
         main(["profile", "--device", "cpu", "--csv", str(tmp_path / "missing" / "p.csv")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("error:") and "does not exist" in err
+
+
+def test_a_failing_configuration_is_reported_and_exits_1(capsys, monkeypatch):
+    """Not out of memory, not out of time: recorded as error, the rest still measured, exit 1."""
+    from softcli.models import SoftAttention
+
+    def broken(self, x, hw):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(SoftAttention, "forward", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--device", "cpu", "--tokens", "256", "--methods", "soft,softmax", "--in-process",
+              "--threads", "1", "--repeat", "1", "--warmup", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 1
+    soft_row, softmax_row = json.loads(out)["results"]
+    assert soft_row["status"] == "error" and "broken on purpose" in soft_row["message"]
+    assert softmax_row["status"] == "ok"
+    assert err.startswith("error: 1 configuration(s) failed: soft 256: ValueError: broken on purpose")

@@ -173,6 +173,10 @@ def profile(
     the model's own SoftAttention at the default landmark policy;
     'soft-official' the official materialised computation; 'softmax' PyTorch's
     scaled_dot_product_attention; 'nystromformer' a linear attention for context.
+    A configuration out of memory or time is a result (status oom / timeout) and
+    the sweep goes on; the exit status is 1 only when one fails otherwise.
+    --model times each stage of a network instead (--dim, --heads, --sr-ratio,
+    --tokens and --methods do not apply there).
 
     Example: soft profile --tokens 16384,65536 --device cpu --json
 
@@ -220,7 +224,7 @@ def profile(
         console.print(_table(report, model is not None))
     failed = [r for r in report.results if r.status == "error"]
     if failed:
-        err_console.print(f"[red]{len(failed)} configuration(s) failed:[/red] "
+        err_console.print(f"error: {len(failed)} configuration(s) failed: "
                           + "; ".join(f"{r.part or r.method} {r.tokens}: {r.message}" for r in failed),
-                          highlight=False, soft_wrap=True)
+                          markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
