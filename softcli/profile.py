@@ -238,7 +238,7 @@ def attention_jobs(methods: Sequence[str], tokens: Sequence[int], settings: Prof
         if any(m.startswith("soft-") or m == "soft" for m in methods) and grid[0] < settings.sr_ratio:
             raise UsageError(
                 f"{n} tokens make a {grid[0]}x{grid[1]} grid, narrower than --sr-ratio {settings.sr_ratio}; "
-                f"SOFT needs both sides >= the sr ratio (use squares such as {max(settings.sr_ratio, 8) ** 2 * 16})")
+                f"SOFT needs both sides >= the sr ratio (square counts work, e.g. {(4 * settings.sr_ratio) ** 2})")
         jobs.extend(ProfileJob(method=m, grid=grid) for m in dict.fromkeys(methods))
     return jobs
 
@@ -264,13 +264,10 @@ def model_jobs(model: str, image_size: int) -> list[ProfileJob]:
     if image_size < 32:
         raise UsageError("--image-size must be at least 32 (four stride-2 levels below the stem)")
     sizes = stage_input_sizes(image_size)
-    jobs = []
-    for i in range(4):
-        out = _conv_out(sizes[i]) if i else _conv_out(_conv_out(sizes[0]))
-        jobs.append(ProfileJob(method=model, grid=(out, out), model=model, part=f"stage{i + 1}",
-                               image_size=image_size))
-    side = _conv_out(_conv_out(image_size))
-    jobs.append(ProfileJob(method=model, grid=(side, side), model=model, part="model", image_size=image_size))
+    outs = sizes[1:] + [_conv_out(sizes[3])]  # each stage's token grid side
+    jobs = [ProfileJob(method=model, grid=(o, o), model=model, part=f"stage{i + 1}", image_size=image_size)
+            for i, o in enumerate(outs)]
+    jobs.append(ProfileJob(method=model, grid=(outs[0], outs[0]), model=model, part="model", image_size=image_size))
     return jobs
 
 
