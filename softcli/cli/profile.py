@@ -45,7 +45,8 @@ def _rate(v: float | None) -> str:
 
 def _table(report: ProfileReport, model_mode: bool) -> Table:
     cpu = report.device == "cpu"
-    title = f"soft profile on {report.device} ({report.device_name}, {report.threads} threads"
+    title = f"soft profile on {report.device} ({report.device_name}, {report.threads} thread"
+    title += "" if report.threads == 1 else "s"
     if report.loadavg:
         title += f", load {report.loadavg[0]:.2f}"
     table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD)
