@@ -1,0 +1,55 @@
+"""Synthetic images with known regions, and mask scoring, for the segmentation tests."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def regions_image(h: int = 256, w: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 (h, w, 3) in [0, 1], labels int64 (h, w)) with three regions.
+
+    Left half: red with horizontal stripes; top right: blue noise; bottom right:
+    green checkerboard. Distinct in colour and in texture.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    gt = np.zeros((h, w), np.int64)
+    gt[:, w // 2:] = 1
+    gt[(yy >= h // 2) & (xx >= w // 2)] = 2
+    stripes = (np.sin(yy / 2.0) > 0).astype(np.float32)
+    noise = rng.random((h, w)).astype(np.float32)
+    check = (((yy // 4) + (xx // 4)) % 2).astype(np.float32)
+    zero = np.zeros((h, w), np.float32)
+    looks = [np.stack([0.8 + 0.1 * stripes, 0.2 * stripes, zero + 0.1], -1),
+             np.stack([0.1 * noise, 0.3 * noise, 0.6 + 0.4 * noise], -1),
+             np.stack([zero + 0.1, 0.4 + 0.5 * check, 0.1 + 0.2 * check], -1)]
+    img = np.zeros((h, w, 3), np.float32)
+    for label, look in enumerate(looks):
+        img[gt == label] = look[gt == label]
+    return img, gt
+
+
+def iou_per_class(pred: np.ndarray, gt: np.ndarray, k: int) -> list[float]:
+    return [float(((pred == c) & (gt == c)).sum() / max(1, ((pred == c) | (gt == c)).sum())) for c in range(k)]
+
+
+def best_match_miou(pred: np.ndarray, gt: np.ndarray, k: int) -> float:
+    """Mean IoU after the best one-to-one relabelling of ``pred`` (brute force; fine for k ≤ 8)."""
+    best = 0.0
+    for perm in itertools.permutations(range(k)):
+        best = max(best, float(np.mean(iou_per_class(np.asarray(perm)[pred], gt, k))))
+    return best
+
+
+class ArrayReader:
+    """The reader interface (height, width, read_region) over an in-memory array."""
+
+    def __init__(self, img: np.ndarray) -> None:
+        self.img = img
+        self.height, self.width = img.shape[:2]
+        self.levels = 1
+
+    def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.img[y:y + h, x:x + w]
