@@ -27,26 +27,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .engine import to_tensor
 from .errors import UsageError
+from .io.readers import ImageReader
+from .tiling import Tile, TileGrid
 
 #: Stages (1-based, as on the command line) whose maps the features use by default.
 DEFAULT_CLUSTER_STAGES = (1, 2)
-
-
-class RegionReader(Protocol):
-    """What :func:`fit_clusters` needs from an image reader (see :mod:`softcli.io.readers`)."""
-
-    height: int
-    width: int
-
-    def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray: ...
 
 
 def parse_stages(text: str | Sequence[int] | None) -> tuple[int, ...]:
@@ -164,65 +158,73 @@ def cluster_scores(model: ClusterModel, feats: Tensor) -> Tensor:
     return (-d2).reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
-def sample_grid(height: int, width: int, tile: int, max_tiles: int) -> list[tuple[int, int, int, int]]:
-    """Up to ``max_tiles`` tile windows (y, x, h, w) spread evenly over the whole image."""
-    th, tw = min(tile, height), min(tile, width)
-    ny_full, nx_full = math.ceil(height / th), math.ceil(width / tw)
-    # As square a grid as the image allows, no more cells than tiles fit.
-    ny = max(1, min(ny_full, round(math.sqrt(max_tiles * height / width))))
-    nx = max(1, min(nx_full, max_tiles // ny))
-    ys = np.linspace(0, height - th, ny).round().astype(int) if ny > 1 else [max(0, (height - th) // 2)]
-    xs = np.linspace(0, width - tw, nx).round().astype(int) if nx > 1 else [max(0, (width - tw) // 2)]
-    return [(int(y), int(x), th, tw) for y in ys for x in xs]
+def sample_tiles(grid: TileGrid, max_tiles: int) -> list[Tile]:
+    """Up to ``max_tiles`` tiles of ``grid`` on a coarse sub-grid spread evenly over the whole image.
+
+    They are the grid's own tiles, so the sampled features have exactly the
+    context (tile size, position) the same pixels have when the image is labelled.
+    """
+    ny = max(1, min(grid.rows, round(math.sqrt(max_tiles * grid.rows / grid.cols))))
+    nx = max(1, min(grid.cols, max_tiles // ny))
+    rows = sorted({round(v) for v in np.linspace(0, grid.rows - 1, ny)})
+    cols = sorted({round(v) for v in np.linspace(0, grid.cols - 1, nx)})
+    by_rc = {(t.row, t.col): t for r in rows for t in grid.row_tiles(r)}
+    return [by_rc[(r, c)] for r in rows for c in cols]
+
+
+def backbone_maps(backbone: Any, x: Tensor, upto: int) -> list[Tensor]:
+    """The first ``upto`` stage maps of a SOFT backbone, without running the later stages."""
+    maps = []
+    for i, stage in enumerate(backbone.stages[:upto]):
+        x, _ = stage(x, backbone.cls_token if i == 3 else None)
+        maps.append(x)
+    return maps
 
 
 class StageEmbedder:
-    """Image tile in [0, 1] (B, 3, h, w) → concatenated, stride-4 stage features (B, D, h/4, w/4)."""
+    """Normalised image tile (B, 3, h, w) → concatenated stride-4 stage features (B, D, h/4, w/4)."""
 
-    def __init__(self, backbone: Any, stages: Sequence[int] = DEFAULT_CLUSTER_STAGES,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+    def __init__(self, backbone: Any, stages: Sequence[int] = DEFAULT_CLUSTER_STAGES) -> None:
         self.backbone = backbone
         self.stages = tuple(stages)
         self.widths = [int(backbone.config.embed_dims[s - 1]) for s in self.stages]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        maps = self.backbone.forward_features(x)
-        return stage_features(maps[: max(self.stages)], self.stages)
+        return stage_features(backbone_maps(self.backbone, x, max(self.stages)), self.stages)
 
 
-def fit_clusters(reader: RegionReader, embedder: StageEmbedder, k: int, *, tile: int = 512, max_tiles: int = 16,
-                 max_samples: int = 50_000, seed: int = 0, device: torch.device | str = "cpu",
-                 on_tile: Callable[[], None] | None = None) -> ClusterModel:
+def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k: int, *,
+                 mean: Sequence[float], std: Sequence[float], max_tiles: int = 16, max_samples: int = 50_000,
+                 seed: int = 0, device: torch.device | str = "cpu",
+                 on_tile: Callable[[int, int], None] | None = None) -> ClusterModel:
     """Fit standardisation and k-means centroids on features sampled across the whole image.
 
-    Tiles come from :func:`sample_grid` at the reader's own scale (the scale the
-    whole image is later labelled at), so a centroid means the same everywhere.
+    Features come from the tiles of :func:`sample_tiles` (pixels past the image
+    edge left out), ``max_samples`` vectors in all, drawn with ``seed``.
     """
     if k < 1:
         raise UsageError("--clusters must be at least 1")
-    windows = sample_grid(reader.height, reader.width, tile, max_tiles)
+    tiles = sample_tiles(grid, max_tiles)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    per_tile = max(k, max_samples // len(windows))
+    per_tile = max(k, max_samples // len(tiles))
     chunks = []
-    for y, x, h, w in windows:
-        img = torch.from_numpy(np.ascontiguousarray(reader.read_region(y, x, h, w), dtype=np.float32))
-        with torch.inference_mode():
-            f = embedder(img.permute(2, 0, 1).unsqueeze(0).to(device))[0]
-        f = f.flatten(1).T.float().cpu()  # (h'·w', D)
-        if f.shape[0] > per_tile:
-            f = f[torch.randperm(f.shape[0], generator=gen)[:per_tile]]
-        chunks.append(f)
-        if on_tile is not None:
-            on_tile()
+    with torch.inference_mode():
+        for done, t in enumerate(tiles, 1):
+            f = embedder(to_tensor(reader.read_region(t.y, t.x, t.h, t.w), mean, std, device))[0]
+            vh = min(f.shape[1], -(-(reader.height - t.y) // 4))
+            vw = min(f.shape[2], -(-(reader.width - t.x) // 4))
+            f = f[:, :vh, :vw].flatten(1).T.float().cpu()  # (cells, D)
+            if f.shape[0] > per_tile:
+                f = f[torch.randperm(f.shape[0], generator=gen)[:per_tile]]
+            chunks.append(f)
+            if on_tile is not None:
+                on_tile(done, len(tiles))
     x = torch.cat(chunks)
     if x.shape[0] < k:
         raise UsageError(f"--clusters {k} is more than the {x.shape[0]} feature vectors the image gives")
-    mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mean)
+    mu = x.mean(0)
+    sd = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mu)
     weight = torch.cat([torch.full((c,), 1.0 / math.sqrt(c)) for c in embedder.widths])
-    scale = weight / std
-    centroids, inertia = kmeans((x - mean) * scale, k, seed=seed)
-    return ClusterModel(embedder.stages, mean, scale, centroids, inertia, int(x.shape[0]))
+    scale = weight / sd
+    centroids, inertia = kmeans((x - mu) * scale, k, seed=seed)
+    return ClusterModel(embedder.stages, mu, scale, centroids, inertia, int(x.shape[0]))
