@@ -254,7 +254,7 @@ def _resolve_spec(spec: str | os.PathLike[str]) -> Path:
     return Path(resolve_weights(str(spec)).path)
 
 
-def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 256) -> np.ndarray:
+def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 64) -> np.ndarray:
     """The whole image as (out_h, out_w, 3), box-averaged in bands (never decoded whole)."""
     from PIL import Image
 

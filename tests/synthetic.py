@@ -53,3 +53,36 @@ class ArrayReader:
 
     def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         return self.img[y:y + h, x:x + w]
+
+
+def quantised(img: np.ndarray) -> np.ndarray:
+    """The image as it reads back from an 8-bit file."""
+    return np.round(img * 255.0).astype(np.uint8).astype(np.float32) / 255.0
+
+
+def train_head(backbone, img: np.ndarray, gt: np.ndarray, num_classes: int, steps: int = 40, seed: int = 0):
+    """A Semantic-FPN head trained for ``steps`` on one image, backbone frozen. Returns a SoftSegmenter (eval)."""
+    import torch
+    import torch.nn.functional as F
+
+    from softcli.checkpoint import IMAGENET_PRETRAINED_CFG
+    from softcli.models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
+
+    torch.manual_seed(seed)
+    head = SemanticFPNHead(backbone.config.embed_dims, HeadConfig(num_classes, fpn_channels=32, channels=32,
+                                                                  groups=8))
+    mean = torch.tensor(IMAGENET_PRETRAINED_CFG["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_PRETRAINED_CFG["std"]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(img).permute(2, 0, 1)[None] - mean) / std
+    with torch.no_grad():
+        maps = backbone.eval().forward_features(x)
+    target = torch.from_numpy(gt)[None]
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    head.train()
+    for _ in range(steps):
+        logits = F.interpolate(head(maps), size=gt.shape, mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return SoftSegmenter(backbone, head).eval()
