@@ -47,6 +47,7 @@ from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
 
 TASK = "segmentation"
 HEAD_TYPE = "semantic_fpn"
+SEG_META_KEY = "segmentation"
 SCORE_STRIDE = 4
 
 #: ``progress(phase, done, total)``; phases: "fit" (cluster sampling), "label" (tiles), "write" (mask tiles).
@@ -94,10 +95,28 @@ def save_segmenter(model: SoftSegmenter, out_dir: str | os.PathLike[str], class_
               "class_names": list(class_names), "palette": palette}
     state = {k_: v.detach().to("cpu").contiguous() for k_, v in model.state_dict().items()}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "task": TASK,
-                                                            "config": json.dumps(backbone_cfg)})
+        # The metadata repeats the segmentation part of config.json, so a lone .safetensors file is complete.
+        seg_meta = {k: config[k] for k in ("task", "head", "class_names", "palette")}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "config": json.dumps(backbone_cfg),
+                                                            SEG_META_KEY: json.dumps(seg_meta)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
+
+
+def _read_segmentation_metadata(ck: Checkpoint) -> None:
+    """A lone .safetensors file has no config.json: take task/head/names/palette from its metadata."""
+    if ck.extra.get("task") or not ck.source.lower().endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(ck.source, framework="pt") as fh:
+            text = (fh.metadata() or {}).get(SEG_META_KEY)
+        data = json.loads(text) if text else None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ck.source}: unreadable segmentation metadata ({exc})") from None
+    if isinstance(data, Mapping):
+        ck.extra = {**data, **ck.extra}
 
 
 def is_segmentation_checkpoint(ck: Checkpoint) -> bool:
@@ -105,6 +124,7 @@ def is_segmentation_checkpoint(ck: Checkpoint) -> bool:
 
 
 def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
+    """Head architecture from weight shapes (checkpoints without config); GroupNorm groups assumed default."""
     try:
         return HeadConfig(num_classes=int(sd["head.classifier.weight"].shape[0]),
                           fpn_channels=int(sd["head.lateral.0.weight"].shape[0]),
@@ -123,6 +143,7 @@ def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "c
 def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
                                                                                            SegmenterInfo]:
     """Build a :class:`SoftSegmenter` from a checkpoint read by :func:`read_checkpoint`, checking every shape."""
+    _read_segmentation_metadata(ck)
     if not is_segmentation_checkpoint(ck):
         raise CheckpointError(f"{ck.source}: a backbone checkpoint with no segmentation head; "
                               "use --clusters K to segment without one")
