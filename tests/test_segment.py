@@ -20,7 +20,7 @@ from softcli.segment import LabelSink, load_segmenter, save_segmenter, segment
 from softcli.tiling import TileGrid
 
 from .conftest import TINY_CONFIG
-from .synthetic import best_match_miou, iou_per_class, quantised, regions_image, train_head
+from .synthetic import best_match_miou, iou_per_class, make_trained_checkpoint, regions_image
 
 
 @pytest.mark.parametrize("h,w,bands", [(37, 53, [3, 5, 2]), (64, 64, [16]), (5, 130, [1]), (101, 9, [7, 1, 30])])
@@ -76,14 +76,7 @@ def backbone():
 @pytest.fixture(scope="module")
 def trained(backbone, tmp_path_factory):
     """A head trained for a few dozen steps on a 3-region image, saved as a checkpoint folder."""
-    img, gt = regions_image(128, 128, seed=1)
-    img = quantised(img)
-    model = train_head(backbone, img, gt, 3, steps=40)
-    folder = tmp_path_factory.mktemp("seg") / "ckpt"
-    save_segmenter(model, folder, ["stripes", "noise", "checker"], [[255, 0, 0], [0, 0, 255], [0, 255, 0]])
-    png = folder.parent / "train.png"
-    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(png)
-    return model, folder, png, gt
+    return make_trained_checkpoint(backbone, tmp_path_factory.mktemp("seg"))
 
 
 def test_segmentation_checkpoint_round_trip(trained):
