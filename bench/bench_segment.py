@@ -65,6 +65,37 @@ def make_tiff(path: Path, size: int, tile: int = 512) -> None:
                   photometric="rgb")
 
 
+def quadrant_miou(mask: np.ndarray, k: int) -> float:
+    """Mean IoU of a (downsampled) mask against the four quadrants, after the best relabelling."""
+    import itertools
+
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    gt = (yy * 2 // h) * 2 + (xx * 2 // w)
+    best = 0.0
+    for perm in itertools.permutations(range(max(k, 4))):
+        p = np.asarray(perm)[mask]
+        ious = [((p == c) & (gt == c)).sum() / max(1, ((p == c) | (gt == c)).sum()) for c in range(4)]
+        best = max(best, float(np.mean(ious)))
+    return best
+
+
+def check_mask(mask: Path, size: int, k: int) -> dict:
+    """Read the mask back with tifffile: full size, pyramid, compression, labels, quadrant mIoU."""
+    import tifffile
+
+    with tifffile.TiffFile(mask) as tif:
+        series = tif.series[0]
+        levels = [tuple(lv.shape) for lv in series.levels]
+        page = series.levels[0].keyframe
+        assert levels[0] == (size, size), levels
+        # Level 2 (a quarter of the side) is enough to score the quadrants; never read the whole mask.
+        mid = series.levels[min(2, len(levels) - 1)].asarray()
+        return {"mask_levels": levels, "mask_tiled": page.is_tiled, "mask_compression": page.compression.name,
+                "mask_dtype": str(page.dtype), "labels_present": sorted(int(v) for v in np.unique(mid)),
+                "quadrant_miou": round(quadrant_miou(mid, k), 4), "scored_on_level_shape": list(mid.shape)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=16000)
@@ -75,10 +106,10 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=None, help="where to put the files (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the input, checkpoint and mask")
+    ap.add_argument("--check-only", action="store_true", help="only verify an existing mask in --workdir")
     args = ap.parse_args()
 
     import torch
-    import tifffile
 
     import softcli
     from softcli.checkpoint import save_pretrained
@@ -86,6 +117,9 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-segment-"))
     work.mkdir(parents=True, exist_ok=True)
     src, ckpt, mask = work / f"input_{args.size}.tif", work / f"{args.variant}_random", work / "mask.tif"
+    if args.check_only:
+        print(json.dumps(check_mask(mask, args.size, args.clusters), indent=2))
+        return
     try:
         t0 = time.perf_counter()
         if not src.exists():
@@ -95,8 +129,8 @@ def main() -> None:
         arch = MINI_CONFIG if args.variant == "mini" else args.variant
         save_pretrained(softcli.create_model(arch, num_classes=0), ckpt)
         cmd = [sys.executable, "-m", "softcli", "segment", str(src), "--weights", str(ckpt),
-               "--clusters", str(args.clusters), "--cluster-stages", args.cluster_stages, "--tile", str(args.tile), "--device", "cpu",
-               "--out", str(mask), "--overlay", str(work / "overlay.jpg"), "--json"]
+               "--clusters", str(args.clusters), "--cluster-stages", args.cluster_stages,
+               "--tile", str(args.tile), "--device", "cpu", "--out", str(mask), "--overlay", str(work / "overlay.jpg"), "--json"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -105,23 +139,14 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"soft segment failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         summary = json.loads(proc.stdout)
-        with tifffile.TiffFile(mask) as tif:
-            series = tif.series[0]
-            levels = [tuple(lv.shape) for lv in series.levels]
-            page = series.levels[0].keyframe
-            assert levels[0] == (args.size, args.size), levels
-            # Read a few tiles' worth back (not the whole mask) plus the smallest level whole.
-            small = series.levels[-1].asarray()
-            labels_seen = sorted(int(v) for v in np.unique(small))
-            tiled, compression = page.is_tiled, page.compression.name
         result = {
             "size": args.size, "variant": args.variant, "clusters": args.clusters, "tile": args.tile,
             "cluster_stages": args.cluster_stages,
-            "cpu_threads": torch.get_num_threads(), "make_input_s": round(t_make, 1),
+            "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+            "make_input_s": round(t_make, 1),
             "input_bytes": src.stat().st_size, "wall_s": round(wall, 1),
             "peak_rss_gb": round(peak_rss / 2**30, 3), "mask_bytes": mask.stat().st_size,
-            "mask_levels": levels, "mask_tiled": tiled, "mask_compression": compression,
-            "labels_in_smallest_level": labels_seen, "tiles": summary["tiles"],
+            **check_mask(mask, args.size, args.clusters), "tiles": summary["tiles"],
             "label_s": summary["seconds"]["label"],
             "fractions": [round(e["fraction"], 4) for e in summary["labels"]],
             "command": " ".join(cmd[1:]).replace(str(work), "$WORK"),

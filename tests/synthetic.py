@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 
 
 def regions_image(h: int = 256, w: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +111,18 @@ def make_trained_checkpoint(backbone, folder):
     png = folder / "train.png"
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(png)
     return model, ckpt, png, gt
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+#: For CLI subprocesses, the same as :func:`single_thread`.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}

@@ -14,7 +14,10 @@ import softcli
 from softcli.checkpoint import save_pretrained
 
 from .conftest import TINY_CONFIG, run_soft
-from .synthetic import best_match_miou, iou_per_class, make_trained_checkpoint, regions_image
+from .synthetic import (ONE_THREAD_ENV, best_match_miou, iou_per_class, make_trained_checkpoint,  # noqa: F401
+                        regions_image, single_thread)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,8 @@ def test_trained_head_gives_expected_mask(trained, tmp_path):
     """A head trained in the test for a few dozen steps, saved, and run from the command line."""
     _, ckpt, png, gt = trained
     out = tmp_path / "mask.png"
-    r = run_soft("segment", png, "--weights", ckpt, "--out", out, "--json", "--device", "cpu")
+    r = run_soft("segment", png, "--weights", ckpt, "--out", out, "--json", "--device", "cpu",
+                 env=ONE_THREAD_ENV)
     assert r.returncode == 0, r.stderr.decode()
     summary = json.loads(r.stdout)  # one clean JSON document
     mask = np.asarray(Image.open(out))
@@ -57,7 +61,7 @@ def test_clusters_to_pyramidal_tiff(backbone, tmp_path):
     ckpt = save_pretrained(backbone, tmp_path / "bb")
     out, overlay = tmp_path / "mask.tif", tmp_path / "overlay.jpg"
     r = run_soft("segment", src, "-w", ckpt, "--clusters", "3", "--out", out, "--overlay", overlay,
-                 "--device", "cpu")
+                 "--device", "cpu", env=ONE_THREAD_ENV)
     assert r.returncode == 0, r.stderr.decode()
     assert b"3 labels (clusters)" in r.stdout
     with tifffile.TiffFile(out) as tif:

@@ -17,7 +17,9 @@ from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
 
 from .conftest import TINY_CONFIG
-from .synthetic import best_match_miou, regions_image
+from .synthetic import best_match_miou, regions_image, single_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 MEAN, STD = IMAGENET_PRETRAINED_CFG["mean"], IMAGENET_PRETRAINED_CFG["std"]
 

@@ -20,7 +20,9 @@ from softcli.segment import LabelSink, load_segmenter, save_segmenter, segment
 from softcli.tiling import TileGrid
 
 from .conftest import TINY_CONFIG
-from .synthetic import best_match_miou, iou_per_class, make_trained_checkpoint, regions_image
+from .synthetic import best_match_miou, iou_per_class, make_trained_checkpoint, regions_image, single_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("h,w,bands", [(37, 53, [3, 5, 2]), (64, 64, [16]), (5, 130, [1]), (101, 9, [7, 1, 30])])
@@ -175,3 +177,19 @@ def test_segment_checks_outputs_before_compute(backbone, tmp_path):
     with pytest.raises(UsageError, match="--clusters"):
         segment(src, tmp_path / "m.png", weights=missing_ck, clusters=0)
     assert not list(tmp_path.glob("m*"))
+
+
+def test_clusters_consistent_across_tiles(golden, tmp_path):
+    """16 overlapping tiles, one clustering: the regions come back with one set of labels.
+
+    Uses the golden ``mini_plain`` weights (random but with trained-like scales).
+    Freshly initialised weights (std 0.02) do not work here: SOFT's global term
+    is then an unnormalised sum over the whole tile and labels follow the tiles.
+    """
+    img, gt = regions_image(384, 384)
+    src = tmp_path / "in.png"
+    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(src)
+    summary = segment(src, tmp_path / "mask.npy", weights=golden / "mini_plain.weights.safetensors", clusters=3,
+                      tile=128, overlap=64)
+    assert summary["tiles"]["count"] >= 16
+    assert best_match_miou(np.load(tmp_path / "mask.npy"), gt, 3) >= 0.9

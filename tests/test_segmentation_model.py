@@ -9,6 +9,9 @@ import softcli
 from softcli.models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
 
 from .conftest import TINY_CONFIG
+from .synthetic import single_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
