@@ -10,7 +10,10 @@ mask with tifffile: full size, pyramid levels, labels present.
 
 The checkpoint has random weights (no trained weights are needed to measure
 time and memory): ``soft_tiny`` by default, or ``--variant mini``, a smaller
-SOFT with the same code paths. The clustering path runs only the stages it
+SOFT with the same code paths; or ``--weights`` names one (freshly initialised
+weights make SOFT's global term a tile-wide sum, so their clusters follow the
+tiles; the golden ``mini_plain`` weights have trained-like scales and show
+whether the quadrants come back). The clustering path runs only the stages it
 uses (``--cluster-stages``).
 """
 
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--variant", default="soft_tiny",
                     help="a SOFT variant, or 'mini' (embed dims 16/32/48/64, one block per stage)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="an existing checkpoint instead of random weights (e.g. the golden mini_plain)")
     ap.add_argument("--cluster-stages", default="1,2")
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=None, help="where to put the files (default: a temp folder)")
@@ -125,9 +130,12 @@ def main() -> None:
         if not src.exists():
             make_tiff(src, args.size)
         t_make = time.perf_counter() - t0
-        torch.manual_seed(0)
-        arch = MINI_CONFIG if args.variant == "mini" else args.variant
-        save_pretrained(softcli.create_model(arch, num_classes=0), ckpt)
+        if args.weights is not None:
+            ckpt = args.weights
+        else:
+            torch.manual_seed(0)
+            arch = MINI_CONFIG if args.variant == "mini" else args.variant
+            save_pretrained(softcli.create_model(arch, num_classes=0), ckpt)
         cmd = [sys.executable, "-m", "softcli", "segment", str(src), "--weights", str(ckpt),
                "--clusters", str(args.clusters), "--cluster-stages", args.cluster_stages,
                "--tile", str(args.tile), "--device", "cpu", "--out", str(mask), "--overlay", str(work / "overlay.jpg"), "--json"]
@@ -140,7 +148,8 @@ def main() -> None:
             sys.exit(f"soft segment failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         summary = json.loads(proc.stdout)
         result = {
-            "size": args.size, "variant": args.variant, "clusters": args.clusters, "tile": args.tile,
+            "size": args.size, "weights": str(args.weights) if args.weights else f"{args.variant} (random)",
+            "clusters": args.clusters, "tile": args.tile,
             "cluster_stages": args.cluster_stages,
             "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
             "make_input_s": round(t_make, 1),
