@@ -137,8 +137,17 @@ class FeaturesResult:
 
 
 def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """Tile → the asked stage maps; stops after the last asked stage (stage 1 alone skips 2-4)."""
+    last = max(stages)
+
     def fn(x: torch.Tensor) -> list[torch.Tensor]:
-        maps = model.forward_features(x)
+        if last == 4:
+            maps = model.forward_features(x)
+        else:
+            maps = []
+            for stage in model.stages[:last]:  # type: ignore[attr-defined]
+                x, _ = stage(x)
+                maps.append(x)
         return [maps[s - 1] for s in stages]
 
     return fn

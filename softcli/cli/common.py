@@ -54,8 +54,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda,
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
 
 
-def load_cli_model(model: str | None, weights: Path | None, device: str = "auto",
-                   landmarks: str | None = None) -> Any:
+def load_cli_model(model: str | None, weights: Path | None, device: str = "auto") -> Any:
     """The model a command runs, from ``--model``/``--weights``: the one place commands load models.
 
     This branch resolves local files and folders only; registry names and
@@ -64,12 +63,7 @@ def load_cli_model(model: str | None, weights: Path | None, device: str = "auto"
     """
     from ..api import load_model
     from ..errors import UsageError
-    from ..models import LandmarkPolicy
 
-    try:
-        policy = LandmarkPolicy.parse(landmarks) if landmarks is not None else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     if model and weights:
         raise UsageError("give --model or --weights, not both")
     source = weights if weights is not None else model
@@ -78,4 +72,15 @@ def load_cli_model(model: str | None, weights: Path | None, device: str = "auto"
     if weights is None and not Path(source).exists():
         raise UsageError(f"--model {source}: not a local file or folder (registry names are not available "
                          "in this build)")
-    return load_model(source, device=device, landmarks=policy)
+    return load_model(source, device=device)
+
+
+def parse_landmarks(text: str) -> Any:
+    """``--landmarks`` → a :class:`~softcli.models.LandmarkPolicy`; a bad value is a usage error."""
+    from ..errors import UsageError
+    from ..models import LandmarkPolicy
+
+    try:
+        return LandmarkPolicy.parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..features import extract_features
+from ..features import FeaturesPlan, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..tiling import parse_memory
 from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, print_json, progress_bar
+from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
+                     print_json, progress_bar, warn)
 
 
 @app.command()
@@ -49,13 +50,21 @@ def features(
         budget = parse_memory(max_memory)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    net = load_cli_model(model, weights, device, landmarks)
+    policy = parse_landmarks(landmarks)
+    net = load_cli_model(model, weights, device)
+    net.set_landmark_policy(policy)
     with progress_bar(not json_out) as progress:
         task = progress.add_task(f"features {input.name}", total=None)
+
+        def on_plan(plan: FeaturesPlan) -> None:
+            progress.update(task, total=plan.tiles)
+            if plan.estimated_peak_bytes > plan.max_memory_bytes:
+                warn(f"{plan.tile[0]}x{plan.tile[1]} tiles need about {plan.estimated_peak_bytes / 2**30:.1f} GB, "
+                     f"above --max-memory {max_memory}; use a smaller --tile")
+
         result = extract_features(
             net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
-            blend=blend, pool=pool, max_pixels=max_pixels,
-            on_plan=lambda plan: progress.update(task, total=plan.tiles),
+            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan,
             on_tile=lambda done, total: progress.update(task, completed=done))
     if json_out:
         print_json(result.to_json())
