@@ -174,10 +174,6 @@ class TileGrid:
             for c, x in enumerate(self.xs):
                 yield Tile(r * self.cols + c, r, c, y, x, self.tile_h, self.tile_w)
 
-    def row_tiles(self, row: int) -> list[Tile]:
-        return [Tile(row * self.cols + c, row, c, self.ys[row], x, self.tile_h, self.tile_w)
-                for c, x in enumerate(self.xs)]
-
     def out_size(self, stride: int) -> tuple[int, int]:
         """Size of the whole image's map at ``stride`` (what a model returns for the unpadded image)."""
         return -(-self.height // stride), -(-self.width // stride)
