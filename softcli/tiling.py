@@ -174,10 +174,6 @@ class TileGrid:
             for c, x in enumerate(self.xs):
                 yield Tile(r * self.cols + c, r, c, y, x, self.tile_h, self.tile_w)
 
-    def row_tiles(self, row: int) -> list[Tile]:
-        return [Tile(row * self.cols + c, row, c, self.ys[row], x, self.tile_h, self.tile_w)
-                for c, x in enumerate(self.xs)]
-
     def out_size(self, stride: int) -> tuple[int, int]:
         """Size of the whole image's map at ``stride`` (what a model returns for the unpadded image)."""
         return -(-self.height // stride), -(-self.width // stride)
@@ -216,9 +212,9 @@ class TileGrid:
 #: Peak bytes per input pixel of ``forward_features`` in inference mode for a
 #: stage-1 width of 64 (all published variants), float32, CPU. Measured with
 #: bench/bench_features.py --memory-model (see bench/README.md).
-BYTES_PER_PIXEL_C64 = 420.0
+BYTES_PER_PIXEL_C64 = 450.0
 #: Model weights, framework and I/O overhead outside the per-pixel activations.
-FIXED_OVERHEAD_BYTES = 600 * 2**20
+FIXED_OVERHEAD_BYTES = 350 * 2**20
 
 
 def estimate_memory(pixels: int, model_config: Mapping[str, Any] | Any | None = None,

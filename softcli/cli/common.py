@@ -52,3 +52,35 @@ WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", "-w", help="A local checkpoint file or folder (official .pth/.safetensors or softcli).")]
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
+
+
+def load_cli_model(model: str | None, weights: Path | None, device: str = "auto") -> Any:
+    """The model a command runs, from ``--model``/``--weights``: the one place commands load models.
+
+    This branch resolves local files and folders only; registry names and
+    ``hf-hub:`` references are resolved by the shared helper of the same name
+    (merged by the lead).
+    """
+    from ..api import load_model
+    from ..errors import UsageError
+
+    if model and weights:
+        raise UsageError("give --model or --weights, not both")
+    source = weights if weights is not None else model
+    if source is None:
+        raise UsageError("no model given; use --weights PATH (a checkpoint file or softcli folder)")
+    if weights is None and not Path(source).exists():
+        raise UsageError(f"--model {source}: not a local file or folder (registry names are not available "
+                         "in this build)")
+    return load_model(source, device=device)
+
+
+def parse_landmarks(text: str) -> Any:
+    """``--landmarks`` → a :class:`~softcli.models.LandmarkPolicy`; a bad value is a usage error."""
+    from ..errors import UsageError
+    from ..models import LandmarkPolicy
+
+    try:
+        return LandmarkPolicy.parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

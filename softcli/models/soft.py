@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .landmarks import LandmarkPolicy
+from .landmarks import LandmarkPolicy, spread_indices
 
 __all__ = [
     "VARIANTS",
@@ -147,9 +147,17 @@ def resize_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]) 
 
 
 def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
-    """exp(-|a_i - b_j|² / 2) for rows of ``a`` (..., n, d) and ``b`` (..., m, d)."""
-    sq = (a * a).sum(-1, keepdim=True) + (b * b).sum(-1).unsqueeze(-2) - 2.0 * (a @ b.transpose(-1, -2))
-    return torch.exp(-0.5 * sq.clamp_min(0.0))
+    """exp(-|a_i - b_j|² / 2) for rows of ``a`` (..., n, d) and ``b`` (..., m, d).
+
+    Written as exp(a·b - |a|²/2 - |b|²/2) with in-place steps on the one (n, m)
+    buffer the matmul allocates: the kernel is the largest tensor of the
+    attention, so every extra pass or temporary over it costs time and memory.
+    The exponent is -|a-b|²/2 ≤ 0; clamping it removes rounding above 0.
+    """
+    k = a @ b.transpose(-1, -2)
+    k.sub_(0.5 * (a * a).sum(-1, keepdim=True))
+    k.sub_(0.5 * (b * b).sum(-1).unsqueeze(-2))
+    return k.clamp_max_(0.0).exp_()
 
 
 def newton_pinv_plain(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
@@ -158,9 +166,16 @@ def newton_pinv_plain(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
     p = a + PLAIN_RIDGE * eye
     row_max = a.sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # (B, h, 1, 1)
     v = (PLAIN_ALPHA_SCALE * 2.0 / row_max.square()) * p
+    return _newton_steps(v, p, steps)
+
+
+def _newton_steps(v: Tensor, p: Tensor, steps: int) -> Tensor:
+    """``steps`` times V ← 2V − V·P·V, as one matmul and one fused baddbmm per step."""
+    shape = v.shape
+    v, p = v.reshape(-1, *shape[-2:]), p.reshape(-1, *shape[-2:])
     for _ in range(steps):
-        v = 2.0 * v - v @ p @ v
-    return v
+        v = torch.baddbmm(v, v @ p, v, beta=2.0, alpha=-1.0)
+    return v.reshape(shape)
 
 
 def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
@@ -185,9 +200,7 @@ def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
         if not bool(failing.any()):
             break
         alpha = torch.where(failing, alpha * 0.5, alpha)
-    v = alpha * a
-    for _ in range(steps):
-        v = 2.0 * v - v @ a @ v
+    v = _newton_steps(alpha * a, a, steps)
     d = rows.clamp_min(torch.finfo(a.dtype).tiny).rsqrt()
     return d.unsqueeze(-1) * v * d.unsqueeze(-2)
 
@@ -222,13 +235,24 @@ class SoftAttention(nn.Module):
         self.official_order = False
 
     def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
-        """Landmarks L (B, h, m, d) from the scaled queries (B, h, N, d)."""
+        """Landmarks L (B, h, m, d) from the scaled queries (B, h, N, d).
+
+        Officially one landmark per r x r patch. When the policy keeps fewer,
+        the kept ones are an evenly spaced subset of the official patches (only
+        those are convolved): measured far closer to the official output than
+        averaging landmarks (bench/README.md, "Landmark policy").
+        """
         b, h, n, d = q.shape
+        r = self.sr_ratio
         qmap = q.transpose(2, 3).reshape(b * h, d, hw[0], hw[1])
-        lm = self.landmark_conv(qmap)  # (B·h, d, ⌊H/r⌋, ⌊W/r⌋)
-        grid = self.landmark_policy.grid(lm.shape[-2], lm.shape[-1])
-        if grid != tuple(lm.shape[-2:]):
-            lm = F.adaptive_avg_pool2d(lm, grid)
+        full = (hw[0] // r, hw[1] // r)
+        grid = self.landmark_policy.grid(*full)
+        if grid != full:
+            offsets = torch.arange(r, device=q.device)
+            rows = (spread_indices(full[0], grid[0], q.device)[:, None] * r + offsets).flatten()
+            cols = (spread_indices(full[1], grid[1], q.device)[:, None] * r + offsets).flatten()
+            qmap = qmap.index_select(2, rows).index_select(3, cols)
+        lm = self.landmark_conv(qmap)  # (B·h, d, grid rows, grid cols)
         lm = lm.flatten(2).transpose(1, 2).reshape(b, h, -1, d)
         return F.gelu(self.landmark_norm(lm))
 
