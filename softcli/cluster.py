@@ -168,8 +168,8 @@ def sample_tiles(grid: TileGrid, max_tiles: int) -> list[Tile]:
     nx = max(1, min(grid.cols, max_tiles // ny))
     rows = sorted({round(v) for v in np.linspace(0, grid.rows - 1, ny)})
     cols = sorted({round(v) for v in np.linspace(0, grid.cols - 1, nx)})
-    by_rc = {(t.row, t.col): t for r in rows for t in grid.row_tiles(r)}
-    return [by_rc[(r, c)] for r in rows for c in cols]
+    wanted = {(r, c) for r in rows for c in cols}
+    return [t for t in grid if (t.row, t.col) in wanted]
 
 
 def backbone_maps(backbone: Any, x: Tensor, upto: int) -> list[Tensor]:
