@@ -193,3 +193,20 @@ def test_clusters_consistent_across_tiles(golden, tmp_path):
                       tile=128, overlap=64)
     assert summary["tiles"]["count"] >= 16
     assert best_match_miou(np.load(tmp_path / "mask.npy"), gt, 3) >= 0.9
+
+
+def test_level_of_a_pyramid_sets_the_mask_size(backbone, tmp_path):
+    import tifffile
+
+    img, _ = regions_image(256, 320)
+    src = tmp_path / "pyr.ome.tif"
+    data = np.round(img * 255).astype(np.uint8)
+    with tifffile.TiffWriter(src, ome=True) as tif:
+        tif.write(data, tile=(64, 64), subifds=1, photometric="rgb")
+        tif.write(data[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb")
+    ck = save_pretrained(backbone, tmp_path / "bb")
+    summary = segment(src, tmp_path / "m.npy", weights=ck, clusters=2, level=1, overlay=tmp_path / "o.png")
+    assert np.load(tmp_path / "m.npy").shape == (128, 160) and summary["level"] == 1
+    assert summary["size"] == [128, 160] and Image.open(tmp_path / "o.png").size == (160, 128)
+    with pytest.raises(UsageError, match="--level 2 does not exist"):
+        segment(src, tmp_path / "m2.npy", weights=ck, clusters=2, level=2)
