@@ -37,8 +37,8 @@ from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
 from .engine import MapSink, run_dense
 from .errors import CheckpointError, UsageError
 from .io.atomic import atomic_dir
-from .io.masks import (LabelRaster, OVERLAY_MAX_SIDE, check_mask_outputs, legend, legend_path, mask_format,
-                       write_json, write_mask, write_overlay)
+from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
+                       tiff_tile_count, write_json, write_mask, write_overlay)
 from .io.readers import ImageReader, open_image
 from .io.image import DEFAULT_MAX_PIXELS
 from .models import LandmarkPolicy, SoftModel
@@ -311,6 +311,19 @@ def _preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | No
     return _downsampled_rgb(reader, out_h, out_w), step
 
 
+def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
+        SoftSegmenter | None, SoftModel, list[str], list[list[int]]]:
+    """(segmenter or None, backbone, label names, palette) for the head or the clustering mode."""
+    if clusters is None:
+        model, info = segmenter_from_checkpoint(ck, device)
+        return model, model.backbone, info.class_names, info.palette
+    if is_segmentation_checkpoint(ck):  # cluster a segmentation model's backbone features
+        backbone = segmenter_from_checkpoint(ck, device)[0].backbone
+    else:
+        backbone = build_model(ck, device)
+    return None, backbone, [f"cluster {i}" for i in range(clusters)], default_palette(clusters)
+
+
 def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             weights: str | os.PathLike[str] | None = None, clusters: int | None = None,
             cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int = DEFAULT_TILE,
@@ -350,32 +363,22 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
                            num_classes=clusters, overlay=overlay)
         ck = read_checkpoint(_resolve_spec(weights))
+        model, backbone, names, palette = _models_for(ck, clusters, dev)
         if clusters is None:
-            model, info = segmenter_from_checkpoint(ck, dev)
-            backbone: SoftModel = model.backbone
-            check_mask_outputs(out, [image], height=reader.height, width=reader.width,
-                               num_classes=model.num_classes)
-            names, palette, pre = info.class_names, info.palette, info.pretrained_cfg
-        else:
-            if is_segmentation_checkpoint(ck):
-                model, info = segmenter_from_checkpoint(ck, dev)
-                backbone = model.backbone
-            else:
-                backbone = build_model(ck, dev)
-            names = [f"cluster {i}" for i in range(clusters)]
-            palette = default_palette(clusters)
-            pre = dict(ck.pretrained_cfg)
+            check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
         if policy is not None:
             backbone.set_landmark_policy(policy)
+        pre = dict(ck.pretrained_cfg)
         mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
 
         def report(phase: str) -> Callable[[int, int], None] | None:
             return None if progress is None else (lambda done, total: progress(phase, done, total))
 
-        summary: dict[str, Any] = {"input": str(image), "level": reader.level if hasattr(reader, "level") else level,
+        summary: dict[str, Any] = {"input": str(image), "level": reader.level,
                                    "size": [reader.height, reader.width], "device": str(dev),
                                    "checkpoint": ck.source}
         if clusters is None:
+            assert model is not None
             fn: Callable[[Tensor], list[Tensor]] = lambda x: [model.forward_logits(x)]  # noqa: E731
             k = model.num_classes
             summary["mode"] = "head"
@@ -397,11 +400,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()
-            total_tiles = 0
-            if mask_format(out) == "tiff":
-                from .io.masks import tiff_tile_count
-
-                total_tiles = tiff_tile_count(raster.height, raster.width)
+            total_tiles = tiff_tile_count(raster.height, raster.width) if mask_format(out) == "tiff" else 0
             written = [0]
 
             def on_write() -> None:
