@@ -5,10 +5,11 @@ groups pixels by what the backbone sees. Labels must mean the same thing in
 every tile of a huge image, so the clustering is fitted once and applied
 everywhere:
 
-1. :func:`fit_clusters` reads tiles on a coarse grid spread over the whole image
-   (through the reader, so a 16000² slide is never decoded whole), embeds them,
-   samples feature vectors with a fixed seed, standardises each channel and runs
-   k-means (k-means++ init, a few restarts, fixed seed) in torch.
+1. :func:`fit_clusters` reads a coarse sub-grid of the tiling grid's own tiles
+   spread over the whole image (through the reader, so a 16000² slide is never
+   decoded whole; the same tiles with the same context as when labelling),
+   embeds them, samples feature vectors with a fixed seed, standardises each
+   channel and runs k-means (k-means++ init, a few restarts, fixed seed) in torch.
 2. :func:`cluster_scores` turns a tile's features into negative squared
    distances to the centroids; the tiling engine blends those across overlaps
    like logits, and the label is the argmax (the nearest centroid after
@@ -18,8 +19,11 @@ Features: the chosen stage maps (default stages 1 and 2, strides 4 and 8)
 resized to stride 4, each channel standardised with statistics from the fitted
 samples, and each stage weighted by 1/√channels so that every stage counts the
 same whatever its width. Shallow stages carry colour and texture, which is what
-separates regions even with untrained weights; deeper stages carry more
-semantics with trained weights (``--cluster-stages 1,2,3``).
+separates regions even with untrained weights of trained-like scale (the golden
+reference weights); deeper stages carry more semantics with trained weights
+(``--cluster-stages 1,2,3``). Freshly initialised weights (std 0.02) are a poor
+feature extractor here: SOFT's global term is then an unnormalised sum over the
+whole tile, so features, and labels, follow the tile more than the content.
 """
 
 from __future__ import annotations
