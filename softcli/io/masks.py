@@ -195,7 +195,7 @@ def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]
             if on_tile is not None:
                 on_tile()
 
-    # BigTIFF when the pyramid (4/3 of level 0) could pass 4 GB even if it did not compress at all.
+    # BigTIFF when the pyramid (4/3 of level 0), uncompressed, could pass 2 GB: a margin below 4 GB offsets.
     with tifffile.TiffWriter(path, bigtiff=raster.nbytes * 4 // 3 > 2**31, ome=True) as tif:
         meta = {"axes": "YX", "Name": "labels", "Description": json.dumps({"labels": list(names)})}
         tif.write(counted(_level_tiles(raster, 1, tile)), shape=shapes[0], subifds=len(shapes) - 1,
