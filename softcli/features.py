@@ -136,6 +136,18 @@ class FeaturesResult:
         }
 
 
+def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.PathLike[str],
+                  stages: str | Sequence[int] = (1, 2, 3, 4), pool: bool = False,
+                  blend: str = "linear") -> tuple[list[int], str]:
+    """Everything about a request that can be wrong before a model is loaded: (stages, output format)."""
+    stage_list = parse_stages(stages)
+    check_output_path(out, [] if isinstance(image, np.ndarray) else [image])
+    fmt = check_feature_request(out, len(stage_list), pool)
+    if blend not in ("linear", "gaussian"):
+        raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
+    return stage_list, fmt
+
+
 def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
     """Tile → the asked stage maps; stops after the last asked stage (stage 1 alone skips 2-4)."""
     last = max(stages)
@@ -165,13 +177,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
     output cannot be written or cannot hold what was asked.
     """
-    stage_list = parse_stages(stages)
+    stage_list, fmt = check_request(image, out, stages, pool, blend)
     names = [f"stage{s}" for s in stage_list]
-    inputs = [] if isinstance(image, np.ndarray) else [image]
-    check_output_path(out, inputs)
-    fmt = check_feature_request(out, len(names), pool)
-    if blend not in ("linear", "gaussian"):
-        raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
     if pool and 4 not in stage_list:
         stage_list, names = stage_list + [4], names + ["stage4"]
         keep = names[:-1]
@@ -205,7 +212,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             write_features(out, sink, keep, pooled, meta)
             shapes = {n: list(sink.shapes[n]) for n in keep}
     return FeaturesResult(
-        input=str(image) if inputs else "<array>", output=str(out), format=fmt, level=level,
+        input="<array>" if isinstance(image, np.ndarray) else str(image), output=str(out), format=fmt, level=level,
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),

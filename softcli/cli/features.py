@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..features import FeaturesPlan, extract_features
+from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..tiling import parse_memory
 from .app import app
@@ -51,6 +51,7 @@ def features(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     policy = parse_landmarks(landmarks)
+    check_request(input, out, stages, pool, blend)  # fail before loading a model
     net = load_cli_model(model, weights, device)
     net.set_landmark_policy(policy)
     with progress_bar(not json_out) as progress:

@@ -14,7 +14,9 @@ API (stable; ``soft segment`` builds on it)::
   ``series[0].levels`` (OME SubIFDs, SVS-like multi-page pyramids). Codecs
   tifffile has built in (none, deflate/zlib, LZW, PackBits, LZMA) always work;
   JPEG/JPEG 2000 (most SVS files) need the optional ``imagecodecs`` package,
-  and the error says so.
+  and the error says so. The image is the first page of the first series
+  (a file with several series, or a channel stack stored as pages, gives its
+  first one).
 - :class:`PillowReader` decodes every other format whole, guarded by
   ``max_pixels``, through :func:`softcli.io.image.load_image`.
 
