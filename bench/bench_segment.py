@@ -138,7 +138,8 @@ def main() -> None:
             save_pretrained(softcli.create_model(arch, num_classes=0), ckpt)
         cmd = [sys.executable, "-m", "softcli", "segment", str(src), "--weights", str(ckpt),
                "--clusters", str(args.clusters), "--cluster-stages", args.cluster_stages,
-               "--tile", str(args.tile), "--device", "cpu", "--out", str(mask), "--overlay", str(work / "overlay.jpg"), "--json"]
+               "--tile", str(args.tile), "--device", "cpu", "--out", str(mask),
+               "--overlay", str(work / "overlay.jpg"), "--json"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

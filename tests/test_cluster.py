@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,7 +110,8 @@ def test_fit_is_deterministic_and_seeded(backbone):
     torch.testing.assert_close(a.centroids, b.centroids, rtol=0, atol=0)
     assert a.samples <= 500 + 3 * len(sample_tiles(grid, 16))
     with pytest.raises(UsageError, match="more than"):
-        fit_clusters(ArrayReader(img[:32, :32]), TileGrid(32, 32, tile=32, overlap=0), embedder, 100, mean=MEAN, std=STD)
+        fit_clusters(ArrayReader(img[:32, :32]), TileGrid(32, 32, tile=32, overlap=0), embedder, 100,
+                     mean=MEAN, std=STD)
 
 
 def test_scores_are_negative_squared_distances(backbone):

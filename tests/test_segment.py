@@ -20,7 +20,8 @@ from softcli.segment import LabelSink, load_segmenter, save_segmenter, segment
 from softcli.tiling import TileGrid
 
 from .conftest import TINY_CONFIG
-from .synthetic import best_match_miou, iou_per_class, make_trained_checkpoint, regions_image, single_thread  # noqa: F401 - fixture
+from .synthetic import (best_match_miou, iou_per_class, make_trained_checkpoint, regions_image,  # noqa: F401
+                        single_thread)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
