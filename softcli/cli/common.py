@@ -85,3 +85,14 @@ def model_name(model: str | None, weights: Path | None) -> str:
     if weights is not None:
         return str(weights)
     return model or DEFAULT_MODEL
+
+
+def parse_landmarks(text: str) -> Any:
+    """``--landmarks`` → a :class:`~softcli.models.LandmarkPolicy`; a bad value is a usage error."""
+    from ..errors import UsageError
+    from ..models import LandmarkPolicy
+
+    try:
+        return LandmarkPolicy.parse(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

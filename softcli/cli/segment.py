@@ -1,0 +1,77 @@
+"""``soft segment``: a label for every pixel, with a trained head or by clustering backbone features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import UsageError
+from .app import app
+from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
+
+_PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
+
+
+@app.command()
+def segment(
+    image: Annotated[Path, typer.Argument(help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by tile).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
+                                      "pyramidal OME-TIFF, for huge images) or .npy.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    clusters: Annotated[int | None, typer.Option("--clusters", "-k", help="No trained head: k-means the "
+                                                 "backbone features into K labels (fixed seed).")] = None,
+    cluster_stages: Annotated[str | None, typer.Option("--cluster-stages", help="Stages whose features "
+                                                       "--clusters uses, e.g. 1,2 (default) or 1,2,3.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means sampling and init.")] = 0,
+    level: Annotated[int, typer.Option("--level", help="Pyramid level of the input to label (0 = full "
+                                       "resolution); the mask has that level's size.")] = 0,
+    tile: Annotated[int, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32).")] = 1024,
+    overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels; scores are "
+                                         "blended across it before the argmax.")] = 64,
+    overlay: Annotated[Path | None, typer.Option("--overlay", help="Also write a blended preview of image and "
+                                                  "mask (downsampled to at most 2048 px for huge inputs).")] = None,
+    landmarks: Annotated[str | None, typer.Option("--landmarks", help="auto, official or a landmark "
+                                                  "budget per head.")] = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
+
+    With a segmentation checkpoint (SOFT backbone + Semantic-FPN head) the labels
+    are its classes. Any backbone checkpoint segments without a trained head by
+    clustering its features: --clusters K.
+
+    Example: soft segment slide.tif --weights soft_tiny/ --clusters 4 --out mask.tif
+    """
+    from ..segment import segment as run_segment
+
+    if model is not None and weights is not None:
+        raise UsageError("give --model or --weights, not both")
+    spec: Any = weights if weights is not None else model
+    with progress_bar(not json_out) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
+                              level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
+                              landmarks=landmarks, seed=seed, progress=progress)
+    if json_out:
+        print_json(summary)
+        return
+    h, w = summary["size"]
+    console = out_console()
+    console.print(f"{summary['mask']['path']}: {w}x{h} mask, {len(summary['labels'])} labels "
+                      f"({summary['mode']}), {summary['tiles']['count']} tiles, "
+                      f"{summary['seconds']['total']:.1f} s", highlight=False)
+    for e in summary["labels"]:
+        console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
+                          highlight=False)
+    console.print(f"legend: {summary['legend']}" +
+                      (f"; overlay: {summary['overlay']['path']}" if "overlay" in summary else ""), highlight=False)

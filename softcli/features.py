@@ -1,0 +1,219 @@
+"""Dense SOFT features of an image of any size: the library behind ``soft features``.
+
+:func:`extract_features` = open the image region by region
+(:func:`~softcli.io.readers.open_image`), plan tiles from a memory budget
+(:func:`plan_features`), run the backbone tile by tile and blend
+(:func:`~softcli.engine.run_dense`), and write the stage maps
+(:func:`~softcli.io.writers.write_features`).
+
+Default settings keep time linear in pixels and memory bounded:
+
+- tiles are at most :data:`~softcli.tiling.DEFAULT_TILE` (1024) pixels a side,
+  fewer/smaller when ``--max-memory`` says so, because stage 4 is softmax
+  attention (quadratic in tokens); an image that fits in one tile runs whole;
+- output maps stay in memory when they take at most a quarter of the budget,
+  else they go to temporary raw files next to the output (a disk sink) and are
+  streamed into the output file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
+from .errors import UsageError
+from .io.atomic import check_output_path
+from .io.image import DEFAULT_MAX_PIXELS
+from .io.readers import ArrayReader, ImageReader, open_image
+from .io.writers import check_feature_request, write_features
+from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
+
+#: Default ``--max-memory``: what one run may use for image, activations and maps.
+DEFAULT_MAX_MEMORY = 2 * 2**30
+STAGE_STRIDES = (4, 8, 16, 32)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_stages(text: str | Sequence[int]) -> list[int]:
+    """``"1,2,3,4"``, ``"4"`` or a list → sorted unique stage numbers in 1..4."""
+    items = text.replace(" ", "").split(",") if isinstance(text, str) else list(text)
+    try:
+        stages = sorted({int(s) for s in items if str(s) != ""})
+    except ValueError:
+        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}") from None
+    if not stages or any(s not in (1, 2, 3, 4) for s in stages):
+        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}")
+    return stages
+
+
+@dataclass
+class FeaturesPlan:
+    """How an image will be processed; everything is decided before any compute."""
+
+    height: int
+    width: int
+    tile: tuple[int, int]
+    overlap: int
+    rows: int
+    cols: int
+    mode: str  # "whole" or "tiled"
+    sink: str  # "memory" or "disk"
+    map_bytes: int
+    estimated_peak_bytes: int
+    max_memory_bytes: int
+
+    @property
+    def tiles(self) -> int:
+        return self.rows * self.cols
+
+
+def plan_features(height: int, width: int, channels: Sequence[int], strides: Sequence[int], *,
+                  model_config: Any = None, params: int = 0, tile: int | None = None, overlap: int | None = None,
+                  max_memory: int | None = None, image_in_memory: bool = True) -> tuple[TileGrid, FeaturesPlan]:
+    """Choose tile size and sink for an image so the run fits ``max_memory`` (see module docstring)."""
+    budget = max_memory or DEFAULT_MAX_MEMORY
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
+    if overlap < 0 or overlap % ALIGN:
+        raise UsageError(f"--overlap must be a multiple of {ALIGN} (0, 32, 64, ...), not {overlap}")
+    map_bytes = sum(4 * c * math.ceil(height / s) * math.ceil(width / s) for c, s in zip(channels, strides))
+    image_bytes = 12 * height * width if image_in_memory else 0
+    sink = "memory" if map_bytes <= budget // 4 else "disk"
+    padded_w = -(-width // ALIGN) * ALIGN
+    if tile is None:
+        held = image_bytes + (map_bytes if sink == "memory" else 0)
+        # Stitcher bands: one tile-high band of every map, at most a DEFAULT_TILE high.
+        held += sum(4 * c * (DEFAULT_TILE // s) * (padded_w // s) for c, s in zip(channels, strides))
+        tile = choose_tile_size(budget - held, model_config, params)
+    elif tile < 2 * ALIGN or tile % ALIGN:
+        raise UsageError(f"--tile must be a multiple of {ALIGN} and at least {2 * ALIGN}, not {tile}")
+    if overlap >= tile:
+        raise UsageError(f"--overlap ({overlap}) must be smaller than the tile ({tile})")
+    grid = TileGrid(height, width, tile, overlap)
+    th, tw = grid.tile_size
+    bands = sum(4 * c * (th // s) * (padded_w // s) for c, s in zip(channels, strides))
+    peak = (estimate_memory(th * tw, model_config, params) + image_bytes + bands
+            + (map_bytes if sink == "memory" else 0))
+    plan = FeaturesPlan(height, width, (th, tw), overlap, grid.rows, grid.cols, "whole" if grid.whole else "tiled",
+                        sink, map_bytes, peak, budget)
+    return grid, plan
+
+
+@dataclass
+class FeaturesResult:
+    """What :func:`extract_features` did; ``to_json()`` is the ``--json`` document."""
+
+    input: str
+    output: str
+    format: str
+    level: int
+    image_size: tuple[int, int]
+    maps: dict[str, list[int]]
+    strides: dict[str, int]
+    plan: FeaturesPlan
+    landmarks: str
+    device: str
+    seconds: float
+    pooled: np.ndarray | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        plan = asdict(self.plan)
+        plan["tiles"] = self.plan.tiles
+        return {
+            "input": self.input, "output": self.output, "format": self.format, "level": self.level,
+            "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
+            "pooled_dim": None if self.pooled is None else int(self.pooled.size),
+            "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
+        }
+
+
+def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.PathLike[str],
+                  stages: str | Sequence[int] = (1, 2, 3, 4), pool: bool = False,
+                  blend: str = "linear") -> tuple[list[int], str]:
+    """Everything about a request that can be wrong before a model is loaded: (stages, output format)."""
+    stage_list = parse_stages(stages)
+    check_output_path(out, [] if isinstance(image, np.ndarray) else [image])
+    fmt = check_feature_request(out, len(stage_list), pool)
+    if blend not in ("linear", "gaussian"):
+        raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
+    return stage_list, fmt
+
+
+def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """Tile → the asked stage maps; stops after the last asked stage (stage 1 alone skips 2-4)."""
+    last = max(stages)
+
+    def fn(x: torch.Tensor) -> list[torch.Tensor]:
+        if last == 4:
+            maps = model.forward_features(x)
+        else:
+            maps = []
+            for stage in model.stages[:last]:  # type: ignore[attr-defined]
+                x, _ = stage(x)
+                maps.append(x)
+        return [maps[s - 1] for s in stages]
+
+    return fn
+
+
+def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.ndarray,
+                     out: str | os.PathLike[str], *, stages: str | Sequence[int] = (1, 2, 3, 4),
+                     tile: int | None = None, overlap: int | None = None, level: int = 0,
+                     max_memory: int | None = None, blend: str = "linear", pool: bool = False,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
+                     on_tile: TileCallback | None = None) -> FeaturesResult:
+    """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
+
+    Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
+    adds the mean of the stage-4 map (C_4,). Fails before any compute when the
+    output cannot be written or cannot hold what was asked.
+    """
+    stage_list, fmt = check_request(image, out, stages, pool, blend)
+    names = [f"stage{s}" for s in stage_list]
+    if pool and 4 not in stage_list:
+        stage_list, names = stage_list + [4], names + ["stage4"]
+        keep = names[:-1]
+    else:
+        keep = names
+    cfg = model.config  # type: ignore[attr-defined]
+    channels = [cfg.embed_dims[s - 1] for s in stage_list]
+    strides = [STAGE_STRIDES[s - 1] for s in stage_list]
+    device = next(model.parameters()).device
+    pre = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
+    params = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    reader: ImageReader
+    reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_image(image, level, max_pixels)
+    with reader:
+        grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
+                                   tile=tile, overlap=overlap, max_memory=max_memory,
+                                   image_in_memory=isinstance(reader, ArrayReader))
+        if on_plan is not None:
+            on_plan(plan)
+        sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
+        with sink:
+            stitcher = run_dense(_model_fn(model, stage_list), reader, grid, strides, channels, names, sink,
+                                 mean=mean, std=std, device=device, blend=blend, on_tile=on_tile)
+            pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
+                    "strides": ",".join(str(STAGE_STRIDES[int(n[5:]) - 1]) for n in keep),
+                    "tile": f"{plan.tile[0]}x{plan.tile[1]}", "overlap": str(plan.overlap), "blend": blend,
+                    "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features"}
+            write_features(out, sink, keep, pooled, meta)
+            shapes = {n: list(sink.shapes[n]) for n in keep}
+    return FeaturesResult(
+        input="<array>" if isinstance(image, np.ndarray) else str(image), output=str(out), format=fmt, level=level,
+        image_size=(reader.height, reader.width), maps=shapes,
+        strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
+        landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
+        seconds=time.perf_counter() - start, pooled=pooled)

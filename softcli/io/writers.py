@@ -1,0 +1,167 @@
+"""Feature-map writers that stream from a :class:`~softcli.engine.MapSink`, so maps larger than memory fit.
+
+Formats, chosen by the output's suffix:
+
+- ``.safetensors`` (default): keys ``stage1`` … ``stage4``, each (C_i, H_i, W_i)
+  float32, plus ``pooled`` (C_4,) with ``--pool``; string metadata under
+  ``__metadata__``. Written by hand (8-byte header length, JSON header, raw
+  little-endian data) so the data streams from disk; any safetensors reader loads it.
+- ``.npy``: exactly one array, so exactly one stage; asking for several (or for
+  ``--pool``) is a usage error that names .npz/.safetensors instead — silently
+  writing only one of them would lose data.
+- ``.npz``: ``stage1.npy`` … and ``pooled.npy`` in an uncompressed zip (as
+  ``np.savez``), ZIP64 so members may exceed 4 GB.
+- ``.tif``/``.tiff``/``.ome.tif``: a BigTIFF OME-TIFF with one image per stage
+  (axes CYX, named ``stageN``), written tile by tile (256², zlib) from the
+  sink; no pooled vector (a usage error).
+
+Every writer goes through :func:`~softcli.io.atomic.atomic_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Protocol
+
+import numpy as np
+
+from ..errors import UsageError
+from .atomic import atomic_path
+
+FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff"}
+TIFF_TILE = 256
+
+
+def feature_format(path: str | os.PathLike[str]) -> str:
+    """``safetensors``, ``npy``, ``npz`` or ``tiff`` from the file name; anything else is a usage error."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; "
+                         "use .safetensors, .npy, .npz or .ome.tif")
+    return FORMATS[suffix]
+
+
+def check_feature_request(path: str | os.PathLike[str], n_maps: int, pooled: bool) -> str:
+    """Fail before any compute when the format cannot hold what was asked for; returns the format."""
+    fmt = feature_format(path)
+    if fmt == "npy" and n_maps != 1:
+        raise UsageError(f"{path}: .npy holds one array but {n_maps} stages were asked for; "
+                         "pick one with --stages N, or write .npz or .safetensors")
+    if pooled and fmt in ("npy", "tiff"):
+        raise UsageError(f"{path}: --pool needs .safetensors or .npz (a .{fmt} file holds only maps)")
+    return fmt
+
+
+class _MapSource(Protocol):
+    """What the writers need from a sink (:class:`~softcli.engine.MapSink` has it)."""
+
+    shapes: Mapping[str, tuple[int, int, int]]
+
+    def iter_bytes(self, name: str) -> Iterator[bytes | memoryview]: ...
+
+    def read_rows(self, name: str, channel: int, y0: int, y1: int) -> np.ndarray: ...
+
+
+def _copy_stream(fh: IO[bytes], chunks: Iterator[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        fh.write(chunk)
+
+
+def write_safetensors(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
+                      pooled: np.ndarray | None = None, metadata: Mapping[str, str] | None = None) -> Path:
+    header: dict[str, object] = {}
+    offset = 0
+    for name in names:
+        n = 4 * int(np.prod(source.shapes[name]))
+        header[name] = {"dtype": "F32", "shape": list(source.shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    if pooled is not None:
+        header["pooled"] = {"dtype": "F32", "shape": [int(pooled.size)],
+                            "data_offsets": [offset, offset + 4 * int(pooled.size)]}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in names:
+            _copy_stream(fh, source.iter_bytes(name))
+        if pooled is not None:
+            fh.write(np.ascontiguousarray(pooled, "<f4").tobytes())
+    return Path(path)
+
+
+def _npy_header(shape: Sequence[int]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def write_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(_npy_header(source.shapes[name]))
+        _copy_stream(fh, source.iter_bytes(name))
+    return Path(path)
+
+
+def write_npz(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
+              pooled: np.ndarray | None = None) -> Path:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name in names:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                fh.write(_npy_header(source.shapes[name]))
+                _copy_stream(fh, source.iter_bytes(name))
+        if pooled is not None:
+            with zf.open("pooled.npy", "w") as fh:
+                fh.write(_npy_header(pooled.shape))
+                fh.write(np.ascontiguousarray(pooled, "<f4").tobytes())
+    return Path(path)
+
+
+def _tiff_tiles(source: _MapSource, name: str, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of a (C, H, W) map in TIFF order (channel, tile row, tile column), one band read at a time."""
+    c_n, h, w = source.shapes[name]
+    for c in range(c_n):
+        for y in range(0, h, tile):
+            band = source.read_rows(name, c, y, min(h, y + tile))
+            for x in range(0, w, tile):
+                yield band[:, x:x + tile]
+
+
+def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str], compression: str | None = "zlib",
+                   tile: int = TIFF_TILE) -> Path:
+    import tifffile
+
+    comp: dict[str, object] = {}
+    if compression:
+        comp = {"compression": compression, "compressionargs": {"level": 1} if compression == "zlib" else {}}
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
+        for name in names:
+            c, h, w = source.shapes[name]
+            md: dict[str, object] = {"axes": "CYX", "Name": name}
+            tw.write(_tiff_tiles(source, name, tile), shape=(c, h, w), dtype="float32", tile=(tile, tile),
+                     photometric="minisblack", metadata=md, **comp)
+    return Path(path)
+
+
+def write_features(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
+                   pooled: np.ndarray | None = None, metadata: Mapping[str, str] | None = None) -> str:
+    """Write the maps ``names`` of ``source`` (and ``pooled``) in the format of ``path``; returns the format."""
+    fmt = check_feature_request(path, len(names), pooled is not None)
+    if fmt == "safetensors":
+        write_safetensors(path, source, names, pooled, metadata)
+    elif fmt == "npy":
+        write_npy(path, source, names[0])
+    elif fmt == "npz":
+        write_npz(path, source, names, pooled)
+    else:
+        write_ome_tiff(path, source, names)
+    return fmt

@@ -1,0 +1,424 @@
+"""``soft segment``: dense labels for images of any size, with a trained head or by clustering.
+
+The pipeline, for both modes::
+
+    reader ─ TileGrid ─ per-tile scores at stride 4 ─ Stitcher (blend overlaps) ─ LabelSink ─ LabelRaster ─ writers
+                          │                                                         │
+                          ├ head:     SoftSegmenter logits                           bilinear ×4, argmax
+                          └ clusters: −‖standardised features − centroid‖²
+
+Scores are blended across tile overlaps *before* the argmax (the engine's
+normalised weights), then upsampled to pixels row band by row band in
+:class:`LabelSink`, so neither the scores nor the labels of the whole image are
+ever in memory. Segmentation checkpoints are softcli folders (or safetensors /
+``.pth`` files) holding ``backbone.*`` + ``head.*`` weights; their config.json
+adds ``task: "segmentation"``, the head config, class names and a palette
+(:func:`save_segmenter`, :func:`load_segmenter`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
+                         build_model, read_checkpoint)
+from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
+from .engine import MapSink, run_dense
+from .errors import CheckpointError, UsageError
+from .io.atomic import atomic_dir
+from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
+                       tiff_tile_count, write_json, write_mask, write_overlay)
+from .io.readers import ImageReader, open_image
+from .io.image import DEFAULT_MAX_PIXELS
+from .models import LandmarkPolicy, SoftModel
+from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
+
+TASK = "segmentation"
+HEAD_TYPE = "semantic_fpn"
+SEG_META_KEY = "segmentation"
+SCORE_STRIDE = 4
+
+#: ``progress(phase, done, total)``; phases: "fit" (cluster sampling), "label" (tiles), "write" (mask tiles).
+ProgressFn = Callable[[str, int, int], None]
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+@dataclass
+class SegmenterInfo:
+    """What a segmentation checkpoint says beyond its weights."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    pretrained_cfg: dict[str, Any] = field(default_factory=lambda: dict(IMAGENET_PRETRAINED_CFG))
+    source: str = ""
+
+
+def _check_names_palette(names: Sequence[str], palette: Sequence[Sequence[int]], k: int, where: str) -> None:
+    if len(names) != k or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{where}: 'class_names' must be {k} strings (the head has {k} classes)")
+    if len(palette) != k or not all(isinstance(c, (list, tuple)) and len(c) == 3 and
+                                    all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette):
+        raise CheckpointError(f"{where}: 'palette' must be {k} [r, g, b] triples of integers 0-255")
+
+
+def save_segmenter(model: SoftSegmenter, out_dir: str | os.PathLike[str], class_names: Sequence[str],
+                   palette: Sequence[Sequence[int]] | None = None,
+                   pretrained_cfg: Mapping[str, Any] | None = None) -> Path:
+    """Write a segmentation checkpoint in the softcli folder layout, atomically.
+
+    ``model.safetensors`` holds ``backbone.*`` (our key layout) and ``head.*``;
+    config.json is a softcli config (``model_config`` = the backbone) plus
+    ``task``, ``head``, ``class_names`` and ``palette``.
+    """
+    from safetensors.torch import save_file
+
+    k = model.num_classes
+    palette = [list(map(int, c)) for c in (palette if palette is not None else default_palette(k))]
+    _check_names_palette(list(class_names), palette, k, str(out_dir))
+    backbone_cfg = model.backbone.config.to_dict()
+    pre = dict(pretrained_cfg or getattr(model.backbone, "pretrained_cfg", None) or IMAGENET_PRETRAINED_CFG)
+    config = {"architecture": "soft", "format": FORMAT_TAG, "model_config": backbone_cfg, "labels": None,
+              "pretrained_cfg": pre, "task": TASK, "head": {"type": HEAD_TYPE, **model.head.config.to_dict()},
+              "class_names": list(class_names), "palette": palette}
+    state = {k_: v.detach().to("cpu").contiguous() for k_, v in model.state_dict().items()}
+    with atomic_dir(out_dir) as tmp:
+        # The metadata repeats the segmentation part of config.json, so a lone .safetensors file is complete.
+        seg_meta = {k: config[k] for k in ("task", "head", "class_names", "palette")}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "config": json.dumps(backbone_cfg),
+                                                            SEG_META_KEY: json.dumps(seg_meta)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _read_segmentation_metadata(ck: Checkpoint) -> None:
+    """A lone .safetensors file has no config.json: take task/head/names/palette from its metadata."""
+    if ck.extra.get("task") or not ck.source.lower().endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(ck.source, framework="pt") as fh:
+            text = (fh.metadata() or {}).get(SEG_META_KEY)
+        data = json.loads(text) if text else None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ck.source}: unreadable segmentation metadata ({exc})") from None
+    if isinstance(data, Mapping):
+        ck.extra = {**data, **ck.extra}
+
+
+def is_segmentation_checkpoint(ck: Checkpoint) -> bool:
+    return ck.extra.get("task") == TASK or any(k.startswith("head.lateral.") for k in ck.state_dict)
+
+
+def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
+    """Head architecture from weight shapes (checkpoints without config); GroupNorm groups assumed default."""
+    try:
+        return HeadConfig(num_classes=int(sd["head.classifier.weight"].shape[0]),
+                          fpn_channels=int(sd["head.lateral.0.weight"].shape[0]),
+                          channels=int(sd["head.classifier.weight"].shape[1]))
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: segmentation head incomplete (no {exc.args[0]})") from None
+
+
+def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
+                                                                                               SegmenterInfo]:
+    """Load a segmentation checkpoint (softcli folder, safetensors or .pth with backbone.* + head.*)."""
+    ck = read_checkpoint(path)
+    return segmenter_from_checkpoint(ck, device)
+
+
+def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
+                                                                                           SegmenterInfo]:
+    """Build a :class:`SoftSegmenter` from a checkpoint read by :func:`read_checkpoint`, checking every shape."""
+    _read_segmentation_metadata(ck)
+    if not is_segmentation_checkpoint(ck):
+        raise CheckpointError(f"{ck.source}: a backbone checkpoint with no segmentation head; "
+                              "use --clusters K to segment without one")
+    backbone_sd = {k[len("backbone."):]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
+    head_sd = {k[len("head."):]: v for k, v in ck.state_dict.items() if k.startswith("head.")}
+    other = [k for k in ck.state_dict if not k.startswith(("backbone.", "head."))]
+    if other:
+        raise CheckpointError(f"{ck.source}: unexpected key {other[0]} in a segmentation checkpoint "
+                              "(expected backbone.* and head.*)")
+    backbone = build_model(Checkpoint(backbone_sd, ck.config, ck.source, ck.format, None, ck.pretrained_cfg), "cpu")
+    head_meta = ck.extra.get("head")
+    if isinstance(head_meta, Mapping):
+        if head_meta.get("type", HEAD_TYPE) != HEAD_TYPE:
+            raise CheckpointError(f"{ck.source}: unknown segmentation head {head_meta.get('type')!r} "
+                                  f"(softcli has {HEAD_TYPE})")
+        try:
+            head_cfg = HeadConfig.from_dict({k: v for k, v in head_meta.items() if k != "type"})
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
+    else:
+        head_cfg = _infer_head_config(ck.state_dict, ck.source)
+    head = SemanticFPNHead(backbone.config.embed_dims, head_cfg)
+    expected = head.state_dict()
+    for k, v in expected.items():
+        if k not in head_sd:
+            raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: missing head.{k}")
+        if tuple(head_sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: head.{k} has shape "
+                                  f"{tuple(head_sd[k].shape)}, expected {tuple(v.shape)}")
+    extra = [k for k in head_sd if k not in expected]
+    if extra:
+        raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: unexpected head.{extra[0]}")
+    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in head_sd.values()):
+        raise CheckpointError(f"{ck.source}: head weights contain NaN or infinity")
+    head.load_state_dict(head_sd, strict=True)
+    k = head_cfg.num_classes
+    names = ck.extra.get("class_names")
+    names = list(names) if isinstance(names, list) else [f"class {i}" for i in range(k)]
+    palette = ck.extra.get("palette")
+    palette = [list(c) for c in palette] if isinstance(palette, list) else default_palette(k)
+    _check_names_palette(names, palette, k, ck.source)
+    model = SoftSegmenter(backbone, head).to(device).eval()
+    return model, SegmenterInfo(names, palette, dict(ck.pretrained_cfg), ck.source)
+
+
+# -- streaming argmax ---------------------------------------------------------------------------
+
+def _lerp_index(n_out: int, n_in: int, stride: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear source rows for ``n_out`` pixels from ``n_in`` cells at ``stride`` (align_corners=False)."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) / stride - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0, i1, (src - i0).clamp(0.0, 1.0).float()
+
+
+class LabelSink(MapSink):
+    """A sink for blended score maps: bilinear ×stride to pixels, argmax, labels to a :class:`LabelRaster`.
+
+    Rows arrive in order from the :class:`~softcli.engine.Stitcher`; a pixel row
+    is labelled as soon as both score rows it interpolates between are final,
+    so only a few score rows are ever held.
+    """
+
+    def __init__(self, raster: LabelRaster, stride: int = SCORE_STRIDE, chunk_elements: int = 1 << 24) -> None:
+        super().__init__()
+        self.raster, self.stride, self.chunk_elements = raster, stride, chunk_elements
+        self._buf: Tensor | None = None
+        self._b0 = 0  # score row index of _buf[:, 0]
+        self._next = 0  # next pixel row to label
+
+    def allocate(self, name: str, shape: tuple[int, int, int]) -> None:
+        super().allocate(name, shape)
+        k, h, w = self.shapes[name]
+        if (h, w) != (-(-self.raster.height // self.stride), -(-self.raster.width // self.stride)):
+            raise ValueError(f"score map {h}x{w} does not match a {self.raster.height}x{self.raster.width} mask")
+        self._rows = _lerp_index(self.raster.height, h, self.stride)
+        self._cols = _lerp_index(self.raster.width, w, self.stride)
+        self._k = k
+
+    def write_rows(self, name: str, y0: int, block: np.ndarray) -> None:
+        block_t = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+        if self._buf is None:
+            self._buf, self._b0 = block_t, y0
+        else:
+            if y0 != self._b0 + self._buf.shape[1]:
+                raise ValueError("score rows must arrive in order")
+            self._buf = torch.cat([self._buf, block_t], dim=1)
+        self._emit()
+
+    def _emit(self) -> None:
+        assert self._buf is not None
+        _, n_in, _ = self.shapes[next(iter(self.shapes))]
+        received = self._b0 + self._buf.shape[1]
+        i0, i1, ly = self._rows
+        end = self._next
+        while end < self.raster.height and (received == n_in or int(i1[end]) < received):
+            end += 1
+        j0, j1, lx = self._cols
+        step = max(1, self.chunk_elements // max(1, self._k * self.raster.width))
+        for p0 in range(self._next, end, step):
+            p1 = min(end, p0 + step)
+            a = self._buf[:, i0[p0:p1] - self._b0]
+            b = self._buf[:, i1[p0:p1] - self._b0]
+            w = ly[p0:p1].view(1, -1, 1)
+            rows = torch.lerp(a, b, w)  # (K, P, W/4)
+            scores = torch.lerp(rows[:, :, j0], rows[:, :, j1], lx.view(1, 1, -1))  # (K, P, W)
+            self.raster.write_rows(p0, scores.argmax(0).numpy())
+        self._next = end
+        if end < self.raster.height:  # drop score rows no later pixel row needs
+            keep_from = int(i0[end])
+            if keep_from > self._b0:
+                self._buf = self._buf[:, keep_from - self._b0:].contiguous()
+                self._b0 = keep_from
+
+    def close(self) -> None:
+        self._buf = None
+
+
+# -- the job ------------------------------------------------------------------------------------
+
+def _resolve_spec(spec: str | os.PathLike[str]) -> Path:
+    """A model spec → a local checkpoint path (registry names and hf-hub: go through softcli.hub when present)."""
+    if isinstance(spec, Path) or Path(spec).exists():
+        return Path(spec)
+    try:
+        from .hub import resolve_weights  # type: ignore[import-not-found]
+    except ImportError:
+        raise UsageError(f"{spec}: no such checkpoint file or folder") from None
+    return Path(resolve_weights(str(spec)).path)
+
+
+def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 64) -> np.ndarray:
+    """The whole image as (out_h, out_w, 3), box-averaged in bands (never decoded whole)."""
+    from PIL import Image
+
+    f = max(1, min(reader.height // out_h, reader.width // out_w))
+    rows = []
+    for y in range(0, reader.height, band * f):
+        h = min(band * f, reader.height - y)
+        region = reader.read_region(y, 0, h, reader.width)
+        hh, ww = h // f, reader.width // f
+        if hh == 0:
+            continue
+        rows.append(region[: hh * f, : ww * f].reshape(hh, f, ww, f, 3).mean(axis=(1, 3)))
+    small = np.concatenate(rows)
+    img = Image.fromarray(np.clip(small * 255 + 0.5, 0, 255).astype(np.uint8))
+    if img.size != (out_w, out_h):
+        img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def _preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
+    """A downsampled RGB preview of the mask's image and the label subsampling step that matches it."""
+    step = max(1, math.ceil(max(reader.height, reader.width) / max_side))
+    out_h, out_w = -(-reader.height // step), -(-reader.width // step)
+    # A coarser pyramid level, when the file has one at least as large as the preview, is much cheaper to read.
+    levels = getattr(reader, "levels", [(reader.height, reader.width)])
+    best = getattr(reader, "level", 0)
+    for i, (h, w) in enumerate(levels):
+        if i > best and h >= out_h and w >= out_w:
+            best = i
+    if best != getattr(reader, "level", 0):
+        with open_image(path, level=best, max_pixels=max_pixels) as small:
+            return _downsampled_rgb(small, out_h, out_w), step
+    return _downsampled_rgb(reader, out_h, out_w), step
+
+
+def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
+        SoftSegmenter | None, SoftModel, list[str], list[list[int]]]:
+    """(segmenter or None, backbone, label names, palette) for the head or the clustering mode."""
+    if clusters is None:
+        model, info = segmenter_from_checkpoint(ck, device)
+        return model, model.backbone, info.class_names, info.palette
+    if is_segmentation_checkpoint(ck):  # cluster a segmentation model's backbone features
+        backbone = segmenter_from_checkpoint(ck, device)[0].backbone
+    else:
+        backbone = build_model(ck, device)
+    return None, backbone, [f"cluster {i}" for i in range(clusters)], default_palette(clusters)
+
+
+def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            weights: str | os.PathLike[str] | None = None, clusters: int | None = None,
+            cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int = DEFAULT_TILE,
+            overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
+            device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
+            max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
+            progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
+
+    With a segmentation checkpoint and no ``clusters``: the head's classes.
+    With ``clusters=K``: k-means on backbone features of any checkpoint (a
+    segmentation checkpoint's backbone included). Returns the summary that
+    ``--json`` prints.
+    """
+    from .api import resolve_device
+
+    t_start = time.perf_counter()
+    if weights is None:
+        raise UsageError("no model given; pass --weights CHECKPOINT (or --model NAME)")
+    if clusters is not None and not 1 <= clusters <= 256:
+        raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
+    stages = parse_stages(cluster_stages)
+    if cluster_stages is not None and clusters is None:
+        raise UsageError("--cluster-stages only applies with --clusters K")
+    try:
+        policy = LandmarkPolicy.parse(landmarks) if landmarks is not None else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    mask_format(out)  # unknown extension → usage error before anything is opened
+    dev = resolve_device(device)
+
+    with open_image(image, level=level, max_pixels=max_pixels) as reader:
+        try:
+            grid = TileGrid(reader.height, reader.width, tile=tile, overlap=overlap)
+        except ValueError as exc:
+            raise UsageError(f"--tile/--overlap: {exc}") from None
+        check_mask_outputs(out, [image], height=reader.height, width=reader.width,
+                           num_classes=clusters, overlay=overlay)
+        ck = read_checkpoint(_resolve_spec(weights))
+        model, backbone, names, palette = _models_for(ck, clusters, dev)
+        if clusters is None:
+            check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
+        if policy is not None:
+            backbone.set_landmark_policy(policy)
+        pre = dict(ck.pretrained_cfg)
+        mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
+
+        def report(phase: str) -> Callable[[int, int], None] | None:
+            return None if progress is None else (lambda done, total: progress(phase, done, total))
+
+        summary: dict[str, Any] = {"input": str(image), "level": reader.level,
+                                   "size": [reader.height, reader.width], "device": str(dev),
+                                   "checkpoint": ck.source}
+        if clusters is None:
+            assert model is not None
+            fn: Callable[[Tensor], list[Tensor]] = lambda x: [model.forward_logits(x)]  # noqa: E731
+            k = model.num_classes
+            summary["mode"] = "head"
+        else:
+            embedder = StageEmbedder(backbone, stages)
+            cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
+                              seed=seed, device=dev, on_tile=report("fit")).to(dev)
+            fn = lambda x: [cluster_scores(cm, embedder(x))]  # noqa: E731
+            k = clusters
+            summary["mode"] = "clusters"
+            summary["clusters"] = cm.summary() | {"seed": seed}
+        summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
+
+        folder = Path(out).resolve().parent
+        with LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
+            sink = LabelSink(raster)
+            run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
+                      mean=mean, std=std, device=dev, on_tile=report("label"))
+            if raster.rows_written != raster.height:
+                raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
+            t_label = time.perf_counter()
+            total_tiles = tiff_tile_count(raster.height, raster.width) if mask_format(out) == "tiff" else 0
+            written = [0]
+
+            def on_write() -> None:
+                written[0] += 1
+                if progress is not None:
+                    progress("write", written[0], total_tiles)
+
+            summary["mask"] = write_mask(raster, out, palette, names, on_tile=on_write)
+            entries = legend(names, palette, raster.counts)
+            leg = legend_path(out)
+            write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
+                             "mode": summary["mode"], "labels": entries})
+            summary["legend"] = str(leg)
+            summary["labels"] = entries
+            if overlay is not None:
+                preview, step = _preview(reader, str(image), OVERLAY_MAX_SIDE, max_pixels)
+                labels = raster.read_rows(0, raster.height, step)
+                size = write_overlay(preview, labels, palette, overlay)
+                summary["overlay"] = {"path": str(overlay), "size": size, "downsample": step}
+    summary["seconds"] = {"label": round(t_label - t_start, 3), "total": round(time.perf_counter() - t_start, 3)}
+    return summary
