@@ -264,15 +264,11 @@ class LabelSink(MapSink):
 
 # -- the job ------------------------------------------------------------------------------------
 
-def _resolve_spec(spec: str | os.PathLike[str]) -> Path:
-    """A model spec → a local checkpoint path (registry names and hf-hub: go through softcli.hub when present)."""
-    if isinstance(spec, Path) or Path(spec).exists():
-        return Path(spec)
-    try:
-        from .hub import resolve_weights  # type: ignore[import-not-found]
-    except ImportError:
-        raise UsageError(f"{spec}: no such checkpoint file or folder") from None
-    return Path(resolve_weights(str(spec)).path)
+def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
+    """A model spec (registry name, hf-hub:ORG/REPO[@REV], folder or file) → a local checkpoint path."""
+    from .hub import resolve_weights
+
+    return Path(resolve_weights(spec).path)
 
 
 def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 64) -> np.ndarray:
