@@ -269,11 +269,14 @@ class TiffReader(ImageReader):
         except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
             comp = getattr(page, "compression", None)
             name = getattr(comp, "name", comp)
-            hint = (" (this codec needs the optional 'imagecodecs' package: pip install imagecodecs)"
-                    if "imagecodecs" in str(exc) or isinstance(exc, (NotImplementedError, KeyError)) else "")
-            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}{hint}") from None
+            if "imagecodecs" in str(exc):
+                raise _fail(self.path, f"{name}-compressed TIFF data needs the optional 'imagecodecs' package "
+                                       "(pip install imagecodecs)") from None
+            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - corrupt segments raise codec-specific types
-            raise _fail(self.path, f"corrupt TIFF data in tile/strip {index} ({exc})") from None
+            comp = getattr(page, "compression", None)
+            raise _fail(self.path, f"corrupt {getattr(comp, 'name', comp)} TIFF data in tile/strip {index} "
+                                   f"({type(exc).__name__}: {exc})") from None
         return seg
 
     def close(self) -> None:
