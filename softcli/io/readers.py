@@ -41,7 +41,7 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import InputError, UsageError
-from .image import DEFAULT_MAX_PIXELS, _open_checks, array_to_rgb, check_pixels, is_tiff, load_image
+from .image import DEFAULT_MAX_PIXELS, _fail, _open_checks, array_to_rgb, check_pixels, is_tiff, load_image
 
 #: Above this many pixels, the value range of non-8/16-bit data is estimated from a sample of tiles.
 RANGE_SAMPLE_PIXELS = 1 << 24
@@ -119,10 +119,6 @@ class PillowReader(ArrayReader):
 
     def __init__(self, path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(load_image(path, max_pixels=max_pixels), str(path))
-
-
-def _fail(path: str | os.PathLike[str], reason: str) -> InputError:
-    return InputError(f"{path}: {reason}")
 
 
 class TiffReader(ImageReader):
