@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 #: Largest default tile side (pixels). Stage 4 is softmax attention, quadratic in
-#: tokens, so a whole 4096² image costs ~7x a 2048² one; capping tiles keeps
+#: tokens, so a whole 4096² image costs an estimated ~7.6x a 2048² one; capping tiles keeps
 #: ``soft features`` linear in pixels (see bench/README.md, "features").
 DEFAULT_TILE = 1024
 #: Default overlap between neighbouring tiles (pixels; a multiple of 32 = 2 stage-4 tokens).

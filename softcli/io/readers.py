@@ -41,7 +41,7 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import InputError, UsageError
-from .image import DEFAULT_MAX_PIXELS, _open_checks, array_to_rgb, check_pixels, is_tiff, load_image
+from .image import DEFAULT_MAX_PIXELS, _fail, _open_checks, array_to_rgb, check_pixels, is_tiff, load_image
 
 #: Above this many pixels, the value range of non-8/16-bit data is estimated from a sample of tiles.
 RANGE_SAMPLE_PIXELS = 1 << 24
@@ -119,10 +119,6 @@ class PillowReader(ArrayReader):
 
     def __init__(self, path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         super().__init__(load_image(path, max_pixels=max_pixels), str(path))
-
-
-def _fail(path: str | os.PathLike[str], reason: str) -> InputError:
-    return InputError(f"{path}: {reason}")
 
 
 class TiffReader(ImageReader):
@@ -269,11 +265,14 @@ class TiffReader(ImageReader):
         except (ValueError, NotImplementedError, RuntimeError, KeyError) as exc:
             comp = getattr(page, "compression", None)
             name = getattr(comp, "name", comp)
-            hint = (" (this codec needs the optional 'imagecodecs' package: pip install imagecodecs)"
-                    if "imagecodecs" in str(exc) or isinstance(exc, (NotImplementedError, KeyError)) else "")
-            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}{hint}") from None
+            if "imagecodecs" in str(exc):
+                raise _fail(self.path, f"{name}-compressed TIFF data needs the optional 'imagecodecs' package "
+                                       "(pip install imagecodecs)") from None
+            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - corrupt segments raise codec-specific types
-            raise _fail(self.path, f"corrupt TIFF data in tile/strip {index} ({exc})") from None
+            comp = getattr(page, "compression", None)
+            raise _fail(self.path, f"corrupt {getattr(comp, 'name', comp)} TIFF data in tile/strip {index} "
+                                   f"({type(exc).__name__}: {exc})") from None
         return seg
 
     def close(self) -> None:

@@ -143,3 +143,22 @@ def test_bad_files(tmp_path):
     with pytest.raises(InputError, match="above the pixel limit"):
         with open_image(f, max_pixels=100) as r:
             r.read_region(0, 0, 64, 64)
+
+
+def test_codec_without_imagecodecs_names_the_package(tmp_path):
+    """A JPEG-compressed TIFF (patched tag, as SVS files are) fails with one clear line."""
+    f = tmp_path / "jpeg.tif"
+    tifffile.imwrite(f, np.zeros((64, 64, 3), np.uint8), photometric="rgb", tile=(32, 32))
+    with tifffile.TiffFile(f) as tf:
+        offset = tf.pages[0].tags["Compression"].valueoffset
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        fh.write((7).to_bytes(2, "little"))  # Compression = JPEG, data left raw
+    try:
+        import imagecodecs  # noqa: F401
+        expect = "JPEG"  # installed: the raw bytes are simply not a JPEG stream
+    except ImportError:
+        expect = "needs the optional 'imagecodecs' package"
+    with pytest.raises(InputError, match=expect):
+        with open_image(f) as r:
+            r.read_region(0, 0, 10, 10)
