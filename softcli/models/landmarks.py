@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 #: Landmarks per head beyond which ``auto`` pools. See bench/README.md for the
 #: speed/fidelity measurements behind the number.
-DEFAULT_LANDMARK_BUDGET = 256
+DEFAULT_LANDMARK_BUDGET = 196
 
 #: Elements of one K1 chunk (batch·heads·rows·landmarks, 128 MB in float32) evaluated
 #: at once. Up to this size K1 is computed once; beyond it, twice in chunks (for K1ᵀV,
