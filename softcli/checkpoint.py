@@ -285,6 +285,6 @@ def save_pretrained(model: SoftModel, out_dir: str | os.PathLike[str], labels: l
               "pretrained_cfg": pre, **dict(extra or {})}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "config": json.dumps(cfg)})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"config": json.dumps(cfg)})  # one key: safetensors orders metadata keys randomly, and the file should hash the same every time
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
