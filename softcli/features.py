@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .io.atomic import check_output_path
 from .io.image import DEFAULT_MAX_PIXELS
 from .io.readers import ArrayReader, ImageReader, open_image
@@ -141,6 +141,8 @@ def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.Path
                   blend: str = "linear") -> tuple[list[int], str]:
     """Everything about a request that can be wrong before a model is loaded: (stages, output format)."""
     stage_list = parse_stages(stages)
+    if not isinstance(image, np.ndarray) and not Path(image).is_file():
+        raise InputError(f"{image}: no such file" if not Path(image).exists() else f"{image}: not a file")
     check_output_path(out, [] if isinstance(image, np.ndarray) else [image])
     fmt = check_feature_request(out, len(stage_list), pool)
     if blend not in ("linear", "gaussian"):

@@ -337,8 +337,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     from .api import resolve_device
 
     t_start = time.perf_counter()
-    if weights is None:
-        raise UsageError("no model given; pass --weights CHECKPOINT (or --model NAME)")
+    if weights is None and clusters is None:
+        raise UsageError("no segmentation model given: pass --weights/--model with a segmentation checkpoint, "
+                         "or --clusters K to cluster the default backbone's features")
     if clusters is not None and not 1 <= clusters <= 256:
         raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
     stages = parse_stages(cluster_stages)

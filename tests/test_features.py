@@ -9,6 +9,7 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.numpy import load_file
 
 from softcli.errors import OutputError, UsageError
@@ -163,6 +164,11 @@ def test_cli_errors(soft, tiny_ckpt, tmp_path, args, code, msg):
 
 def test_cli_needs_a_model_and_has_help(soft, tmp_path):
     r = soft("features", tmp_path / "x.png", "--out", tmp_path / "f.npz")
-    assert r.returncode == 2 and "--weights" in r.stderr.decode()
+    assert r.returncode == 1 and "x.png: no such file" in r.stderr.decode()  # checked before any model loads
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    r = soft("features", tmp_path / "x.png", "--out", tmp_path / "f.npz", env={"HF_HUB_OFFLINE": "1",
+                                                                              "HF_HOME": str(tmp_path / "hf")})
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "--weights" in err and err.count("error:") == 1 and "Traceback" not in err
     h = soft("features", "--help")
     assert h.returncode == 0 and "Example: soft features" in h.stdout.decode()
