@@ -63,6 +63,17 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     ck = read_checkpoint(resolve_weights(path).path, use_ema=use_ema)
     model = build_model(ck, resolve_device(device))
     if landmarks is not None:
-        policy = landmarks if isinstance(landmarks, LandmarkPolicy) else LandmarkPolicy.parse(landmarks)
-        model.set_landmark_policy(policy)
+        model.set_landmark_policy(landmark_policy(landmarks))
     return model
+
+
+def landmark_policy(value: LandmarkPolicy | str | int) -> LandmarkPolicy:
+    """``--landmarks`` / ``landmarks=`` (auto, official or a budget N) → a policy; a bad value is a usage error."""
+    from .errors import UsageError
+
+    if isinstance(value, LandmarkPolicy):
+        return value
+    try:
+        return LandmarkPolicy.parse(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from .errors import CheckpointError
 from .io.atomic import atomic_dir
-from .models import SoftConfig, SoftModel, checkpoint_filter_fn, create_soft, infer_config, is_official_layout
+from .models import (VARIANTS, SoftConfig, SoftModel, checkpoint_filter_fn, create_soft, infer_config,
+                     is_official_layout)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -152,7 +153,7 @@ def _config_from_sources(sd: Mapping[str, Tensor], meta_config: Any, args: Any, 
         if isinstance(meta_config, Mapping):
             return SoftConfig.from_dict(meta_config)
         variant = getattr(args, "model", None) if args is not None else None
-        if isinstance(variant, str) and variant in _variant_names():
+        if isinstance(variant, str) and variant in VARIANTS:
             cfg = SoftConfig.from_dict({"variant": variant})
             inferred = infer_config(sd)
             if inferred.num_classes != cfg.num_classes:
@@ -161,12 +162,6 @@ def _config_from_sources(sd: Mapping[str, Tensor], meta_config: Any, args: Any, 
         return infer_config(sd)
     except ValueError as exc:
         raise _fail(path, str(exc)) from None
-
-
-def _variant_names() -> set[str]:
-    from .models import VARIANTS
-
-    return set(VARIANTS)
 
 
 def read_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:

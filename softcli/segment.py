@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .api import landmark_policy
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, read_checkpoint)
 from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
@@ -41,7 +42,7 @@ from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend
                        tiff_tile_count, write_json, write_mask, write_overlay)
 from .io.readers import ImageReader, open_image
 from .io.image import DEFAULT_MAX_PIXELS
-from .models import LandmarkPolicy, SoftModel
+from .models import SoftModel
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
 
@@ -345,10 +346,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     stages = parse_stages(cluster_stages)
     if cluster_stages is not None and clusters is None:
         raise UsageError("--cluster-stages only applies with --clusters K")
-    try:
-        policy = LandmarkPolicy.parse(landmarks) if landmarks is not None else None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    policy = landmark_policy(landmarks) if landmarks is not None else None
     mask_format(out)  # unknown extension → usage error before anything is opened
     dev = resolve_device(device)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,10 +88,6 @@ def model_name(model: str | None, weights: Path | None) -> str:
 
 def parse_landmarks(text: str) -> Any:
     """``--landmarks`` → a :class:`~softcli.models.LandmarkPolicy`; a bad value is a usage error."""
-    from ..errors import UsageError
-    from ..models import LandmarkPolicy
+    from ..api import landmark_policy
 
-    try:
-        return LandmarkPolicy.parse(text)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return landmark_policy(text)

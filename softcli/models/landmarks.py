@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 #: Landmarks per head beyond which ``auto`` pools. See bench/README.md for the
 #: speed/fidelity measurements behind the number.
