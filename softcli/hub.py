@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
@@ -43,7 +44,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_model, read_checkpoint, save_pretrained
 from .errors import CheckpointError, SoftError
 from .io.atomic import atomic_dir, atomic_path
-from .registry import Registry, RegistryEntry, load_registry
+from .registry import COMMIT_RE, SHA256_RE, Registry, RegistryEntry, load_registry, revision_problem
 
 HF_PREFIX = "hf-hub:"
 #: What a pull fetches from a repo: the weights, our config and the model card.
@@ -53,7 +54,6 @@ GDRIVE_DEFAULT = "https://drive.google.com"
 GDRIVE_HOSTS = {"drive.google.com", "drive.usercontent.google.com"}
 MAX_ORIGIN_BYTES = 4 * 1024**3  # the largest official SOFT checkpoint is well under 1 GB
 ORIGIN_MANIFEST = "origin.json"
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 WHAT_TO_DO = ("pull it on a connected machine ('soft weights pull {spec}') and copy the cache folder, "
@@ -155,6 +155,8 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     repo_id, _, revision = body.partition("@")
     if not _REPO_RE.match(repo_id) or (_ and not revision):
         raise WeightsError(f"{spec!r} is not a Hub model spec; expected hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION")
+    if revision:
+        check_revision(spec, revision)
     return repo_id, revision or None
 
 
@@ -179,23 +181,161 @@ def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str] | None:
-    """The cached snapshot for a revision, without any network call."""
-    storage = _storage_folder(repo_id)
-    rev = revision or "main"
-    commit = rev if _COMMIT_RE.match(rev) else None
-    ref = storage / "refs" / rev
-    if commit is None and ref.is_file():
-        commit = ref.read_text().strip()
-    if commit is None:
+def check_revision(spec: str, revision: str) -> str:
+    """``revision`` if it is a branch/tag name or a 40-hex commit; a clear error otherwise (no path is built first)."""
+    why = revision_problem(revision)
+    if why is not None:
+        raise WeightsError(f"{spec}: {revision!r} is not a branch, tag or 40-hex commit ({why})")
+    return revision
+
+
+def _check_commit(spec: str, commit: object) -> str:
+    """The commit id a Hub (or the cache's refs/) gave, if it is 40 hex; it becomes a folder name."""
+    if not isinstance(commit, str) or not COMMIT_RE.match(commit):
+        raise WeightsError(f"{spec}: the Hub answered {str(commit)[:80]!r} as the commit id, not 40 hex digits; "
+                           "refusing to use that answer")
+    return commit
+
+
+class TamperedFile(WeightsError):
+    """A downloaded or cached file does not have the hash it should; it has been deleted."""
+
+
+#: (algorithm, hex digest): "sha256" for LFS files (the LFS oid), "git-sha1" for files stored in git.
+Digest = tuple[str, str]
+
+
+def _hash_file(path: Path, h: Any) -> str:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return str(h.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    return _hash_file(path, hashlib.sha256())
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    if algorithm == "sha256":
+        return sha256_file(path)
+    return _hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's blob id
+
+
+def _valid_digest(digest: Digest) -> bool:
+    algorithm, value = digest
+    return bool((SHA256_RE if algorithm == "sha256" else COMMIT_RE).match(value))
+
+
+def _wanted(name: str) -> bool:
+    return "/" not in name and any(fnmatch(name, pattern) for pattern in HUB_PATTERNS)
+
+
+def _advertised_digests(spec: str, siblings: list[Any] | None) -> dict[str, Digest]:
+    """What the Hub's file listing says each wanted file hashes to (LFS oid, else git blob id)."""
+    out: dict[str, Digest] = {}
+    for sibling in siblings or []:
+        name = str(sibling.rfilename)
+        if not _wanted(name):
+            continue
+        lfs = getattr(sibling, "lfs", None)
+        lfs_sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        digest: Digest = ("sha256", str(lfs_sha).lower()) if lfs_sha else ("git-sha1", str(sibling.blob_id or "").lower())
+        if not _valid_digest(digest):
+            raise WeightsError(f"{spec}: the Hub lists {name} without a valid {digest[0]} hash; refusing to "
+                               "download a file that cannot be verified")
+        out[name] = digest
+    return out
+
+
+def _manifest_path(repo_id: str, commit: str) -> Path:
+    """softcli's record of the hashes a snapshot was verified against (for caches without blob symlinks)."""
+    return hf_home() / "softcli" / "verified" / _storage_folder(repo_id).name / f"{commit}.json"
+
+
+def _recorded_digests(repo_id: str, commit: str) -> dict[str, Digest]:
+    try:
+        files = json.loads(_manifest_path(repo_id, commit).read_text())["files"]
+        return {str(k): (str(v[0]), str(v[1])) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def _record_digests(repo_id: str, commit: str, digests: dict[str, Digest]) -> None:
+    path = _manifest_path(repo_id, commit)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"repo_id": repo_id, "commit": commit, "files": digests}, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only HF_HOME: the blob names still carry the hashes
+
+
+def _blob_digest(file: Path, storage: Path) -> Digest | None:
+    """huggingface_hub names each blob by its hash: sha256 for LFS files, the git blob id otherwise."""
+    if not file.is_symlink():
         return None
-    folder = storage / "snapshots" / commit
+    target = Path(os.path.realpath(file))
+    if target.parent != (storage / "blobs").resolve():
+        return None
+    if SHA256_RE.match(target.name):
+        return ("sha256", target.name)
+    return ("git-sha1", target.name) if COMMIT_RE.match(target.name) else None
+
+
+def _discard(file: Path, storage: Path) -> None:
+    """Delete a bad file: its blob (only inside this repo's cache folder) and the snapshot's link to it."""
+    target = Path(os.path.realpath(file))
+    if target != file.absolute() and storage.resolve() in target.parents:
+        target.unlink(missing_ok=True)
+    file.unlink(missing_ok=True)
+
+
+def _verify_snapshot(spec: str, repo_id: str, folder: Path, commit: str,
+                     expected: dict[str, Digest] | None = None) -> None:
+    """Hash every wanted file of a snapshot; a mismatch deletes the file and raises :class:`TamperedFile`.
+
+    ``expected`` is what the Hub's listing advertised (a fresh download);
+    without it the hashes recorded at download time, or the blob names, are
+    the reference. A file with no reference at all is refused too.
+    """
+    storage = _storage_folder(repo_id)
+    reference = {**_recorded_digests(repo_id, commit), **(expected or {})}
+    for file in sorted(p for p in folder.iterdir() if _wanted(p.name)):
+        digest = reference.get(file.name) or _blob_digest(file, storage)
+        if digest is None:
+            raise WeightsError(f"{spec}: {file} has no recorded hash to check it against; run "
+                               f"'soft weights pull {spec} --force' to download it again, verified")
+        actual = _file_digest(file, digest[0])
+        if actual != digest[1]:
+            _discard(file, storage)
+            raise TamperedFile(f"{spec} (commit {commit[:12]}): {file.name} has {digest[0]} {actual}, expected "
+                               f"{digest[1]}; the file was deleted and is not used")
+
+
+def _cached_snapshot(repo_id: str, revision: str) -> tuple[Path, str] | None:
+    """The cached snapshot of a (checked) revision, without any network call; not yet hash-verified."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                        local_files_only=True))
+    except Exception:  # noqa: BLE001 - nothing (usable) cached: LocalEntryNotFoundError, IncompleteSnapshotError...
+        return None
+    commit = folder.name
+    if not COMMIT_RE.match(commit) or folder.parent.resolve() != (_storage_folder(repo_id) / "snapshots").resolve():
+        return None  # a refs/ file that does not name a commit: never follow it
     return (folder, commit) if _has_weights(folder) else None
 
 
 def _record_ref(repo_id: str, revision: str, commit: str) -> None:
-    """Remember revision → commit in the cache's refs/ so offline use finds the snapshot."""
-    if revision == commit:
+    """Remember revision → commit in the cache's refs/ so offline use finds the snapshot.
+
+    Both are checked first (a branch/tag name, 40 hex): huggingface_hub 2.4
+    writes refs/REV from whatever the server answers, so softcli resolves the
+    commit itself, downloads that exact commit, and records the ref here.
+    """
+    if revision == commit or revision_problem(revision) or not COMMIT_RE.match(commit):
         return
     ref = _storage_folder(repo_id) / "refs" / revision
     try:
@@ -254,45 +394,76 @@ def _missing_message(repo_id: str, revision: str | None, exc: BaseException) -> 
 
 def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
              local_only: bool = False) -> tuple[Path, str]:
-    """Download (or find in the cache) a repo snapshot; returns (folder, commit).
+    """Download (or find in the cache) a repo snapshot, every file hash-checked; returns (folder, commit).
 
-    Online, the revision is resolved to its commit first (one small request
-    with a timeout), then the snapshot of that commit is fetched with
-    ``snapshot_download``. A commit that is already cached needs no network.
+    The revision must be a branch/tag name or a 40-hex commit. Online, it is
+    resolved to its commit first (one small request with a timeout; the
+    answer must be 40 hex), then the snapshot of that commit is fetched with
+    ``snapshot_download`` and each file is checked against the hash the Hub's
+    listing advertises (the LFS sha256, or the git blob id). A file that fails
+    is deleted, so a later pull downloads it again instead of trusting it. A
+    commit that is already cached needs no network; cached files are hashed
+    again on every use.
     """
     spec = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    cached = _cached_snapshot(repo_id, revision)
-    if cached and not force and (local_only or _COMMIT_RE.match(revision or "")):
-        return cached
+    revision = check_revision(spec, revision or "main")
+    pinned = bool(COMMIT_RE.match(revision))
     offline = local_only or is_offline()
-    if offline:
-        if cached:
+    cached = None if force and not offline else _cached_snapshot(repo_id, revision)
+    if cached and (offline or pinned):
+        try:
+            _verify_snapshot(spec, repo_id, *cached)
             return cached
+        except TamperedFile as exc:
+            if offline:
+                raise TamperedFile(f"{exc}; run 'soft weights pull {spec}' where the Hub can be reached to "
+                                   "download it again") from exc
+            cached = None  # online: fetch it again below
+    if offline:
         raise _not_cached(spec, "HF_HUB_OFFLINE=1 forbids downloads" if is_offline() else "downloads are off here")
 
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, timeout=meta_timeout())
-        commit = str(info.sha)
+        info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, files_metadata=True,
+                                                         timeout=meta_timeout())
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line below
         if _classify(exc) == "missing":
             msg = _missing_message(repo_id, revision, exc)
-            raise HubUnavailable(msg, msg) from None
+            raise HubUnavailable(msg, msg) from exc
         if cached:
+            _verify_snapshot(spec, repo_id, *cached)
             return cached
-        raise _not_cached(spec, f"the Hub at {hub_endpoint()} cannot be reached ({_describe(exc)})") from None
+        raise _not_cached(spec, f"the Hub at {hub_endpoint()} cannot be reached ({_describe(exc)})") from exc
+    commit = _check_commit(spec, info.sha)
+    expected = _advertised_digests(spec, info.siblings)
+    try:
+        folder = _download_snapshot(spec, repo_id, commit, expected, force)
+    except TamperedFile:
+        # The cache may have held a bad copy (it is deleted now): one fresh download, checked again.
+        folder = _download_snapshot(spec, repo_id, commit, expected, force)
+    _record_ref(repo_id, revision, commit)
+    _record_digests(repo_id, commit, expected)
+    if not _has_weights(folder):
+        raise WeightsError(f"{spec} (commit {commit[:12]}) holds no .safetensors weights; a softcli repo has "
+                           f"{WEIGHTS_NAME} + {CONFIG_NAME} (see 'soft weights convert')")
+    return folder, commit
+
+
+def _download_snapshot(spec: str, repo_id: str, commit: str, expected: dict[str, Digest], force: bool) -> Path:
+    """``snapshot_download`` of one checked commit (so huggingface_hub never resolves a ref itself), then verified."""
+    from huggingface_hub import snapshot_download
+
     try:
         folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS, endpoint=hub_endpoint(),
                                         etag_timeout=meta_timeout(), force_download=force))
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
-                           "or " + WHAT_TO_DO.format(spec=spec)) from None
-    _record_ref(repo_id, revision or "main", commit)
-    if not _has_weights(folder):
-        raise WeightsError(f"{spec} (commit {commit[:12]}) holds no .safetensors weights; a softcli repo has "
-                           f"{WEIGHTS_NAME} + {CONFIG_NAME} (see 'soft weights convert')")
-    return folder, commit
+                           "or " + WHAT_TO_DO.format(spec=spec)) from exc
+    if folder.name != commit:
+        raise WeightsError(f"downloading {spec} gave snapshot {folder.name[:80]!r}, not commit {commit}")
+    _verify_snapshot(spec, repo_id, folder, commit, expected)
+    return folder
 
 
 # -- the official release origin (Google Drive) ------------------------------------------------
@@ -389,14 +560,6 @@ def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, 
         fh.flush()
         if total is not None and done != total:
             raise WeightsError(f"Google Drive file {file_id}: connection closed after {done} of {total} bytes")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cached_origin(entry: RegistryEntry) -> ResolvedWeights | None:

@@ -136,6 +136,9 @@ class FakeHub(_Server):
         self.repos: dict[str, Repo] = {}
         self._lfs_uploads: dict[str, bytes] = {}
         self.validated: list[str] = []  # model card texts sent to /api/validate-yaml
+        # Misbehaviours for the hostile-Hub tests (tests/security):
+        self.answer_sha: str | None = None  # the repo info's "sha", whatever the revision really is
+        self.swap_bytes: dict[str, bytes] = {}  # file name -> bytes served instead (listing and headers unchanged)
 
     # -- publishing -------------------------------------------------------------
     def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tag: str | None = None,
@@ -168,9 +171,9 @@ class FakeHub(_Server):
         path = unquote(parts.path)
         query = parse_qs(parts.query)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
-            return self._info(h, m[1], m[2])
+            return self._info(h, m[1], m[2], query)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
-            return self._info(h, m[1], "main")
+            return self._info(h, m[1], "main", query)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
             return self._tree(h, m[1], m[2], query)
         if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
@@ -191,13 +194,21 @@ class FakeHub(_Server):
             return self._commit(h, m[1], m[2])
         h.send_json(404, {"error": f"not served by the fake hub: {method} {path}"})
 
-    def _info(self, h: _Handler, repo_id: str, rev: str) -> None:
+    def _info(self, h: _Handler, repo_id: str, rev: str, query: dict) -> None:
         found = self._resolve(h, repo_id, rev)
         if found:
             repo, sha = found
-            siblings = [{"rfilename": name} for name in sorted(repo.commits[sha])]
-            h.send_json(200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                              "siblings": siblings, "tags": [], "library_name": "softcli"})
+            siblings = []
+            for name, data in sorted(repo.commits[sha].items()):
+                sibling: dict = {"rfilename": name}
+                if query.get("blobs") in (["True"], ["true"], ["1"]):  # files_metadata=True, as the real Hub answers
+                    sibling.update(blobId=git_blob_sha1(data), size=len(data))
+                    if name.endswith(LFS_SUFFIXES):
+                        sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                          "pointerSize": 134}
+                siblings.append(sibling)
+            h.send_json(200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": self.answer_sha or sha,
+                              "private": repo.private, "siblings": siblings, "tags": [], "library_name": "softcli"})
 
     def _tree(self, h: _Handler, repo_id: str, rev: str, query: dict) -> None:
         found = self._resolve(h, repo_id, rev)
@@ -231,6 +242,8 @@ class FakeHub(_Server):
             start = int(m[1])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             data, status = data[start:], 206
+        if not head and name in self.swap_bytes:
+            data = self.swap_bytes[name]
         h.send_bytes(status, data, headers=headers, head=head)
 
     # -- uploads (HfApi.create_repo + create_commit with HF_HUB_DISABLE_XET=1) --------
