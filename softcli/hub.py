@@ -22,13 +22,17 @@ of the converted weights, which is checked again on every later use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,7 +46,7 @@ from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_model, read_checkpoint, save_pretrained
-from .errors import CheckpointError, SoftError
+from .errors import CheckpointError, OutputError, SoftError
 from .io.atomic import atomic_dir, atomic_path
 from .registry import COMMIT_RE, SHA256_RE, Registry, RegistryEntry, load_registry, revision_problem
 
@@ -50,6 +54,7 @@ HF_PREFIX = "hf-hub:"
 #: What a pull fetches from a repo: the weights, our config and the model card.
 HUB_PATTERNS = ["*.safetensors", CONFIG_NAME, "README.md"]
 GDRIVE_ENV = "SOFTCLI_GDRIVE_ENDPOINT"
+DEADLINE_ENV = "SOFTCLI_DOWNLOAD_DEADLINE"
 GDRIVE_DEFAULT = "https://drive.google.com"
 GDRIVE_HOSTS = {"drive.google.com", "drive.usercontent.google.com"}
 MAX_ORIGIN_BYTES = 4 * 1024**3  # the largest official SOFT checkpoint is well under 1 GB
@@ -506,51 +511,155 @@ def _confirm_url(page: str, base: str, file_id: str, jar: CookieJar) -> str | No
     return None
 
 
+def download_deadline() -> float:
+    """Seconds a whole official-release download may take (``SOFTCLI_DOWNLOAD_DEADLINE``, default 1800)."""
+    return _env_seconds(DEADLINE_ENV, 1800.0)
+
+
+class _Deadline:
+    """One clock for a whole download: when it runs out, every socket it opened is shut down.
+
+    A per-read timeout alone never fires against a server that sends a byte
+    every few seconds; shutting the sockets down makes the blocked read return.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def left(self) -> float:
+        return max(0.01, self.end - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.end
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+        if self.expired:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = True
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _deadline_handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
+    """HTTP(S) handlers whose connections register their sockets with ``deadline``."""
+
+    def tracked(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Tracked(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                deadline.track(self.sock)
+        return Tracked
+
+    plain, secure = tracked(http.client.HTTPConnection), tracked(http.client.HTTPSConnection)
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(plain, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(secure, req, context=getattr(self, "_context", None))
+
+    return [HTTP(), HTTPS()]
+
+
+class _AllowListRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed host, over http(s), never from https down to http."""
+
+    def __init__(self, allowed: set[str], file_id: str) -> None:
+        self.allowed, self.file_id = allowed, file_id
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = urlsplit(newurl)
+        downgrade = urlsplit(req.full_url).scheme == "https" and new.scheme != "https"
+        if new.netloc not in self.allowed or new.scheme not in ("http", "https") or downgrade:
+            raise WeightsError(f"Google Drive redirected the download of {self.file_id} to {new.scheme}://"
+                               f"{new.netloc[:80]}, which is not an allowed host ({', '.join(sorted(self.allowed))}); "
+                               "refusing to follow it")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def gdrive_download(file_id: str, dest: Path, *, endpoint: str | None = None, progress: ProgressFn | None = None,
-                    max_bytes: int = MAX_ORIGIN_BYTES) -> None:
+                    max_bytes: int = MAX_ORIGIN_BYTES, deadline: float | None = None) -> None:
     """Download a public Google Drive file, following the confirm page large files get.
 
-    Only Drive's own hosts (or the configured endpoint's host) are followed;
-    every request has a timeout; the size is capped; ``dest`` appears only
-    when the download is complete.
+    Only Drive's own hosts (or the configured endpoint's host) are contacted,
+    redirects included; every request has a timeout and the whole download a
+    deadline (``deadline`` seconds, default :func:`download_deadline`); the
+    size is capped; ``dest`` appears only when the download is complete.
     """
     base = (endpoint or os.environ.get(GDRIVE_ENV) or GDRIVE_DEFAULT).rstrip("/")
     allowed = GDRIVE_HOSTS | {urlsplit(base).netloc}
     jar = CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    url = f"{base}/uc?" + urlencode({"export": "download", "id": file_id})
-    for _ in range(3):
-        if urlsplit(url).netloc not in allowed or urlsplit(url).scheme not in ("http", "https"):
-            raise WeightsError(f"Google Drive sent the download of {file_id} to an unexpected host ({url[:80]})")
-        try:
-            resp = opener.open(urllib.request.Request(url, headers={"User-Agent": "softcli"}),
-                               timeout=download_timeout())
-        except urllib.error.HTTPError as exc:
-            detail = "no such file or not shared publicly" if exc.code == 404 else f"HTTP {exc.code}"
-            raise WeightsError(f"Google Drive file {file_id}: {detail} ({base})") from None
-        except OSError as exc:  # URLError, timeouts, resets
-            reason = getattr(exc, "reason", exc)
-            raise WeightsError(f"cannot reach Google Drive at {base} ({reason})") from None
-        with resp:
-            if resp.headers.get_content_type() != "text/html":
-                _stream(resp, dest, progress, max_bytes, file_id)
-                return
-            page = resp.read(2 * 1024 * 1024).decode("utf-8", "replace")
-        url = _confirm_url(page, base, file_id, jar) or ""
-        if not url:
-            raise WeightsError(f"Google Drive answered with a page instead of file {file_id} (download quota "
-                               "exceeded, or the file is not public); download it in a browser and pass --weights FILE")
+    with _Deadline(deadline or download_deadline()) as clock:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar),
+                                             _AllowListRedirects(allowed, file_id), *_deadline_handlers(clock))
+        url = f"{base}/uc?" + urlencode({"export": "download", "id": file_id})
+        for _ in range(3):
+            if urlsplit(url).netloc not in allowed or urlsplit(url).scheme not in ("http", "https"):
+                raise WeightsError(f"Google Drive sent the download of {file_id} to an unexpected host ({url[:80]})")
+            try:
+                resp = opener.open(urllib.request.Request(url, headers={"User-Agent": "softcli"}),
+                                   timeout=min(download_timeout(), clock.left()))
+                with resp:
+                    if resp.headers.get_content_type() != "text/html":
+                        _stream(resp, dest, progress, max_bytes, file_id, clock)
+                        return
+                    page = _read_page(resp, 2 * 1024 * 1024)
+            except urllib.error.HTTPError as exc:
+                detail = "no such file or not shared publicly" if exc.code == 404 else f"HTTP {exc.code}"
+                raise WeightsError(f"Google Drive file {file_id}: {detail} ({base})") from exc
+            except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, cut-off answers
+                if clock.passed():
+                    raise WeightsError(f"downloading Google Drive file {file_id} from {base} did not finish within "
+                                       f"{clock.seconds:g} s (set {DEADLINE_ENV} to allow longer)") from exc
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                raise WeightsError(f"cannot reach Google Drive at {base} ({reason})") from exc
+            url = _confirm_url(page, base, file_id, jar) or ""
+            if not url:
+                raise WeightsError(f"Google Drive answered with a page instead of file {file_id} (download quota "
+                                   "exceeded, or the file is not public); download it in a browser and pass "
+                                   "--weights FILE")
     raise WeightsError(f"Google Drive kept asking to confirm the download of {file_id}")
 
 
-def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, file_id: str) -> None:
+def _read_page(resp: Any, limit: int) -> str:
+    """At most ``limit`` bytes of an HTML answer, one socket read at a time (so the deadline can stop it)."""
+    data = b""
+    while len(data) < limit and (chunk := resp.read1(limit - len(data))):
+        data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, file_id: str,
+            clock: _Deadline) -> None:
     length = resp.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
     if total is not None and total > max_bytes:
         raise WeightsError(f"Google Drive file {file_id} is {total} bytes, over the {max_bytes}-byte limit")
     done = 0
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        while chunk := resp.read(1024 * 1024):
+        while chunk := resp.read1(1024 * 1024):  # one socket read: returns what arrived, never waits for a full MB
             done += len(chunk)
             if done > max_bytes:
                 raise WeightsError(f"Google Drive file {file_id} is over the {max_bytes}-byte limit")
@@ -558,6 +667,8 @@ def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, 
             if progress:
                 progress(done, total)
         fh.flush()
+        if (total is None or done != total) and clock.passed():  # the deadline shut the socket mid-file
+            raise TimeoutError("download deadline")
         if total is not None and done != total:
             raise WeightsError(f"Google Drive file {file_id}: connection closed after {done} of {total} bytes")
 
@@ -601,6 +712,19 @@ def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str)
                            sha256=record["weights_sha256"])
 
 
+def _first_download_sha256(entry: RegistryEntry) -> str | None:
+    """The official file's sha256 recorded when it was first downloaded here (for origins the registry has none).
+
+    Once known, the file is pinned: a later download (``--force``) with other
+    bytes is refused, just as a registry sha256 mismatch is.
+    """
+    try:
+        digest = json.loads((origin_cache() / entry.name / ORIGIN_MANIFEST).read_text())["download_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) and SHA256_RE.match(digest) else None
+
+
 def fetch_origin(entry: RegistryEntry, progress: ProgressFn | None = None) -> ResolvedWeights:
     """Download, verify and convert a registry model from its official release."""
     o = entry.origin
@@ -618,9 +742,11 @@ def fetch_origin(entry: RegistryEntry, progress: ProgressFn | None = None) -> Re
         file = tmpdir / f"{o.official_name or entry.name}.{o.format}"
         gdrive_download(o.id, file, progress=progress)
         digest = sha256_file(file)
-        if o.sha256 and digest != o.sha256.lower():
-            raise WeightsError(f"{entry.name}: the file from Google Drive has sha256 {digest}, the registry expects "
-                               f"{o.sha256}; refusing to use it")
+        expected, source = (o.sha256, "the registry") if o.sha256 else (_first_download_sha256(entry), "its first "
+                                                                        "download (recorded in origin.json)")
+        if expected and digest != expected.lower():
+            raise WeightsError(f"{entry.name}: the file from Google Drive has sha256 {digest}, {source} says "
+                               f"{expected}; refusing to use it")
         return convert_origin(entry, file, digest)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -801,6 +927,19 @@ def _is_softcli_folder(folder: Path) -> bool:
         return False
 
 
+def _check_can_create(dest: Path) -> None:
+    """Fail before any work when ``dest`` cannot be created: it is built next to itself and renamed in."""
+    where = dest.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"{dest}: {where} is a file, not a folder")
+    try:  # try it: os.access says yes to root even on read-only or special file systems
+        Path(tempfile.mkdtemp(prefix=".soft-write-check-", dir=where)).rmdir()
+    except OSError as exc:
+        raise OutputError(f"{dest}: folder {where} is not writable ({exc.strerror})") from exc
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
                        labels: list[str] | None = None, name: str | None = None,
                        architecture: dict[str, Any] | None = None, repo_id: str | None = None,
@@ -814,11 +953,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
 
     src, dest = Path(checkpoint), Path(out)
     if dest.exists() and (src.resolve() == dest.resolve() or dest.resolve() in src.resolve().parents):
-        raise WeightsError(f"--out {dest} holds the input checkpoint; choose another folder")
+        raise WeightsError(f"output folder {dest} holds the input checkpoint; choose another folder")
     if dest.exists() and not dest.is_dir():
-        raise WeightsError(f"--out {dest} is a file; give a folder")
+        raise WeightsError(f"output folder {dest} is a file; give a folder")
     if dest.is_dir() and any(dest.iterdir()) and not _is_softcli_folder(dest):
-        raise WeightsError(f"--out {dest} is a folder with other files in it; give a new or empty folder")
+        raise WeightsError(f"output folder {dest} has other files in it; give a new or empty folder")
+    _check_can_create(dest)
     ck = read_checkpoint(src)
     if architecture:
         ck.config = SoftConfig.from_dict({**architecture, "num_classes": ck.config.num_classes})
@@ -846,7 +986,9 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
         raise WeightsError(f"{src}: not a softcli folder ({WEIGHTS_NAME} + {CONFIG_NAME}); "
                            "make one with 'soft weights convert CHECKPOINT --out DIR'")
     if not _REPO_RE.match(repo_id):
-        raise WeightsError(f"--repo {repo_id!r}: expected ORG/NAME")
+        raise WeightsError(f"repo {repo_id!r}: expected ORG/NAME")
+    if revision is not None and (revision_problem(revision) or COMMIT_RE.match(revision)):
+        raise WeightsError(f"branch {revision!r}: not a branch name ({revision_problem(revision) or 'a commit id'})")
     if is_offline():
         raise WeightsError("HF_HUB_OFFLINE=1 is set; unset it to push")
     build_model(read_checkpoint(src))  # refuse to publish weights that do not load

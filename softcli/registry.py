@@ -28,6 +28,7 @@ ORIGIN_KINDS = ("gdrive", "url")
 ORIGIN_FORMATS = ("pth", "pth.tar", "safetensors")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
@@ -122,6 +123,8 @@ def _bad(source: str, what: str) -> RegistryError:
 def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
     if not isinstance(raw, dict):
         raise _bad(source, f"entry {name!r} is not an object")
+    if not NAME_RE.match(name):  # it names a cache folder: no '/', '..' or leading '.'
+        raise _bad(source, f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
     try:
         arch = raw["architecture"]
         hub = HubLocation(**raw["hub"])
@@ -136,6 +139,8 @@ def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
                 raise ValueError(f"origin kind must be one of {ORIGIN_KINDS}, format one of {ORIGIN_FORMATS}")
             if origin.sha256 is not None and not SHA256_RE.match(str(origin.sha256)):
                 raise ValueError("origin.sha256 must be 64 lowercase hex digits or null")
+            if origin.official_name is not None and not NAME_RE.match(str(origin.official_name)):
+                raise ValueError("origin.official_name must be a plain file name (no '/', not starting with '.')")
         top1 = raw.get("top1")
         known = {"architecture", "hub", "origin", "params", "top1", "description", "top1_source"}
         return RegistryEntry(name=name, architecture=dict(arch), params=int(raw["params"]),
