@@ -36,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from html.parser import HTMLParser
@@ -306,7 +306,12 @@ def _verify_snapshot(spec: str, repo_id: str, folder: Path, commit: str,
     """
     storage = _storage_folder(repo_id)
     reference = {**_recorded_digests(repo_id, commit), **(expected or {})}
+    blobs = (storage / "blobs").resolve()
     for file in sorted(p for p in folder.iterdir() if _wanted(p.name)):
+        if file.is_symlink() and Path(os.path.realpath(file)).parent != blobs:
+            file.unlink()  # only the link: what it points to is outside this cache and not ours to delete
+            raise TamperedFile(f"{spec} (commit {commit[:12]}): {file.name} pointed outside the cache's blobs "
+                               "folder; the link was deleted and is not used")
         digest = reference.get(file.name) or _blob_digest(file, storage)
         if digest is None:
             raise WeightsError(f"{spec}: {file} has no recorded hash to check it against; run "
@@ -455,13 +460,50 @@ def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
     return folder, commit
 
 
+_ETAG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hex_etags_only() -> Iterator[None]:
+    """While softcli downloads, a file's ETag must be a 40- or 64-hex hash.
+
+    huggingface_hub 2.4 names each cache blob after the ETag header without
+    checking it, so a server answering ``X-Linked-Etag: "../../x"`` makes it
+    write outside the cache. Its ETag parser is wrapped for the duration of
+    softcli's own downloads; should a later version drop that function, the
+    check in :func:`_verify_snapshot` still refuses blobs outside ``blobs/``.
+    """
+    from huggingface_hub import file_download
+
+    original = getattr(file_download, "_normalize_etag", None)
+    if original is None:
+        yield
+        return
+
+    def checked(etag: str | None) -> str | None:
+        value = original(etag)
+        if value is not None and not (COMMIT_RE.match(value) or SHA256_RE.match(value)):
+            raise ValueError(f"the Hub sent ETag {value[:80]!r}, not a 40- or 64-hex hash; refusing to name a "
+                             "cache file after it")
+        return value
+
+    with _ETAG_LOCK:
+        file_download._normalize_etag = checked
+        try:
+            yield
+        finally:
+            file_download._normalize_etag = original
+
+
 def _download_snapshot(spec: str, repo_id: str, commit: str, expected: dict[str, Digest], force: bool) -> Path:
     """``snapshot_download`` of one checked commit (so huggingface_hub never resolves a ref itself), then verified."""
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS, endpoint=hub_endpoint(),
-                                        etag_timeout=meta_timeout(), force_download=force))
+        with _hex_etags_only():
+            folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS,
+                                            endpoint=hub_endpoint(), etag_timeout=meta_timeout(),
+                                            force_download=force))
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
                            "or " + WHAT_TO_DO.format(spec=spec)) from exc

@@ -139,6 +139,8 @@ class FakeHub(_Server):
         # Misbehaviours for the hostile-Hub tests (tests/security):
         self.answer_sha: str | None = None  # the repo info's "sha", whatever the revision really is
         self.swap_bytes: dict[str, bytes] = {}  # file name -> bytes served instead (listing and headers unchanged)
+        self.any_revision = False  # resolve every unknown revision (even "../../x") to main, as a careless server might
+        self.linked_etag: dict[str, str] = {}  # file name -> X-Linked-Etag / ETag header sent instead of the real one
 
     # -- publishing -------------------------------------------------------------
     def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tag: str | None = None,
@@ -161,6 +163,8 @@ class FakeHub(_Server):
             h.send_json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}, head)
             return None
         sha = repo.refs.get(rev, rev if rev in repo.commits else None)
+        if sha is None and self.any_revision:
+            sha = repo.refs.get("main")
         if sha is None:
             h.send_json(404, {"error": f"Invalid rev id: {rev}"}, {"X-Error-Code": "RevisionNotFound"}, head)
             return None
@@ -242,6 +246,8 @@ class FakeHub(_Server):
             start = int(m[1])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             data, status = data[start:], 206
+        if name in self.linked_etag:
+            headers["ETag"] = headers["X-Linked-Etag"] = f'"{self.linked_etag[name]}"'
         if not head and name in self.swap_bytes:
             data = self.swap_bytes[name]
         h.send_bytes(status, data, headers=headers, head=head)
@@ -294,6 +300,8 @@ class FakeDrive(_Server):
         self.files: dict[str, tuple[str, bytes]] = {}  # id -> (name, data)
         self.confirm_above = confirm_above
         self.form_action: str | None = None  # where the confirm form points (default: this server)
+        self.redirect_to: str | None = None  # answer /uc with a 302 to this URL
+        self.drip: tuple[float, bool] | None = None  # (seconds per byte, whole answer or body only): a slow server
         self._tokens: set[str] = set()
 
     def add(self, file_id: str, name: str, data: bytes) -> None:
@@ -307,6 +315,10 @@ class FakeDrive(_Server):
             return h.send_bytes(404, b"<html><body>Sorry, the file you have requested does not exist.</body></html>",
                                 "text/html; charset=utf-8")
         name, data = found
+        if parts.path == "/uc" and self.redirect_to:
+            return h.send_bytes(302, b"", "text/html", headers={"Location": self.redirect_to})
+        if self.drip:
+            return self._drip(h, name, data, *self.drip)
         needs_confirm = len(data) > self.confirm_above
         if parts.path == "/uc" and needs_confirm:
             token = uuid.uuid4().hex
@@ -324,6 +336,22 @@ class FakeDrive(_Server):
         if parts.path == "/download" and needs_confirm and q.get("uuid") not in self._tokens:
             return h.send_bytes(403, b"<html>confirm first</html>", "text/html")
         h.send_bytes(200, data, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @staticmethod
+    def _drip(h: _Handler, name: str, data: bytes, seconds: float, whole: bool) -> None:
+        """Send the answer one byte at a time, ``seconds`` apart: every read succeeds, the download never ends."""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n"
+                f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
+        if not whole:
+            h.wfile.write(head)
+            h.wfile.flush()
+        try:
+            for i in range(len(data) + (len(head) if whole else 0)):
+                h.wfile.write((head + data)[i:i + 1] if whole else data[i:i + 1])
+                h.wfile.flush()
+                time.sleep(seconds)
+        except OSError:  # the client gave up
+            h.close_connection = True
 
 
 # -- pytest helpers shared by the hub tests ------------------------------------------------
