@@ -172,16 +172,17 @@ class FakeHub(_Server):
 
     def handle(self, h: _Handler, method: str) -> None:
         parts = urlsplit(h.path)
-        path = unquote(parts.path)
+        raw = parts.path  # matched before unquoting: a revision arrives quoted (refs%2Fpr%2F1), as on the real Hub
+        path = unquote(raw)
         query = parse_qs(parts.query)
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
-            return self._info(h, m[1], m[2], query)
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", raw):
+            return self._info(h, m[1], unquote(m[2]), query)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
             return self._info(h, m[1], "main", query)
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
-            return self._tree(h, m[1], m[2], query)
-        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-            return self._file(h, m[1], m[2], m[3], head=method == "HEAD")
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", raw):
+            return self._tree(h, m[1], unquote(m[2]), query)
+        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", raw):
+            return self._file(h, m[1], unquote(m[2]), unquote(m[3]), head=method == "HEAD")
         if method == "POST" and path == "/api/repos/create":
             return self._create(h)
         if method == "POST" and path == "/api/validate-yaml":  # model card metadata check before a commit
