@@ -13,11 +13,20 @@ cache's ``refs/``) and the snapshot of that commit is used. Every network call
 has a timeout (``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds,
 default 10), and an unreachable Hub falls back to the cache.
 
+Nothing a user types or a server answers becomes a path unchecked: a revision
+must be a git branch/tag name or a 40-hex commit, the commit the Hub resolves
+it to must be 40 hex, and a file's ETag must be a hash. Every Hub file is
+checked against the hash the Hub's listing advertises (LFS sha256, or the git
+blob id); a file that fails is deleted, and cached files are hashed again on
+every use, so a poisoned cache is never trusted.
+
 When a registry model's Hub repo is missing or unreachable, its official
-release (the Google Drive file the SOFT authors published) is downloaded,
-checked against the registry's sha256 when one is recorded, converted to the
-softcli layout and kept under ``$HF_HOME/softcli/origin/NAME`` with the sha256
-of the converted weights, which is checked again on every later use.
+release (the Google Drive file the SOFT authors published) is downloaded (only
+from Drive's hosts, redirects included, within ``SOFTCLI_DOWNLOAD_DEADLINE``
+seconds in all), checked against the registry's sha256 (or, when the registry
+has none yet, the sha256 of its first download here), converted to the softcli
+layout and kept under ``$HF_HOME/softcli/origin/NAME`` with the sha256 of the
+converted weights, which is checked again on every later use.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from fnmatch import fnmatch
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_model, read_checkpoint, save_pretrained
@@ -437,7 +446,7 @@ def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
     try:
         info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, files_metadata=True,
                                                          timeout=meta_timeout())
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line below
+    except Exception as exc:  # every failure becomes one clear line below
         if _classify(exc) == "missing":
             msg = _missing_message(repo_id, revision, exc)
             raise HubUnavailable(msg, msg) from exc
@@ -504,7 +513,7 @@ def _download_snapshot(spec: str, repo_id: str, commit: str, expected: dict[str,
             folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS,
                                             endpoint=hub_endpoint(), etag_timeout=meta_timeout(),
                                             force_download=force))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # one clear line for every failure
         raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
                            "or " + WHAT_TO_DO.format(spec=spec)) from exc
     if folder.name != commit:
@@ -574,7 +583,7 @@ class _Deadline:
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
-    def __enter__(self) -> _Deadline:
+    def __enter__(self) -> Self:
         self._timer.start()
         return self
 
@@ -784,8 +793,8 @@ def fetch_origin(entry: RegistryEntry, progress: ProgressFn | None = None) -> Re
         file = tmpdir / f"{o.official_name or entry.name}.{o.format}"
         gdrive_download(o.id, file, progress=progress)
         digest = sha256_file(file)
-        expected, source = (o.sha256, "the registry") if o.sha256 else (_first_download_sha256(entry), "its first "
-                                                                        "download (recorded in origin.json)")
+        first = "its first download (recorded in origin.json)"
+        expected, source = (o.sha256, "the registry") if o.sha256 else (_first_download_sha256(entry), first)
         if expected and digest != expected.lower():
             raise WeightsError(f"{entry.name}: the file from Google Drive has sha256 {digest}, {source} says "
                                f"{expected}; refusing to use it")

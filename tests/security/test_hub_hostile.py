@@ -81,9 +81,9 @@ def test_revision_traversal_cli_is_one_error_line(hub_server, tmp_path):
     r = run_soft("weights", "pull", f"hf-hub:{REPO_ID}@../../../../victim", env=env)
     err = r.stderr.decode()
     assert r.returncode != 0 and "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        f"error: hf-hub:{REPO_ID}@../../../../victim: '../../../../victim' is not a branch, tag or 40-hex commit "
-        "(it contains '..', '//' or '@{')"]
+    expected = (f"error: hf-hub:{REPO_ID}@../../../../victim: '../../../../victim' is not a branch, tag or "
+                "40-hex commit (it contains '..', '//' or '@{')")
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [expected]
     assert not list(tmp_path.rglob("victim"))
 
 
