@@ -988,7 +988,7 @@ def _check_can_create(dest: Path) -> None:
     try:  # try it: os.access says yes to root even on read-only or special file systems
         Path(tempfile.mkdtemp(prefix=".soft-write-check-", dir=where)).rmdir()
     except OSError as exc:
-        raise OutputError(f"{dest}: folder {where} is not writable ({exc.strerror})") from exc
+        raise OutputError(f"{dest}: cannot create files in folder {where} ({exc.strerror})") from exc
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,

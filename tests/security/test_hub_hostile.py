@@ -279,7 +279,7 @@ def test_convert_into_an_unwritable_place_fails_before_any_work(tmp_path, monkey
     monkeypatch.setattr(hub, "read_checkpoint", no_work)
     (tmp_path / "file").write_text("x")
     for out in ("/proc/softcli-test/out", tmp_path / "file" / "out"):
-        with pytest.raises(OutputError, match="is not writable|is a file, not a folder"):
+        with pytest.raises(OutputError, match="cannot create files in folder /proc|is a file, not a folder"):
             hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", out)
 
 
@@ -289,7 +289,7 @@ def test_convert_cli_unwritable_out_is_one_error_line(tmp_path):
     err = r.stderr.decode()
     assert r.returncode != 0 and "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-        "error: /proc/softcli-test/x: folder /proc is not writable (No such file or directory)"]
+        "error: /proc/softcli-test/x: cannot create files in folder /proc (No such file or directory)"]
 
 
 def test_convert_writes_only_inside_the_asked_folder(tmp_path):
