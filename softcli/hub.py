@@ -644,9 +644,10 @@ class _AllowListRedirects(urllib.request.HTTPRedirectHandler):
         new = urlsplit(newurl)
         downgrade = urlsplit(req.full_url).scheme == "https" and new.scheme != "https"
         if new.netloc not in self.allowed or new.scheme not in ("http", "https") or downgrade:
+            why = ("from https down to plain http" if downgrade and new.netloc in self.allowed else
+                   f"which is not an allowed host ({', '.join(sorted(self.allowed))})")
             raise WeightsError(f"Google Drive redirected the download of {self.file_id} to {new.scheme}://"
-                               f"{new.netloc[:80]}, which is not an allowed host ({', '.join(sorted(self.allowed))}); "
-                               "refusing to follow it")
+                               f"{new.netloc[:80]}, {why}; refusing to follow it")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

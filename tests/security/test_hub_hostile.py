@@ -167,6 +167,12 @@ def test_poisoned_cache_is_not_trusted_later(hub_server, hf, tiny_files):
     again = hub.resolve_weights(f"hf-hub:{REPO_ID}@{hub_server.sha}")
     assert (again.path / "model.safetensors").read_bytes() == tiny_files["model.safetensors"]
     assert home in again.path.parents
+    # The same through a branch name: snapshot_download hands back the cached (bad) copy, softcli replaces it.
+    blob.write_bytes(tampered(tiny_files["model.safetensors"]))
+    seen = len(hub_server.requests)
+    assert (hub.resolve_weights(f"hf-hub:{REPO_ID}").path / "model.safetensors").read_bytes() == \
+        tiny_files["model.safetensors"]
+    assert any("/resolve/" in path and method == "GET" for method, path in hub_server.requests[seen:])
 
 
 def test_blob_hash_that_is_a_path_never_becomes_a_file_name(hub_server, hf, tmp_path):
@@ -206,6 +212,19 @@ def test_redirect_off_the_allow_list_is_not_followed(tmp_path):
         drive.redirect_to = f"{drive.url}/download?export=download&id=w"
         hub.gdrive_download("w", tmp_path / "w.pth", endpoint=drive.url)
         assert (tmp_path / "w.pth").read_bytes() == b"real"
+
+
+def test_redirect_from_https_down_to_http_is_not_followed():
+    """Checked on the handler itself: the loopback servers speak plain http only."""
+    import urllib.request
+
+    handler = hub._AllowListRedirects({"drive.google.com", "drive.usercontent.google.com"}, "x")
+    req = urllib.request.Request("https://drive.google.com/uc?id=x")
+    ok = handler.redirect_request(req, None, 302, "Found", {}, "https://drive.usercontent.google.com/download?id=x")
+    assert ok is not None and ok.full_url.startswith("https://drive.usercontent.google.com/")
+    for target in ("http://drive.usercontent.google.com/download?id=x", "https://evil.example/x", "file:///etc/passwd"):
+        with pytest.raises(hub.WeightsError, match="not an allowed host|down to plain http"):
+            handler.redirect_request(req, None, 302, "Found", {}, target)
 
 
 def _download_in_thread(tmp_path: Path, drive: FakeDrive, wait: float) -> tuple[BaseException | None, float]:
