@@ -130,6 +130,8 @@ def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
         hub = HubLocation(**raw["hub"])
         if not isinstance(arch, dict) or "/" not in hub.repo_id:
             raise ValueError("architecture must be an object and hub.repo_id ORG/NAME")
+        if not NAME_RE.match(hub.filename):
+            raise ValueError(f"hub.filename {hub.filename!r} must be a file name in the repo's top folder")
         if (why := revision_problem(hub.revision)) is not None:
             raise ValueError(f"hub.revision {hub.revision!r} is not a branch, tag or commit: {why}")
         origin = None

@@ -88,13 +88,14 @@ def test_revision_traversal_cli_is_one_error_line(hub_server, tmp_path):
 
 
 def test_registry_revision_and_names_are_checked():
-    def reg(name: str = "m", revision: str = "main", official: str = "M") -> str:
+    def reg(name: str = "m", revision: str = "main", official: str = "M", filename: str = "model.safetensors") -> str:
         return json.dumps({"models": {name: {"architecture": {}, "params": 1, "top1": None,
-                                             "hub": {"repo_id": "a/b", "revision": revision},
+                                             "hub": {"repo_id": "a/b", "revision": revision, "filename": filename},
                                              "origin": {"kind": "gdrive", "format": "pth", "id": "x",
                                                         "official_name": official}}}})
     parse_registry(reg(), "ok.json")
-    for bad in (reg(revision="../../x"), reg(name="../../x"), reg(official="../x"), reg(name=".hidden")):
+    for bad in (reg(revision="../../x"), reg(name="../../x"), reg(official="../x"), reg(name=".hidden"),
+                reg(filename="../../../etc/passwd"), reg(revision="/tmp/x")):
         with pytest.raises(RegistryError, match="bad registry"):
             parse_registry(bad, "bad.json")
 
