@@ -254,7 +254,8 @@ def _advertised_digests(spec: str, siblings: list[Any] | None) -> dict[str, Dige
             continue
         lfs = getattr(sibling, "lfs", None)
         lfs_sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
-        digest: Digest = ("sha256", str(lfs_sha).lower()) if lfs_sha else ("git-sha1", str(sibling.blob_id or "").lower())
+        blob_id = str(getattr(sibling, "blob_id", None) or "").lower()
+        digest: Digest = ("sha256", str(lfs_sha).lower()) if lfs_sha else ("git-sha1", blob_id)
         if not _valid_digest(digest):
             raise WeightsError(f"{spec}: the Hub lists {name} without a valid {digest[0]} hash; refusing to "
                                "download a file that cannot be verified")
