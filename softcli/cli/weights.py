@@ -25,7 +25,7 @@ weights_app = typer.Typer(
 )
 app.add_typer(weights_app, name="weights")
 
-SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO[@REV], a folder or a file.",
+SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO\\[@REV], a folder or a file.",
                                         show_default=False)]
 
 
