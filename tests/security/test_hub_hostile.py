@@ -185,6 +185,16 @@ def test_blob_hash_that_is_a_path_never_becomes_a_file_name(hub_server, hf, tmp_
     assert files_outside(tmp_path, home / "hub") == [] and not list(tmp_path.rglob("victim"))
 
 
+def test_file_names_in_the_listing_that_are_paths_write_nothing_outside(hub_server, hf, tmp_path, tiny_files):
+    """A guard (huggingface_hub itself refuses these names; this keeps it so across upgrades)."""
+    home = hf(hub_server.url)
+    hub_server.add_commit(REPO_ID, {**tiny_files, "../../../../evil.safetensors": b"evil",
+                                    f"{tmp_path}/abs.safetensors": b"evil"})
+    with pytest.raises(hub.WeightsError, match="Invalid filename"):
+        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    assert files_outside(tmp_path, home / "hub") == []
+
+
 def test_a_snapshot_link_out_of_the_cache_is_never_used(hub_server, hf, tmp_path, monkeypatch):
     """The second line of defence, should a huggingface_hub version rename the ETag parser softcli wraps."""
     import contextlib
