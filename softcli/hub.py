@@ -13,47 +13,61 @@ cache's ``refs/``) and the snapshot of that commit is used. Every network call
 has a timeout (``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` seconds,
 default 10), and an unreachable Hub falls back to the cache.
 
+Nothing a user types or a server answers becomes a path unchecked: a revision
+must be a git branch/tag name or a 40-hex commit, the commit the Hub resolves
+it to must be 40 hex, and a file's ETag must be a hash. Every Hub file is
+checked against the hash the Hub's listing advertises (LFS sha256, or the git
+blob id); a file that fails is deleted, and cached files are hashed again on
+every use, so a poisoned cache is never trusted.
+
 When a registry model's Hub repo is missing or unreachable, its official
-release (the Google Drive file the SOFT authors published) is downloaded,
-checked against the registry's sha256 when one is recorded, converted to the
-softcli layout and kept under ``$HF_HOME/softcli/origin/NAME`` with the sha256
-of the converted weights, which is checked again on every later use.
+release (the Google Drive file the SOFT authors published) is downloaded (only
+from Drive's hosts, redirects included, within ``SOFTCLI_DOWNLOAD_DEADLINE``
+seconds in all), checked against the registry's sha256 (or, when the registry
+has none yet, the sha256 of its first download here), converted to the softcli
+layout and kept under ``$HF_HOME/softcli/origin/NAME`` with the sha256 of the
+converted weights, which is checked again on every later use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
+import http.client
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_model, read_checkpoint, save_pretrained
-from .errors import CheckpointError, SoftError
+from .errors import CheckpointError, OutputError, SoftError
 from .io.atomic import atomic_dir, atomic_path
-from .registry import Registry, RegistryEntry, load_registry
+from .registry import COMMIT_RE, SHA256_RE, Registry, RegistryEntry, load_registry, revision_problem
 
 HF_PREFIX = "hf-hub:"
 #: What a pull fetches from a repo: the weights, our config and the model card.
 HUB_PATTERNS = ["*.safetensors", CONFIG_NAME, "README.md"]
 GDRIVE_ENV = "SOFTCLI_GDRIVE_ENDPOINT"
+DEADLINE_ENV = "SOFTCLI_DOWNLOAD_DEADLINE"
 GDRIVE_DEFAULT = "https://drive.google.com"
 GDRIVE_HOSTS = {"drive.google.com", "drive.usercontent.google.com"}
 MAX_ORIGIN_BYTES = 4 * 1024**3  # the largest official SOFT checkpoint is well under 1 GB
 ORIGIN_MANIFEST = "origin.json"
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 WHAT_TO_DO = ("pull it on a connected machine ('soft weights pull {spec}') and copy the cache folder, "
@@ -155,6 +169,8 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     repo_id, _, revision = body.partition("@")
     if not _REPO_RE.match(repo_id) or (_ and not revision):
         raise WeightsError(f"{spec!r} is not a Hub model spec; expected hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION")
+    if revision:
+        check_revision(spec, revision)
     return repo_id, revision or None
 
 
@@ -179,23 +195,167 @@ def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
-def _cached_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str] | None:
-    """The cached snapshot for a revision, without any network call."""
-    storage = _storage_folder(repo_id)
-    rev = revision or "main"
-    commit = rev if _COMMIT_RE.match(rev) else None
-    ref = storage / "refs" / rev
-    if commit is None and ref.is_file():
-        commit = ref.read_text().strip()
-    if commit is None:
+def check_revision(spec: str, revision: str) -> str:
+    """``revision`` if it is a branch/tag name or a 40-hex commit; a clear error otherwise (no path is built first)."""
+    why = revision_problem(revision)
+    if why is not None:
+        raise WeightsError(f"{spec}: {revision!r} is not a branch, tag or 40-hex commit ({why})")
+    return revision
+
+
+def _check_commit(spec: str, commit: object) -> str:
+    """The commit id a Hub (or the cache's refs/) gave, if it is 40 hex; it becomes a folder name."""
+    if not isinstance(commit, str) or not COMMIT_RE.match(commit):
+        raise WeightsError(f"{spec}: the Hub answered {str(commit)[:80]!r} as the commit id, not 40 hex digits; "
+                           "refusing to use that answer")
+    return commit
+
+
+class TamperedFile(WeightsError):
+    """A downloaded or cached file does not have the hash it should; it has been deleted."""
+
+
+#: (algorithm, hex digest): "sha256" for LFS files (the LFS oid), "git-sha1" for files stored in git.
+Digest = tuple[str, str]
+
+
+def _hash_file(path: Path, h: Any) -> str:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return str(h.hexdigest())
+
+
+def sha256_file(path: Path) -> str:
+    return _hash_file(path, hashlib.sha256())
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    if algorithm == "sha256":
+        return sha256_file(path)
+    return _hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's blob id
+
+
+def _valid_digest(digest: Digest) -> bool:
+    algorithm, value = digest
+    return bool((SHA256_RE if algorithm == "sha256" else COMMIT_RE).match(value))
+
+
+def _wanted(name: str) -> bool:
+    return "/" not in name and any(fnmatch(name, pattern) for pattern in HUB_PATTERNS)
+
+
+def _advertised_digests(spec: str, siblings: list[Any] | None) -> dict[str, Digest]:
+    """What the Hub's file listing says each wanted file hashes to (LFS oid, else git blob id)."""
+    out: dict[str, Digest] = {}
+    for sibling in siblings or []:
+        name = str(sibling.rfilename)
+        if not _wanted(name):
+            continue
+        lfs = getattr(sibling, "lfs", None)
+        lfs_sha = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        blob_id = str(getattr(sibling, "blob_id", None) or "").lower()
+        digest: Digest = ("sha256", str(lfs_sha).lower()) if lfs_sha else ("git-sha1", blob_id)
+        if not _valid_digest(digest):
+            raise WeightsError(f"{spec}: the Hub lists {name} without a valid {digest[0]} hash; refusing to "
+                               "download a file that cannot be verified")
+        out[name] = digest
+    return out
+
+
+def _manifest_path(repo_id: str, commit: str) -> Path:
+    """softcli's record of the hashes a snapshot was verified against (for caches without blob symlinks)."""
+    return hf_home() / "softcli" / "verified" / _storage_folder(repo_id).name / f"{commit}.json"
+
+
+def _recorded_digests(repo_id: str, commit: str) -> dict[str, Digest]:
+    try:
+        files = json.loads(_manifest_path(repo_id, commit).read_text())["files"]
+        return {str(k): (str(v[0]), str(v[1])) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def _record_digests(repo_id: str, commit: str, digests: dict[str, Digest]) -> None:
+    path = _manifest_path(repo_id, commit)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"repo_id": repo_id, "commit": commit, "files": digests}, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only HF_HOME: the blob names still carry the hashes
+
+
+def _blob_digest(file: Path, storage: Path) -> Digest | None:
+    """huggingface_hub names each blob by its hash: sha256 for LFS files, the git blob id otherwise."""
+    if not file.is_symlink():
         return None
-    folder = storage / "snapshots" / commit
+    target = Path(os.path.realpath(file))
+    if target.parent != (storage / "blobs").resolve():
+        return None
+    if SHA256_RE.match(target.name):
+        return ("sha256", target.name)
+    return ("git-sha1", target.name) if COMMIT_RE.match(target.name) else None
+
+
+def _discard(file: Path, storage: Path) -> None:
+    """Delete a bad file: its blob (only inside this repo's cache folder) and the snapshot's link to it."""
+    target = Path(os.path.realpath(file))
+    if target != file.absolute() and storage.resolve() in target.parents:
+        target.unlink(missing_ok=True)
+    file.unlink(missing_ok=True)
+
+
+def _verify_snapshot(spec: str, repo_id: str, folder: Path, commit: str,
+                     expected: dict[str, Digest] | None = None) -> None:
+    """Hash every wanted file of a snapshot; a mismatch deletes the file and raises :class:`TamperedFile`.
+
+    ``expected`` is what the Hub's listing advertised (a fresh download);
+    without it the hashes recorded at download time, or the blob names, are
+    the reference. A file with no reference at all is refused too.
+    """
+    storage = _storage_folder(repo_id)
+    reference = {**_recorded_digests(repo_id, commit), **(expected or {})}
+    blobs = (storage / "blobs").resolve()
+    for file in sorted(p for p in folder.iterdir() if _wanted(p.name)):
+        if file.is_symlink() and Path(os.path.realpath(file)).parent != blobs:
+            file.unlink()  # only the link: what it points to is outside this cache and not ours to delete
+            raise TamperedFile(f"{spec} (commit {commit[:12]}): {file.name} pointed outside the cache's blobs "
+                               "folder; the link was deleted and is not used")
+        digest = reference.get(file.name) or _blob_digest(file, storage)
+        if digest is None:
+            raise WeightsError(f"{spec}: {file} has no recorded hash to check it against; run "
+                               f"'soft weights pull {spec} --force' to download it again, verified")
+        actual = _file_digest(file, digest[0])
+        if actual != digest[1]:
+            _discard(file, storage)
+            raise TamperedFile(f"{spec} (commit {commit[:12]}): {file.name} has {digest[0]} {actual}, expected "
+                               f"{digest[1]}; the file was deleted and is not used")
+
+
+def _cached_snapshot(repo_id: str, revision: str) -> tuple[Path, str] | None:
+    """The cached snapshot of a (checked) revision, without any network call; not yet hash-verified."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                        local_files_only=True))
+    except Exception:  # noqa: BLE001 - nothing (usable) cached: LocalEntryNotFoundError, IncompleteSnapshotError...
+        return None
+    commit = folder.name
+    if not COMMIT_RE.match(commit) or folder.parent.resolve() != (_storage_folder(repo_id) / "snapshots").resolve():
+        return None  # a refs/ file that does not name a commit: never follow it
     return (folder, commit) if _has_weights(folder) else None
 
 
 def _record_ref(repo_id: str, revision: str, commit: str) -> None:
-    """Remember revision → commit in the cache's refs/ so offline use finds the snapshot."""
-    if revision == commit:
+    """Remember revision → commit in the cache's refs/ so offline use finds the snapshot.
+
+    Both are checked first (a branch/tag name, 40 hex): huggingface_hub 2.4
+    writes refs/REV from whatever the server answers, so softcli resolves the
+    commit itself, downloads that exact commit, and records the ref here.
+    """
+    if revision == commit or revision_problem(revision) or not COMMIT_RE.match(commit):
         return
     ref = _storage_folder(repo_id) / "refs" / revision
     try:
@@ -254,45 +414,113 @@ def _missing_message(repo_id: str, revision: str | None, exc: BaseException) -> 
 
 def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
              local_only: bool = False) -> tuple[Path, str]:
-    """Download (or find in the cache) a repo snapshot; returns (folder, commit).
+    """Download (or find in the cache) a repo snapshot, every file hash-checked; returns (folder, commit).
 
-    Online, the revision is resolved to its commit first (one small request
-    with a timeout), then the snapshot of that commit is fetched with
-    ``snapshot_download``. A commit that is already cached needs no network.
+    The revision must be a branch/tag name or a 40-hex commit. Online, it is
+    resolved to its commit first (one small request with a timeout; the
+    answer must be 40 hex), then the snapshot of that commit is fetched with
+    ``snapshot_download`` and each file is checked against the hash the Hub's
+    listing advertises (the LFS sha256, or the git blob id). A file that fails
+    is deleted, so a later pull downloads it again instead of trusting it. A
+    commit that is already cached needs no network; cached files are hashed
+    again on every use.
     """
     spec = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    cached = _cached_snapshot(repo_id, revision)
-    if cached and not force and (local_only or _COMMIT_RE.match(revision or "")):
-        return cached
+    revision = check_revision(spec, revision or "main")
+    pinned = bool(COMMIT_RE.match(revision))
     offline = local_only or is_offline()
-    if offline:
-        if cached:
+    cached = None if force and not offline else _cached_snapshot(repo_id, revision)
+    if cached and (offline or pinned):
+        try:
+            _verify_snapshot(spec, repo_id, *cached)
             return cached
+        except TamperedFile as exc:
+            if offline:
+                raise TamperedFile(f"{exc}; run 'soft weights pull {spec}' where the Hub can be reached to "
+                                   "download it again") from exc
+            cached = None  # online: fetch it again below
+    if offline:
         raise _not_cached(spec, "HF_HUB_OFFLINE=1 forbids downloads" if is_offline() else "downloads are off here")
 
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     try:
-        info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, timeout=meta_timeout())
-        commit = str(info.sha)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line below
+        info = HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, files_metadata=True,
+                                                         timeout=meta_timeout())
+    except Exception as exc:  # every failure becomes one clear line below
         if _classify(exc) == "missing":
             msg = _missing_message(repo_id, revision, exc)
-            raise HubUnavailable(msg, msg) from None
+            raise HubUnavailable(msg, msg) from exc
         if cached:
+            _verify_snapshot(spec, repo_id, *cached)
             return cached
-        raise _not_cached(spec, f"the Hub at {hub_endpoint()} cannot be reached ({_describe(exc)})") from None
+        raise _not_cached(spec, f"the Hub at {hub_endpoint()} cannot be reached ({_describe(exc)})") from exc
+    commit = _check_commit(spec, info.sha)
+    expected = _advertised_digests(spec, info.siblings)
     try:
-        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS, endpoint=hub_endpoint(),
-                                        etag_timeout=meta_timeout(), force_download=force))
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
-                           "or " + WHAT_TO_DO.format(spec=spec)) from None
-    _record_ref(repo_id, revision or "main", commit)
+        folder = _download_snapshot(spec, repo_id, commit, expected, force)
+    except TamperedFile:
+        # The cache may have held a bad copy (it is deleted now): one fresh download, checked again.
+        folder = _download_snapshot(spec, repo_id, commit, expected, force)
+    _record_ref(repo_id, revision, commit)
+    _record_digests(repo_id, commit, expected)
     if not _has_weights(folder):
         raise WeightsError(f"{spec} (commit {commit[:12]}) holds no .safetensors weights; a softcli repo has "
                            f"{WEIGHTS_NAME} + {CONFIG_NAME} (see 'soft weights convert')")
     return folder, commit
+
+
+_ETAG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hex_etags_only() -> Iterator[None]:
+    """While softcli downloads, a file's ETag must be a 40- or 64-hex hash.
+
+    huggingface_hub 2.4 names each cache blob after the ETag header without
+    checking it, so a server answering ``X-Linked-Etag: "../../x"`` makes it
+    write outside the cache. Its ETag parser is wrapped for the duration of
+    softcli's own downloads; should a later version drop that function, the
+    check in :func:`_verify_snapshot` still refuses blobs outside ``blobs/``.
+    """
+    from huggingface_hub import file_download
+
+    original = getattr(file_download, "_normalize_etag", None)
+    if original is None:
+        yield
+        return
+
+    def checked(etag: str | None) -> str | None:
+        value = original(etag)
+        if value is not None and not (COMMIT_RE.match(value) or SHA256_RE.match(value)):
+            raise ValueError(f"the Hub sent ETag {value[:80]!r}, not a 40- or 64-hex hash; refusing to name a "
+                             "cache file after it")
+        return value
+
+    with _ETAG_LOCK:
+        file_download._normalize_etag = checked
+        try:
+            yield
+        finally:
+            file_download._normalize_etag = original
+
+
+def _download_snapshot(spec: str, repo_id: str, commit: str, expected: dict[str, Digest], force: bool) -> Path:
+    """``snapshot_download`` of one checked commit (so huggingface_hub never resolves a ref itself), then verified."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        with _hex_etags_only():
+            folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS,
+                                            endpoint=hub_endpoint(), etag_timeout=meta_timeout(),
+                                            force_download=force))
+    except Exception as exc:  # one clear line for every failure
+        raise WeightsError(f"downloading {spec} (commit {commit[:12]}) failed: {_describe(exc)}; try again, "
+                           "or " + WHAT_TO_DO.format(spec=spec)) from exc
+    if folder.name != commit:
+        raise WeightsError(f"downloading {spec} gave snapshot {folder.name[:80]!r}, not commit {commit}")
+    _verify_snapshot(spec, repo_id, folder, commit, expected)
+    return folder
 
 
 # -- the official release origin (Google Drive) ------------------------------------------------
@@ -335,51 +563,156 @@ def _confirm_url(page: str, base: str, file_id: str, jar: CookieJar) -> str | No
     return None
 
 
+def download_deadline() -> float:
+    """Seconds a whole official-release download may take (``SOFTCLI_DOWNLOAD_DEADLINE``, default 1800)."""
+    return _env_seconds(DEADLINE_ENV, 1800.0)
+
+
+class _Deadline:
+    """One clock for a whole download: when it runs out, every socket it opened is shut down.
+
+    A per-read timeout alone never fires against a server that sends a byte
+    every few seconds; shutting the sockets down makes the blocked read return.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Self:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def left(self) -> float:
+        return max(0.01, self.end - time.monotonic())
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() >= self.end
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+        if self.expired:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.expired = True
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _deadline_handlers(deadline: _Deadline) -> list[urllib.request.BaseHandler]:
+    """HTTP(S) handlers whose connections register their sockets with ``deadline``."""
+
+    def tracked(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Tracked(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                deadline.track(self.sock)
+        return Tracked
+
+    plain, secure = tracked(http.client.HTTPConnection), tracked(http.client.HTTPSConnection)
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(plain, req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(secure, req, context=getattr(self, "_context", None))
+
+    return [HTTP(), HTTPS()]
+
+
+class _AllowListRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to an allowed host, over http(s), never from https down to http."""
+
+    def __init__(self, allowed: set[str], file_id: str) -> None:
+        self.allowed, self.file_id = allowed, file_id
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = urlsplit(newurl)
+        downgrade = urlsplit(req.full_url).scheme == "https" and new.scheme != "https"
+        if new.netloc not in self.allowed or new.scheme not in ("http", "https") or downgrade:
+            why = ("from https down to plain http" if downgrade and new.netloc in self.allowed else
+                   f"which is not an allowed host ({', '.join(sorted(self.allowed))})")
+            raise WeightsError(f"Google Drive redirected the download of {self.file_id} to {new.scheme}://"
+                               f"{new.netloc[:80]}, {why}; refusing to follow it")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def gdrive_download(file_id: str, dest: Path, *, endpoint: str | None = None, progress: ProgressFn | None = None,
-                    max_bytes: int = MAX_ORIGIN_BYTES) -> None:
+                    max_bytes: int = MAX_ORIGIN_BYTES, deadline: float | None = None) -> None:
     """Download a public Google Drive file, following the confirm page large files get.
 
-    Only Drive's own hosts (or the configured endpoint's host) are followed;
-    every request has a timeout; the size is capped; ``dest`` appears only
-    when the download is complete.
+    Only Drive's own hosts (or the configured endpoint's host) are contacted,
+    redirects included; every request has a timeout and the whole download a
+    deadline (``deadline`` seconds, default :func:`download_deadline`); the
+    size is capped; ``dest`` appears only when the download is complete.
     """
     base = (endpoint or os.environ.get(GDRIVE_ENV) or GDRIVE_DEFAULT).rstrip("/")
     allowed = GDRIVE_HOSTS | {urlsplit(base).netloc}
     jar = CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    url = f"{base}/uc?" + urlencode({"export": "download", "id": file_id})
-    for _ in range(3):
-        if urlsplit(url).netloc not in allowed or urlsplit(url).scheme not in ("http", "https"):
-            raise WeightsError(f"Google Drive sent the download of {file_id} to an unexpected host ({url[:80]})")
-        try:
-            resp = opener.open(urllib.request.Request(url, headers={"User-Agent": "softcli"}),
-                               timeout=download_timeout())
-        except urllib.error.HTTPError as exc:
-            detail = "no such file or not shared publicly" if exc.code == 404 else f"HTTP {exc.code}"
-            raise WeightsError(f"Google Drive file {file_id}: {detail} ({base})") from None
-        except OSError as exc:  # URLError, timeouts, resets
-            reason = getattr(exc, "reason", exc)
-            raise WeightsError(f"cannot reach Google Drive at {base} ({reason})") from None
-        with resp:
-            if resp.headers.get_content_type() != "text/html":
-                _stream(resp, dest, progress, max_bytes, file_id)
-                return
-            page = resp.read(2 * 1024 * 1024).decode("utf-8", "replace")
-        url = _confirm_url(page, base, file_id, jar) or ""
-        if not url:
-            raise WeightsError(f"Google Drive answered with a page instead of file {file_id} (download quota "
-                               "exceeded, or the file is not public); download it in a browser and pass --weights FILE")
+    with _Deadline(deadline or download_deadline()) as clock:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar),
+                                             _AllowListRedirects(allowed, file_id), *_deadline_handlers(clock))
+        url = f"{base}/uc?" + urlencode({"export": "download", "id": file_id})
+        for _ in range(3):
+            if urlsplit(url).netloc not in allowed or urlsplit(url).scheme not in ("http", "https"):
+                raise WeightsError(f"Google Drive sent the download of {file_id} to an unexpected host ({url[:80]})")
+            try:
+                resp = opener.open(urllib.request.Request(url, headers={"User-Agent": "softcli"}),
+                                   timeout=min(download_timeout(), clock.left()))
+                with resp:
+                    if resp.headers.get_content_type() != "text/html":
+                        _stream(resp, dest, progress, max_bytes, file_id, clock)
+                        return
+                    page = _read_page(resp, 2 * 1024 * 1024)
+            except urllib.error.HTTPError as exc:
+                detail = "no such file or not shared publicly" if exc.code == 404 else f"HTTP {exc.code}"
+                raise WeightsError(f"Google Drive file {file_id}: {detail} ({base})") from exc
+            except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, cut-off answers
+                if clock.passed():
+                    raise WeightsError(f"downloading Google Drive file {file_id} from {base} did not finish within "
+                                       f"{clock.seconds:g} s (set {DEADLINE_ENV} to allow longer)") from exc
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                raise WeightsError(f"cannot reach Google Drive at {base} ({reason})") from exc
+            url = _confirm_url(page, base, file_id, jar) or ""
+            if not url:
+                raise WeightsError(f"Google Drive answered with a page instead of file {file_id} (download quota "
+                                   "exceeded, or the file is not public); download it in a browser and pass "
+                                   "--weights FILE")
     raise WeightsError(f"Google Drive kept asking to confirm the download of {file_id}")
 
 
-def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, file_id: str) -> None:
+def _read_page(resp: Any, limit: int) -> str:
+    """At most ``limit`` bytes of an HTML answer, one socket read at a time (so the deadline can stop it)."""
+    data = b""
+    while len(data) < limit and (chunk := resp.read1(limit - len(data))):
+        data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, file_id: str,
+            clock: _Deadline) -> None:
     length = resp.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
     if total is not None and total > max_bytes:
         raise WeightsError(f"Google Drive file {file_id} is {total} bytes, over the {max_bytes}-byte limit")
     done = 0
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        while chunk := resp.read(1024 * 1024):
+        while chunk := resp.read1(1024 * 1024):  # one socket read: returns what arrived, never waits for a full MB
             done += len(chunk)
             if done > max_bytes:
                 raise WeightsError(f"Google Drive file {file_id} is over the {max_bytes}-byte limit")
@@ -387,16 +720,10 @@ def _stream(resp: Any, dest: Path, progress: ProgressFn | None, max_bytes: int, 
             if progress:
                 progress(done, total)
         fh.flush()
+        if (total is None or done != total) and clock.passed():  # the deadline shut the socket mid-file
+            raise TimeoutError("download deadline")
         if total is not None and done != total:
             raise WeightsError(f"Google Drive file {file_id}: connection closed after {done} of {total} bytes")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cached_origin(entry: RegistryEntry) -> ResolvedWeights | None:
@@ -438,6 +765,19 @@ def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str)
                            sha256=record["weights_sha256"])
 
 
+def _first_download_sha256(entry: RegistryEntry) -> str | None:
+    """The official file's sha256 recorded when it was first downloaded here (for origins the registry has none).
+
+    Once known, the file is pinned: a later download (``--force``) with other
+    bytes is refused, just as a registry sha256 mismatch is.
+    """
+    try:
+        digest = json.loads((origin_cache() / entry.name / ORIGIN_MANIFEST).read_text())["download_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) and SHA256_RE.match(digest) else None
+
+
 def fetch_origin(entry: RegistryEntry, progress: ProgressFn | None = None) -> ResolvedWeights:
     """Download, verify and convert a registry model from its official release."""
     o = entry.origin
@@ -455,9 +795,11 @@ def fetch_origin(entry: RegistryEntry, progress: ProgressFn | None = None) -> Re
         file = tmpdir / f"{o.official_name or entry.name}.{o.format}"
         gdrive_download(o.id, file, progress=progress)
         digest = sha256_file(file)
-        if o.sha256 and digest != o.sha256.lower():
-            raise WeightsError(f"{entry.name}: the file from Google Drive has sha256 {digest}, the registry expects "
-                               f"{o.sha256}; refusing to use it")
+        first = "its first download (recorded in origin.json)"
+        expected, source = (o.sha256, "the registry") if o.sha256 else (_first_download_sha256(entry), first)
+        if expected and digest != expected.lower():
+            raise WeightsError(f"{entry.name}: the file from Google Drive has sha256 {digest}, {source} says "
+                               f"{expected}; refusing to use it")
         return convert_origin(entry, file, digest)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -638,6 +980,19 @@ def _is_softcli_folder(folder: Path) -> bool:
         return False
 
 
+def _check_can_create(dest: Path) -> None:
+    """Fail before any work when ``dest`` cannot be created: it is built next to itself and renamed in."""
+    where = dest.absolute().parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputError(f"{dest}: {where} is a file, not a folder")
+    try:  # try it: os.access says yes to root even on read-only or special file systems
+        Path(tempfile.mkdtemp(prefix=".soft-write-check-", dir=where)).rmdir()
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot create files in folder {where} ({exc.strerror})") from exc
+
+
 def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], *,
                        labels: list[str] | None = None, name: str | None = None,
                        architecture: dict[str, Any] | None = None, repo_id: str | None = None,
@@ -651,11 +1006,12 @@ def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
 
     src, dest = Path(checkpoint), Path(out)
     if dest.exists() and (src.resolve() == dest.resolve() or dest.resolve() in src.resolve().parents):
-        raise WeightsError(f"--out {dest} holds the input checkpoint; choose another folder")
+        raise WeightsError(f"output folder {dest} holds the input checkpoint; choose another folder")
     if dest.exists() and not dest.is_dir():
-        raise WeightsError(f"--out {dest} is a file; give a folder")
+        raise WeightsError(f"output folder {dest} is a file; give a folder")
     if dest.is_dir() and any(dest.iterdir()) and not _is_softcli_folder(dest):
-        raise WeightsError(f"--out {dest} is a folder with other files in it; give a new or empty folder")
+        raise WeightsError(f"output folder {dest} has other files in it; give a new or empty folder")
+    _check_can_create(dest)
     ck = read_checkpoint(src)
     if architecture:
         ck.config = SoftConfig.from_dict({**architecture, "num_classes": ck.config.num_classes})
@@ -683,7 +1039,9 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
         raise WeightsError(f"{src}: not a softcli folder ({WEIGHTS_NAME} + {CONFIG_NAME}); "
                            "make one with 'soft weights convert CHECKPOINT --out DIR'")
     if not _REPO_RE.match(repo_id):
-        raise WeightsError(f"--repo {repo_id!r}: expected ORG/NAME")
+        raise WeightsError(f"repo {repo_id!r}: expected ORG/NAME")
+    if revision is not None and (revision_problem(revision) or COMMIT_RE.match(revision)):
+        raise WeightsError(f"branch {revision!r}: not a branch name ({revision_problem(revision) or 'a commit id'})")
     if is_offline():
         raise WeightsError("HF_HUB_OFFLINE=1 is set; unset it to push")
     build_model(read_checkpoint(src))  # refuse to publish weights that do not load

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -25,6 +26,34 @@ from .errors import SoftError
 REGISTRY_ENV = "SOFTCLI_REGISTRY"
 ORIGIN_KINDS = ("gdrive", "url")
 ORIGIN_FORMATS = ("pth", "pth.tar", "safetensors")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why ``revision`` is not a branch/tag name or a 40-hex commit (None when it is one).
+
+    The rules are git's (``git check-ref-format``): a revision later becomes a
+    file name under the cache's ``refs/`` and part of a URL, so ``/tmp/x``,
+    ``../../x``, ``a//b`` or control characters must never get that far.
+    """
+    if not isinstance(revision, str) or not revision:
+        return "it is empty"
+    if COMMIT_RE.match(revision):
+        return None
+    if len(revision) > 255:
+        return "it is longer than 255 characters"
+    if _REF_FORBIDDEN.search(revision):
+        return "it contains a space, a control character or one of ~ ^ : ? * [ \\"
+    if revision.startswith(("/", "-")) or revision.endswith(("/", ".")):
+        return "it starts with '/' or '-', or ends with '/' or '.'"
+    if ".." in revision or "//" in revision or "@{" in revision or revision == "@":
+        return "it contains '..', '//' or '@{'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        return "a part of it starts with '.' or ends with '.lock'"
+    return None
 
 
 class RegistryError(SoftError):
@@ -94,16 +123,26 @@ def _bad(source: str, what: str) -> RegistryError:
 def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
     if not isinstance(raw, dict):
         raise _bad(source, f"entry {name!r} is not an object")
+    if not NAME_RE.match(name):  # it names a cache folder: no '/', '..' or leading '.'
+        raise _bad(source, f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with '.'")
     try:
         arch = raw["architecture"]
         hub = HubLocation(**raw["hub"])
         if not isinstance(arch, dict) or "/" not in hub.repo_id:
             raise ValueError("architecture must be an object and hub.repo_id ORG/NAME")
+        if not NAME_RE.match(hub.filename):
+            raise ValueError(f"hub.filename {hub.filename!r} must be a file name in the repo's top folder")
+        if (why := revision_problem(hub.revision)) is not None:
+            raise ValueError(f"hub.revision {hub.revision!r} is not a branch, tag or commit: {why}")
         origin = None
         if raw.get("origin") is not None:
             origin = Origin(**raw["origin"])
             if origin.kind not in ORIGIN_KINDS or origin.format not in ORIGIN_FORMATS:
                 raise ValueError(f"origin kind must be one of {ORIGIN_KINDS}, format one of {ORIGIN_FORMATS}")
+            if origin.sha256 is not None and not SHA256_RE.match(str(origin.sha256)):
+                raise ValueError("origin.sha256 must be 64 lowercase hex digits or null")
+            if origin.official_name is not None and not NAME_RE.match(str(origin.official_name)):
+                raise ValueError("origin.official_name must be a plain file name (no '/', not starting with '.')")
         top1 = raw.get("top1")
         known = {"architecture", "hub", "origin", "params", "top1", "description", "top1_source"}
         return RegistryEntry(name=name, architecture=dict(arch), params=int(raw["params"]),

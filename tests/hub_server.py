@@ -136,6 +136,11 @@ class FakeHub(_Server):
         self.repos: dict[str, Repo] = {}
         self._lfs_uploads: dict[str, bytes] = {}
         self.validated: list[str] = []  # model card texts sent to /api/validate-yaml
+        # Misbehaviours for the hostile-Hub tests (tests/security):
+        self.answer_sha: str | None = None  # the repo info's "sha", whatever the revision really is
+        self.swap_bytes: dict[str, bytes] = {}  # file name -> bytes served instead (listing and headers unchanged)
+        self.any_revision = False  # resolve every unknown revision (even "../../x") to main, as a careless server might
+        self.linked_etag: dict[str, str] = {}  # file name -> X-Linked-Etag / ETag header sent instead of the real one
 
     # -- publishing -------------------------------------------------------------
     def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", tag: str | None = None,
@@ -158,6 +163,8 @@ class FakeHub(_Server):
             h.send_json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}, head)
             return None
         sha = repo.refs.get(rev, rev if rev in repo.commits else None)
+        if sha is None and self.any_revision:
+            sha = repo.refs.get("main")
         if sha is None:
             h.send_json(404, {"error": f"Invalid rev id: {rev}"}, {"X-Error-Code": "RevisionNotFound"}, head)
             return None
@@ -165,16 +172,17 @@ class FakeHub(_Server):
 
     def handle(self, h: _Handler, method: str) -> None:
         parts = urlsplit(h.path)
-        path = unquote(parts.path)
+        raw = parts.path  # matched before unquoting: a revision arrives quoted (refs%2Fpr%2F1), as on the real Hub
+        path = unquote(raw)
         query = parse_qs(parts.query)
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path):
-            return self._info(h, m[1], m[2])
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", raw):
+            return self._info(h, m[1], unquote(m[2]), query)
         if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)", path):
-            return self._info(h, m[1], "main")
-        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
-            return self._tree(h, m[1], m[2], query)
-        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
-            return self._file(h, m[1], m[2], m[3], head=method == "HEAD")
+            return self._info(h, m[1], "main", query)
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", raw):
+            return self._tree(h, m[1], unquote(m[2]), query)
+        if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", raw):
+            return self._file(h, m[1], unquote(m[2]), unquote(m[3]), head=method == "HEAD")
         if method == "POST" and path == "/api/repos/create":
             return self._create(h)
         if method == "POST" and path == "/api/validate-yaml":  # model card metadata check before a commit
@@ -191,13 +199,21 @@ class FakeHub(_Server):
             return self._commit(h, m[1], m[2])
         h.send_json(404, {"error": f"not served by the fake hub: {method} {path}"})
 
-    def _info(self, h: _Handler, repo_id: str, rev: str) -> None:
+    def _info(self, h: _Handler, repo_id: str, rev: str, query: dict) -> None:
         found = self._resolve(h, repo_id, rev)
         if found:
             repo, sha = found
-            siblings = [{"rfilename": name} for name in sorted(repo.commits[sha])]
-            h.send_json(200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                              "siblings": siblings, "tags": [], "library_name": "softcli"})
+            siblings = []
+            for name, data in sorted(repo.commits[sha].items()):
+                sibling: dict = {"rfilename": name}
+                if query.get("blobs") in (["True"], ["true"], ["1"]):  # files_metadata=True, as the real Hub answers
+                    sibling.update(blobId=git_blob_sha1(data), size=len(data))
+                    if name.endswith(LFS_SUFFIXES):
+                        sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                                          "pointerSize": 134}
+                siblings.append(sibling)
+            h.send_json(200, {"_id": repo_id, "id": repo_id, "modelId": repo_id, "sha": self.answer_sha or sha,
+                              "private": repo.private, "siblings": siblings, "tags": [], "library_name": "softcli"})
 
     def _tree(self, h: _Handler, repo_id: str, rev: str, query: dict) -> None:
         found = self._resolve(h, repo_id, rev)
@@ -231,6 +247,10 @@ class FakeHub(_Server):
             start = int(m[1])
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             data, status = data[start:], 206
+        if name in self.linked_etag:
+            headers["ETag"] = headers["X-Linked-Etag"] = f'"{self.linked_etag[name]}"'
+        if not head and name in self.swap_bytes:
+            data = self.swap_bytes[name]
         h.send_bytes(status, data, headers=headers, head=head)
 
     # -- uploads (HfApi.create_repo + create_commit with HF_HUB_DISABLE_XET=1) --------
@@ -281,6 +301,8 @@ class FakeDrive(_Server):
         self.files: dict[str, tuple[str, bytes]] = {}  # id -> (name, data)
         self.confirm_above = confirm_above
         self.form_action: str | None = None  # where the confirm form points (default: this server)
+        self.redirect_to: str | None = None  # answer /uc with a 302 to this URL
+        self.drip: tuple[float, bool] | None = None  # (seconds per byte, whole answer or body only): a slow server
         self._tokens: set[str] = set()
 
     def add(self, file_id: str, name: str, data: bytes) -> None:
@@ -294,6 +316,10 @@ class FakeDrive(_Server):
             return h.send_bytes(404, b"<html><body>Sorry, the file you have requested does not exist.</body></html>",
                                 "text/html; charset=utf-8")
         name, data = found
+        if parts.path == "/uc" and self.redirect_to:
+            return h.send_bytes(302, b"", "text/html", headers={"Location": self.redirect_to})
+        if self.drip:
+            return self._drip(h, name, data, *self.drip)
         needs_confirm = len(data) > self.confirm_above
         if parts.path == "/uc" and needs_confirm:
             token = uuid.uuid4().hex
@@ -311,6 +337,22 @@ class FakeDrive(_Server):
         if parts.path == "/download" and needs_confirm and q.get("uuid") not in self._tokens:
             return h.send_bytes(403, b"<html>confirm first</html>", "text/html")
         h.send_bytes(200, data, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @staticmethod
+    def _drip(h: _Handler, name: str, data: bytes, seconds: float, whole: bool) -> None:
+        """Send the answer one byte at a time, ``seconds`` apart: every read succeeds, the download never ends."""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n"
+                f'Content-Disposition: attachment; filename="{name}"\r\n\r\n').encode()
+        if not whole:
+            h.wfile.write(head)
+            h.wfile.flush()
+        try:
+            for i in range(len(data) + (len(head) if whole else 0)):
+                h.wfile.write((head + data)[i:i + 1] if whole else data[i:i + 1])
+                h.wfile.flush()
+                time.sleep(seconds)
+        except OSError:  # the client gave up
+            h.close_connection = True
 
 
 # -- pytest helpers shared by the hub tests ------------------------------------------------

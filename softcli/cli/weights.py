@@ -25,7 +25,7 @@ weights_app = typer.Typer(
 )
 app.add_typer(weights_app, name="weights")
 
-SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO[@REV], a folder or a file.",
+SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO\\[@REV], a folder or a file.",
                                         show_default=False)]
 
 
@@ -62,6 +62,9 @@ def pull(spec: SpecArg,
 
     A registry model whose Hub repo is missing is rebuilt from its official
     release (downloaded, checked, converted, kept with its sha256).
+    Every file is checked against its sha256 (or git hash); one that fails is
+    deleted and refused. SOFTCLI_DOWNLOAD_DEADLINE (seconds, default 1800)
+    bounds an official-release download.
 
     Example: soft weights pull hf-hub:acme/soft-mini@v1
     """
