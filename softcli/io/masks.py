@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import OutputError, UsageError
 from .atomic import atomic_path, check_output_path
+from .inputs import json_safe
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
@@ -240,7 +241,7 @@ def legend(names: Sequence[str], palette: Sequence[Sequence[int]], counts: np.nd
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            tmp.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
