@@ -253,6 +253,14 @@ def _apply_project_config(ck: Checkpoint, data: Any, path: Path) -> None:
     ck.extra = {k: v for k, v in data.items() if k not in ("model_config", "labels", "pretrained_cfg")}
 
 
+def model_files(source: str | os.PathLike[str] | None) -> list[Path]:
+    """The files a loaded model came from (weights file, and the config.json beside it), which no output may replace."""
+    if not source:
+        return []
+    weights = Path(source)
+    return [weights, weights.with_name(CONFIG_NAME)]
+
+
 def _read_folder(folder: Path) -> Checkpoint:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

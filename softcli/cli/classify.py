@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..checkpoint import model_files
 from ..classify import ClassifyResult, classify_paths
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import DEFAULT_MAX_PIXELS
@@ -92,6 +93,8 @@ def classify(
         net = load_cli_model(model, weights, device)
     err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}",
                       highlight=False, soft_wrap=True)
+    if csv_file is not None:  # now that the model's own files are known, --csv must not be one of them
+        check_output_path(csv_file, [i.path for i in items], model_files(getattr(net, "source", None)))
 
     out = Console(file=sys.stdout)  # bound now: a live progress bar must not capture the tables
     show_tables = not json_out
