@@ -165,6 +165,11 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
             head_cfg = HeadConfig.from_dict({k: v for k, v in head_meta.items() if k != "type"})
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
+        stored = _infer_head_config(ck.state_dict, ck.source)  # sizes must match the weights before building
+        for name in ("num_classes", "fpn_channels", "channels"):
+            if getattr(head_cfg, name) != getattr(stored, name):
+                raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: its config says {name} = "
+                                      f"{getattr(head_cfg, name)} but the weights have {getattr(stored, name)}")
     else:
         head_cfg = _infer_head_config(ck.state_dict, ck.source)
     head = SemanticFPNHead(backbone.config.embed_dims, head_cfg)

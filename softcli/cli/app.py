@@ -62,8 +62,10 @@ def _register_commands() -> None:
 
 
 def error_line(message: str) -> None:
-    """One ``error: ...`` line on stderr; the only way commands report failures."""
-    text = " ".join(str(message).split())
+    """One ``error: ...`` line on stderr; the only way commands report failures (file names made UTF-8)."""
+    from ..io.inputs import safe_text
+
+    text = safe_text(" ".join(str(message).split()))
     sys.stderr.write(f"error: {text}\n")
     sys.stderr.flush()
 

@@ -35,14 +35,23 @@ def path_bytes(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: surrogate-escaped bytes (from file names) become ``\\xNN``, other lone surrogates ``\\uNNNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_safe(obj: object) -> object:
-    """``obj`` with every string made valid UTF-8 (:func:`display_path`), so JSON of it always encodes."""
+    """``obj`` with every string made valid UTF-8 (:func:`safe_text`), so JSON of it always encodes."""
     if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-            return obj
-        except UnicodeEncodeError:
-            return obj.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return safe_text(obj)
     if isinstance(obj, dict):
         return {json_safe(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

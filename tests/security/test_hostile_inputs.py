@@ -159,6 +159,26 @@ def test_inferred_config_bomb_refused(work, tmp_path):
     assert_clean_failure(proc, "deep.safetensors", "needs about", "refusing to build")
 
 
+def test_segmentation_head_config_bomb_refused(tmp_path):
+    """A segmentation config.json whose head claims 10⁷ FPN channels: checked against the weights, not built."""
+    import softcli
+    from softcli.models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
+    from softcli.segment import save_segmenter
+
+    torch.manual_seed(0)
+    backbone = softcli.create_model(TINY_CONFIG, num_classes=0)
+    model = SoftSegmenter(backbone, SemanticFPNHead(backbone.config.embed_dims, HeadConfig(num_classes=3,
+                                                                                           fpn_channels=16,
+                                                                                           channels=16, groups=4)))
+    save_segmenter(model, tmp_path / "seg", ["a", "b", "c"])
+    config = json.loads((tmp_path / "seg" / "config.json").read_text())
+    config["head"]["fpn_channels"] = 10**7
+    (tmp_path / "seg" / "config.json").write_text(json.dumps(config))
+    Image.fromarray(_noise(np.random.default_rng(5), 64, 64, 3)).save(tmp_path / "img.png")
+    proc = soft_capped("segment", "img.png", "--out", "m.png", "--weights", "seg", cwd=tmp_path)
+    assert_clean_failure(proc, "fpn_channels = 10000000", "the weights have 16")
+
+
 def test_pth_zip_bomb_refused_before_inflating(work, tmp_path):
     """A 1.5 MB .pth whose storage inflates to 1.5 GB: refused from the zip directory, not by running out."""
     pth_zip_bomb(tmp_path / "bomb.pth")
