@@ -197,8 +197,9 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
             pg = tif.pages[page]
             width, height = int(pg.imagewidth), int(pg.imagelength)
             check_pixels(p, width, height, max_pixels)
-            if int(getattr(pg, "imagedepth", 1) or 1) > 1:
-                raise _fail(p, f"volumetric (3D) TIFF page ({pg.imagedepth} slices of {width}x{height}); "
+            depth = int(getattr(pg, "imagedepth", 1) or 1)
+            if depth > 1:
+                raise _fail(p, f"volumetric (3D) TIFF page ({depth} slices of {width}x{height}); "
                                "only 2D images are supported")
             check_decode_memory(p, width, height, int(pg.nbytes))
             arr = pg.asarray()

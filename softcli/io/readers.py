@@ -202,7 +202,7 @@ class TiffReader(ImageReader):
     def _check_plausible(self, page: object) -> None:
         """Refuse a level whose declared pixel data is far more than its stored bytes could decode to."""
         declared = int(page.nbytes)  # type: ignore[attr-defined]
-        stored = sum(int(n) for n in page.databytecounts)  # type: ignore[attr-defined]
+        stored = int(np.sum(np.asarray(page.databytecounts, dtype=np.int64)))  # type: ignore[attr-defined]
         if declared > TIFF_INFLATION_FLOOR and stored * MAX_TIFF_INFLATION < declared:
             raise _fail(self.path, f"declares a {self.width}x{self.height} image ({format_bytes(declared)} of "
                                    f"pixel data) but stores only {stored:,} bytes of it; refusing a file that "

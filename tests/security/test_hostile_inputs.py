@@ -268,7 +268,7 @@ def _broken_tiffs(folder: Path) -> list[str]:
 
     def tag_offsets(path: Path) -> tuple[dict[str, tuple[int, int]], tuple[int, ...], tuple[int, ...]]:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
+            page = tif.pages.first
             tags = {t.name: (t.valueoffset, t.count) for t in page.tags.values()}
             return tags, tuple(page.dataoffsets), tuple(page.databytecounts)
 
