@@ -14,7 +14,7 @@ from rich.table import Table
 from ..checkpoint import model_files
 from ..classify import ClassifyResult, classify_paths
 from ..io.atomic import atomic_path, check_output_path
-from ..io.image import DEFAULT_MAX_PIXELS
+from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..io.inputs import display_path, expand_inputs
 from .app import app, error_line
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, model_name,
@@ -66,7 +66,7 @@ def classify(
                                                   help="Also write every prediction to FILE as CSV.")] = None,
     full_res: Annotated[bool, typer.Option("--full-res", help="Classify the whole image at its native resolution "
                                                               "instead of a centre crop at the model's input size.")] = False,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N",
+    max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N",
                                             help="Refuse images with more pixels than this (a decompression-bomb "
                                                  "guard; 0 = no limit).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
@@ -85,6 +85,7 @@ def classify(
 
       soft classify huge.tif --weights ckpt.pth --full-res --top-k 3 --csv out.csv
     """
+    pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
     items = expand_inputs(inputs)
     if csv_file is not None:
         check_output_path(csv_file, [i.path for i in items])
