@@ -147,7 +147,7 @@ def normalize(x: Tensor, pre: Preprocess) -> Tensor:
 def _cut_axis(n: int, scaled: int, crop: int) -> tuple[int, int, int]:
     """Along one axis: (source start, source length, scaled length) of the centre part a crop needs."""
     keep = crop + 2 * CUT_MARGIN
-    if scaled <= keep:
+    if scaled <= 4 * keep:  # only the long axis is cut; the short one keeps timm's exact scale
         return 0, n, scaled
     per_out = n / scaled  # source pixels per scaled pixel
     length = min(n, math.ceil(keep * per_out))
