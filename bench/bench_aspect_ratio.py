@@ -51,7 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print(f"load: {os.getloadavg()[0]:.2f}")
-    print("| image (H x W) | decoded array | scaled whole, uncut (computed) | peak RSS growth of eval_transform | time |")
+    print("| image (H x W) | decoded array | scaled whole, uncut (computed) "
+          "| peak RSS growth of eval_transform | time |")
     print("|---|---|---|---|---|")
     for text in args.shapes.split(","):
         h, w = (int(v) for v in text.lower().split("x"))

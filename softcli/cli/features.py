@@ -38,8 +38,8 @@ def features(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image "
-                                                                 "larger than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image larger "
+                                                                 "than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.

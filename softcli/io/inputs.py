@@ -36,7 +36,7 @@ def path_bytes(path: str | os.PathLike[str]) -> str | None:
 
 
 def safe_text(text: str) -> str:
-    """``text`` as valid UTF-8: surrogate-escaped bytes (from file names) become ``\\xNN``, other lone surrogates ``\\uNNNN``."""
+    """``text`` as valid UTF-8: escaped file-name bytes become ``\\xNN``, other lone surrogates ``\\uNNNN``."""
     try:
         text.encode("utf-8")
         return text

@@ -377,7 +377,7 @@ def test_sigterm_removes_spill_files(work, tmp_path):
     rng = np.random.default_rng(3)
     Image.fromarray(_noise(rng, 2048, 2048, 3)).save(tmp_path / "big.png")
     proc = start_capped("features", "big.png", "--out", "f.safetensors", "--weights", str(work / "ckpt"),
-                        "--max-memory", "64MB", "--tile", "256", cwd=tmp_path)
+                        "--max-memory", "64MB", "--tile", "128", "--overlap", "32", cwd=tmp_path)  # ~500 tiles
     try:
         deadline = time.monotonic() + 90
         while not any(n.startswith(".soft-maps-") for n in _temporaries(tmp_path)):
