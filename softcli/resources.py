@@ -6,8 +6,9 @@ headers, with the numbers, instead of being allowed to exhaust the machine.
 The checks here compare an estimate with what is really there:
 
 - memory: the kernel's ``MemAvailable`` (physical RAM not needed by others),
-  lowered to what the process's address-space limit (``ulimit -v``) still
-  allows, since an allocation past either fails or gets the process killed;
+  lowered to what a container's cgroup v2 limit and the process's
+  address-space limit (``ulimit -v``) still allow, since an allocation past
+  any of them fails or gets the process killed;
 - disk: the free space of the folder that will hold outputs and spill files.
 
 Nothing is printed; callers raise their own typed error with :func:`format_bytes`.
@@ -36,6 +37,17 @@ def _meminfo_available() -> int | None:
         return None
 
 
+def _cgroup_left(root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this container may still use under its cgroup v2 memory limit (None when unlimited or unknown)."""
+    try:
+        limit = Path(root, "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path(root, "memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
 def _address_space_left() -> int | None:
     """Bytes this process may still map under RLIMIT_AS (None when unlimited or unknown)."""
     try:
@@ -52,8 +64,8 @@ def _address_space_left() -> int | None:
 
 
 def available_memory() -> int | None:
-    """Bytes the process can still allocate: free RAM, capped by its address-space limit; None if unknown."""
-    known = [v for v in (_meminfo_available(), _address_space_left()) if v is not None]
+    """Bytes the process can still allocate: free RAM, capped by cgroup and address-space limits; None if unknown."""
+    known = [v for v in (_meminfo_available(), _cgroup_left(), _address_space_left()) if v is not None]
     return min(known) if known else None
 
 

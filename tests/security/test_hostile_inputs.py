@@ -473,3 +473,19 @@ def test_wrong_content_refused_or_sniffed(work, tmp_path):
     (labelled / "config.json").write_text(json.dumps(config))
     proc = soft_capped("classify", work / "good.png", "--weights", labelled, cwd=tmp_path)
     assert_clean_failure(proc, "config.json", "3 names", "10 classes")
+
+
+def test_memory_available_honours_cgroup_and_address_space_limits(tmp_path):
+    """The figure every check above compares with: the smallest of free RAM, a cgroup limit and ulimit -v."""
+    from softcli import resources
+
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("400000\n")
+    assert resources._cgroup_left(str(tmp_path)) == 600000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert resources._cgroup_left(str(tmp_path)) is None
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2**31, 2**31)); "
+            "from softcli.resources import available_memory; print(available_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert 0 < int(out) < 2**31
