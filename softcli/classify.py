@@ -21,7 +21,7 @@ from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
 from .labels import labels_for
 from .preprocess import Preprocess, batch_same_size, eval_transform, full_res_size, full_res_transform, min_side
-from .resources import available_memory, format_bytes
+from .resources import device_memory_available, format_bytes
 from .tiling import estimate_memory
 
 
@@ -78,11 +78,13 @@ def _reason(exc: InputError, path: str) -> str:
 def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
     """Why the model cannot run on a whole (H, W) image here (estimated memory above what is available), or None."""
     need = estimate_memory(hw[0] * hw[1], model.config, sum(p.numel() for p in model.parameters()))
-    free = available_memory()
+    device = next(model.parameters()).device
+    free = device_memory_available(device)
     if free is None or need <= free:
         return None
+    where = "" if device.type == "cpu" else f" on {device}"
     return (f"at full resolution ({hw[0]}x{hw[1]} = {hw[0] * hw[1]:,} pixels) the model needs about "
-            f"{format_bytes(need)} of memory, more than the {format_bytes(free)} available; "
+            f"{format_bytes(need)} of memory, more than the {format_bytes(free)} available{where}; "
             "classify it without full resolution")
 
 

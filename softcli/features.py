@@ -34,7 +34,7 @@ from .errors import InputError, UsageError
 from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
-from .resources import available_memory, format_bytes
+from .resources import device_memory_available, format_bytes
 from .io.readers import ArrayReader, ImageReader, open_image
 from .io.writers import check_feature_request, write_features
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
@@ -155,13 +155,14 @@ def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.Path
     return stage_list, fmt
 
 
-def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str]) -> None:
-    """Refuse before any allocation a plan that needs more memory, or more disk, than there is."""
-    free = available_memory()
+def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
+                    device: torch.device | str = "cpu") -> None:
+    """Refuse before any allocation a plan that needs more memory (on ``device``), or more disk, than there is."""
+    free = device_memory_available(torch.device(device))
     if free is not None and plan.estimated_peak_bytes > free:
         raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[0]}x{plan.tile[1]} tiles needs "
                          f"about {format_bytes(plan.estimated_peak_bytes)} of memory, more than the "
-                         f"{format_bytes(free)} available; use a smaller --tile or --max-memory")
+                         f"{format_bytes(free)} available on {device}; use a smaller --tile or --max-memory")
     spill = plan.map_bytes if plan.sink == "disk" else 0
     check_disk_space(Path(out).resolve().parent, spill + plan.map_bytes,
                      f"the feature maps ({format_bytes(plan.map_bytes)}" + (", written twice: spill files and output)"
@@ -219,7 +220,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
                                    image_in_memory=isinstance(reader, ArrayReader))
-        check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out)
+        check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out, device)
         if on_plan is not None:
             on_plan(plan)
         sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)

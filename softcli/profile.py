@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UsageError
-from .resources import available_memory, format_bytes
+from .resources import device_memory_available, format_bytes
 from .models.landmarks import LandmarkPolicy
 from .models.soft import LOCAL_KERNELS, NEWTON_STEPS, VARIANTS, SoftAttention, SoftmaxAttention, create_soft
 
@@ -230,10 +230,7 @@ def memory_limit(settings: ProfileSettings) -> int | None:
     """What one configuration may use: --max-memory, else the device's free memory (None if unknown)."""
     if settings.max_memory_bytes:
         return settings.max_memory_bytes
-    device = torch.device(settings.device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(device)[0])
-    return available_memory() if device.type == "cpu" else None
+    return device_memory_available(torch.device(settings.device))
 
 
 def grid_for(tokens: int) -> tuple[int, int]:

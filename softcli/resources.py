@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["available_memory", "free_disk", "format_bytes"]
+__all__ = ["available_memory", "device_memory_available", "free_disk", "format_bytes"]
 
 
 def _meminfo_available() -> int | None:
@@ -67,6 +67,21 @@ def available_memory() -> int | None:
     """Bytes the process can still allocate: free RAM, capped by cgroup and address-space limits; None if unknown."""
     known = [v for v in (_meminfo_available(), _cgroup_left(), _address_space_left()) if v is not None]
     return min(known) if known else None
+
+
+def device_memory_available(device: object) -> int | None:
+    """Free memory where a model runs: :func:`available_memory` on the CPU, the GPU's own free memory on CUDA."""
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cpu":
+        return available_memory()
+    if kind == "cuda":
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])  # type: ignore[arg-type]
+        except (RuntimeError, AssertionError):
+            return None
+    return None  # MPS and others: unknown
 
 
 def free_disk(folder: str | os.PathLike[str]) -> int | None:
