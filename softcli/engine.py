@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .io.atomic import make_temp_dir
+from .io.atomic import MAPS_TEMP_PREFIX, make_temp_dir
 from .io.readers import ImageReader
 from .tiling import Tile, TileGrid
 
@@ -113,7 +113,7 @@ class DiskSink(MapSink):
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.folder = make_temp_dir(".soft-maps-", folder)  # PID in the name: a killed run's is swept later
+        self.folder = make_temp_dir(MAPS_TEMP_PREFIX, folder)  # PID in the name: a killed run's is swept later
         self._fds: dict[str, int] = {}
 
     def allocate(self, name: str, shape: tuple[int, int, int]) -> None:

@@ -23,9 +23,11 @@ from ..errors import OutputError
 from ..resources import format_bytes, free_disk
 
 PARTIAL_TAG = ".partial-"
-#: Prefixes of the temporary folders of the disk-backed feature maps and label masks (followed by ``PID-``).
-TEMP_PREFIXES = (".soft-maps-", ".soft-mask-")
-_STALE = re.compile(r"^(?:\.soft-(?:maps|mask)-|\..+\.partial-)(\d+)(?:-.*)?$", re.DOTALL)
+#: Prefixes of the temporary folders of disk-backed feature maps and label masks (followed by ``PID-``).
+MAPS_TEMP_PREFIX = ".soft-maps-"
+MASK_TEMP_PREFIX = ".soft-mask-"
+_STALE = re.compile(rf"^(?:{re.escape(MAPS_TEMP_PREFIX)}|{re.escape(MASK_TEMP_PREFIX)}|\..+\.partial-)(\d+)(?:-.*)?$",
+                    re.DOTALL)
 
 
 def _partial_name(path: Path) -> Path:

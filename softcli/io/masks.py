@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError, UsageError
-from .atomic import atomic_path, check_output_path, make_temp_dir
+from .atomic import MASK_TEMP_PREFIX, atomic_path, check_output_path, make_temp_dir
 from .inputs import json_safe
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
@@ -94,7 +94,7 @@ class LabelRaster:
         self.num_labels = int(num_labels)
         self.dtype = np.dtype(np.uint8 if num_labels <= 256 else np.uint16)
         self.counts = np.zeros(num_labels, np.int64)
-        self._dir = make_temp_dir(".soft-mask-", folder if folder is not None else tempfile.gettempdir())
+        self._dir = make_temp_dir(MASK_TEMP_PREFIX, folder if folder is not None else tempfile.gettempdir())
         self._fd = os.open(self._dir / "labels.raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self._fd, self.nbytes)
         self.rows_written = 0
