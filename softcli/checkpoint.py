@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .errors import CheckpointError
 from .io.atomic import atomic_dir
+from .resources import available_memory, format_bytes
 from .models import (VARIANTS, SoftConfig, SoftModel, checkpoint_filter_fn, create_soft, infer_config,
                      is_official_layout)
 
@@ -40,6 +41,13 @@ CONFIG_NAME = "config.json"
 FORMAT_TAG = "softcli"
 PICKLE_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
+#: A ``.pth`` zip may inflate to at most this many times its own size (torch stores members uncompressed;
+#: a re-zipped float checkpoint shrinks by ~10%, a pruned one a few times): more is a zip bomb.
+MAX_ZIP_INFLATION = 20
+#: ... unless it inflates to less than this in total, which is harmless whatever the ratio.
+ZIP_INFLATION_FLOOR = 64 * 2**20
+#: Python-side memory one block costs beyond its weights (modules, parameter objects), measured ~33 KiB.
+BLOCK_OVERHEAD_BYTES = 48 * 2**10
 
 #: Preprocessing of the ImageNet checkpoints (DeiT-style evaluation).
 IMAGENET_PRETRAINED_CFG: dict[str, Any] = {
@@ -109,9 +117,28 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, dict(header.get("__metadata__") or {})
 
 
+def _check_zip_sizes(path: Path) -> None:
+    """Refuse a zip whose members would inflate far beyond the file (a zip bomb), from its directory alone."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            inflated = sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _fail(path, f"cannot read PyTorch checkpoint, truncated or corrupt ({exc})") from None
+    size = path.stat().st_size
+    if inflated > max(ZIP_INFLATION_FLOOR, MAX_ZIP_INFLATION * size):
+        raise _fail(path, f"refusing to inflate: its zip members add up to {format_bytes(inflated)} from a "
+                          f"{format_bytes(size)} file (over {MAX_ZIP_INFLATION}x; a zip bomb, not a checkpoint)")
+    free = available_memory()
+    if free is not None and inflated > free:
+        raise _fail(path, f"needs {format_bytes(inflated)} of memory to load, more than the "
+                          f"{format_bytes(free)} available")
+
+
 def _load_pickle(path: Path) -> Any:
     """``torch.load`` restricted to tensors, plain data and ``argparse.Namespace``."""
-    if not zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path):
+        _check_zip_sizes(path)
+    else:
         with open(path, "rb") as fh:
             magic = fh.read(2)
         if magic[:1] != b"\x80":  # legacy (non-zip) torch files start with a pickle protocol byte
@@ -217,10 +244,21 @@ def _apply_project_config(ck: Checkpoint, data: Any, path: Path) -> None:
     if labels is not None:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise _fail(path, "'labels' must be a list of strings")
+        if len(labels) != ck.config.num_classes:
+            raise _fail(path, f"'labels' has {len(labels)} names but the model has {ck.config.num_classes} "
+                              "classes; they must match")
         ck.labels = labels
     if isinstance(data.get("pretrained_cfg"), Mapping):
         ck.pretrained_cfg = {**IMAGENET_PRETRAINED_CFG, **data["pretrained_cfg"]}
     ck.extra = {k: v for k, v in data.items() if k not in ("model_config", "labels", "pretrained_cfg")}
+
+
+def model_files(source: str | os.PathLike[str] | None) -> list[Path]:
+    """The files a loaded model came from (weights file, and the config.json beside it), which no output may replace."""
+    if not source:
+        return []
+    weights = Path(source)
+    return [weights, weights.with_name(CONFIG_NAME)]
 
 
 def _read_folder(folder: Path) -> Checkpoint:
@@ -235,8 +273,39 @@ def _read_folder(folder: Path) -> Checkpoint:
     return read_checkpoint(weights)
 
 
+def estimate_model_bytes(config: SoftConfig) -> int:
+    """Memory to build ``config`` in float32, from its sizes alone (within ~10% of the real parameter count)."""
+    params, prev = 0, 3
+    for dim, depth in zip(config.embed_dims, config.depths):
+        params += max(depth, 0) * 12 * dim * dim + 9 * prev * dim  # blocks (attention + 4x MLP) + patch embedding
+        prev = dim
+    params += config.pretrain_grid[0] * config.pretrain_grid[1] * config.embed_dims[0]
+    params += config.embed_dims[-1] * config.num_classes
+    return 4 * params + BLOCK_OVERHEAD_BYTES * sum(max(d, 0) for d in config.depths)
+
+
+def check_model_size(config: SoftConfig, source: str) -> None:
+    """Refuse, before building anything, an architecture that would not fit in the memory there is."""
+    need = estimate_model_bytes(config)
+    free = available_memory()
+    if free is not None and need > free:
+        raise _fail(source, f"its architecture (embed_dims {list(config.embed_dims)}, depths {list(config.depths)}) "
+                            f"needs about {format_bytes(need)} of memory, more than the {format_bytes(free)} "
+                            "available; refusing to build it")
+
+
+def _check_dtypes(ck: Checkpoint) -> None:
+    """Weights must be real floating point: a complex or integer tensor would be silently cast into garbage."""
+    for key, value in ck.state_dict.items():
+        if value.is_complex() or not (value.is_floating_point() or key.endswith("num_batches_tracked")):
+            raise _fail(ck.source, f"{key} holds {str(value.dtype).replace('torch.', '')} values; "
+                                   "SOFT weights are real floating point")
+
+
 def build_model(ck: Checkpoint, device: str | torch.device = "cpu") -> SoftModel:
-    """Instantiate the architecture and load the weights, checking every shape first."""
+    """Instantiate the architecture and load the weights, checking sizes, dtypes and every shape first."""
+    check_model_size(ck.config, ck.source)
+    _check_dtypes(ck)
     model = create_soft(ck.config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ck.state_dict]

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, InputError
-from .io.image import DEFAULT_MAX_PIXELS, load_image
-from .io.inputs import InputItem, expand_inputs
+from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
+from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
 from .labels import labels_for
-from .preprocess import Preprocess, batch_same_size, eval_transform, full_res_transform, min_side
+from .preprocess import Preprocess, batch_same_size, eval_transform, full_res_size, full_res_transform, min_side
+from .resources import device_memory_available, format_bytes
+from .tiling import estimate_memory
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,17 @@ class ClassifyResult:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def display_name(self) -> str:
+        """``image`` as valid UTF-8 text (undecodable bytes of the file name as ``\\xNN``)."""
+        return display_path(self.image)
+
     def to_dict(self, model_name: str) -> dict[str, Any]:
-        """The ``--json`` object for this input."""
-        out: dict[str, Any] = {"image": self.image}
+        """The ``--json`` object for this input; ``path_bytes`` (hex) only when the name is not UTF-8."""
+        out: dict[str, Any] = {"image": self.display_name}
+        raw = path_bytes(self.image)
+        if raw is not None:
+            out["path_bytes"] = raw
         if self.error is None:
             out["predictions"] = [asdict(p) for p in self.predictions or []]
         else:
@@ -65,8 +75,21 @@ def _reason(exc: InputError, path: str) -> str:
     return msg[len(prefix):] if msg.startswith(prefix) else msg
 
 
+def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
+    """Why the model cannot run on a whole (H, W) image here (estimated memory above what is available), or None."""
+    need = estimate_memory(hw[0] * hw[1], model.config, sum(p.numel() for p in model.parameters()))
+    device = next(model.parameters()).device
+    free = device_memory_available(device)
+    if free is None or need <= free:
+        return None
+    where = "" if device.type == "cpu" else f" on {device}"
+    return (f"at full resolution ({hw[0]}x{hw[1]} = {hw[0] * hw[1]:,} pixels) the model needs about "
+            f"{format_bytes(need)} of memory, more than the {format_bytes(free)} available{where}; "
+            "classify it without full resolution")
+
+
 def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smallest: int,
-             max_pixels: int | None) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
+             max_pixels: int | None, model: Any) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
     """Decode and preprocess lazily: one image in memory at a time (plus the batch being filled)."""
     for item in items:
         start = time.perf_counter()
@@ -78,6 +101,12 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
         except InputError as exc:
             yield (item.path, time.perf_counter() - start, _reason(exc, item.path)), None
             continue
+        if full_res:
+            too_big = full_res_memory_error(model, full_res_size(image.shape[:2], smallest))
+            if too_big is not None:
+                del image
+                yield (item.path, time.perf_counter() - start, too_big), None
+                continue
         tensor = full_res_transform(image, pre, smallest) if full_res else eval_transform(image, pre)
         del image
         yield (item.path, time.perf_counter() - start, None), tensor
@@ -95,6 +124,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     """
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
+    max_pixels = pixel_limit(max_pixels)
     items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
     source = getattr(model, "source", "the model")
     if not model.config.num_classes:
@@ -107,7 +137,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device
-    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels)  # type: ignore[arg-type]
+    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model)  # type: ignore[arg-type]
     for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
         if batch is None:
             path, seconds, error = keys[0]

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .io.atomic import MAPS_TEMP_PREFIX, make_temp_dir
 from .io.readers import ImageReader
 from .tiling import Tile, TileGrid
 
@@ -114,7 +113,7 @@ class DiskSink(MapSink):
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.folder = Path(tempfile.mkdtemp(prefix=".soft-maps-", dir=folder))
+        self.folder = make_temp_dir(MAPS_TEMP_PREFIX, folder)  # PID in the name: a killed run's is swept later
         self._fds: dict[str, int] = {}
 
     def allocate(self, name: str, shape: tuple[int, int, int]) -> None:

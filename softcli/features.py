@@ -31,8 +31,10 @@ import torch
 
 from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
 from .errors import InputError, UsageError
-from .io.atomic import check_output_path
-from .io.image import DEFAULT_MAX_PIXELS
+from .checkpoint import model_files
+from .io.atomic import check_disk_space, check_output_path
+from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from .resources import device_memory_available, format_bytes
 from .io.readers import ArrayReader, ImageReader, open_image
 from .io.writers import check_feature_request, write_features
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
@@ -138,16 +140,33 @@ class FeaturesResult:
 
 def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.PathLike[str],
                   stages: str | Sequence[int] = (1, 2, 3, 4), pool: bool = False,
-                  blend: str = "linear") -> tuple[list[int], str]:
-    """Everything about a request that can be wrong before a model is loaded: (stages, output format)."""
+                  blend: str = "linear", model_source: str | None = None) -> tuple[list[int], str]:
+    """Everything about a request that can be wrong before a model is loaded: (stages, output format).
+
+    ``model_source``: the weights file of the model in use, which ``out`` must not be.
+    """
     stage_list = parse_stages(stages)
     if not isinstance(image, np.ndarray) and not Path(image).is_file():
         raise InputError(f"{image}: no such file" if not Path(image).exists() else f"{image}: not a file")
-    check_output_path(out, [] if isinstance(image, np.ndarray) else [image])
+    check_output_path(out, [] if isinstance(image, np.ndarray) else [image], model_files(model_source))
     fmt = check_feature_request(out, len(stage_list), pool)
     if blend not in ("linear", "gaussian"):
         raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
     return stage_list, fmt
+
+
+def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
+                    device: torch.device | str = "cpu") -> None:
+    """Refuse before any allocation a plan that needs more memory (on ``device``), or more disk, than there is."""
+    free = device_memory_available(torch.device(device))
+    if free is not None and plan.estimated_peak_bytes > free:
+        raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[0]}x{plan.tile[1]} tiles needs "
+                         f"about {format_bytes(plan.estimated_peak_bytes)} of memory, more than the "
+                         f"{format_bytes(free)} available on {device}; use a smaller --tile or --max-memory")
+    spill = plan.map_bytes if plan.sink == "disk" else 0
+    check_disk_space(Path(out).resolve().parent, spill + plan.map_bytes,
+                     f"the feature maps ({format_bytes(plan.map_bytes)}" + (", written twice: spill files and output)"
+                                                                            if spill else ")"))
 
 
 def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -179,7 +198,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
     output cannot be written or cannot hold what was asked.
     """
-    stage_list, fmt = check_request(image, out, stages, pool, blend)
+    stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
+    max_pixels = pixel_limit(max_pixels)
     names = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
         stage_list, names = stage_list + [4], names + ["stage4"]
@@ -200,6 +220,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
                                    image_in_memory=isinstance(reader, ArrayReader))
+        check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out, device)
         if on_plan is not None:
             on_plan(plan)
         sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)

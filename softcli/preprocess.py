@@ -11,6 +11,11 @@ Two paths:
   size. Only images too small for the network (see :func:`min_side`) are scaled
   up to its minimum.
 
+An image so elongated that scaling its short side up would make a huge
+intermediate (3x100000 → 256x8.5M, 26 GB) is first cut, on the decoded array,
+to the part that lands in the centre crop (plus a margin for the filter), and
+only that part is resized: same crop, bounded memory.
+
 Resizing runs in float32 on the [0, 1] array with antialiasing (no round trip
 through 8 bits, so 16-bit TIFF precision survives) and is clamped back to [0, 1]
 because bicubic overshoots.
@@ -29,6 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import IMAGENET_PRETRAINED_CFG
+
+#: The eval path cuts the source first when the scaled image would be this many times the crop.
+CUT_FIRST_RATIO = 16
+#: Output pixels kept around the crop when cutting first, so the resize filter sees the same neighbours.
+CUT_MARGIN = 8
 
 #: ``pretrained_cfg["interpolation"]`` → ``F.interpolate`` mode.
 _MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
@@ -134,20 +144,51 @@ def normalize(x: Tensor, pre: Preprocess) -> Tensor:
     return (x - mean) / std
 
 
+def _cut_axis(n: int, scaled: int, crop: int) -> tuple[int, int, int]:
+    """Along one axis: (source start, source length, scaled length) of the centre part a crop needs."""
+    keep = crop + 2 * CUT_MARGIN
+    if scaled <= 4 * keep:  # only the long axis is cut; the short one keeps timm's exact scale
+        return 0, n, scaled
+    per_out = n / scaled  # source pixels per scaled pixel
+    length = min(n, math.ceil(keep * per_out))
+    length += (n - length) % 2  # same parity as n: the cut is centred exactly, like the crop
+    return (n - length) // 2, length, max(crop, round(length / per_out))
+
+
 def eval_transform(image: np.ndarray, pre: Preprocess) -> Tensor:
-    """Resize to cover ``input_size / crop_pct``, centre-crop ``input_size``, normalise → (3, H, W)."""
+    """Resize to cover ``input_size / crop_pct``, centre-crop ``input_size``, normalise → (3, H, W).
+
+    The scaled size is computed from the decoded array's size; when it would be
+    more than :data:`CUT_FIRST_RATIO` times the crop, the array is cut to the
+    centre first (see the module docstring).
+    """
     x = to_tensor(image)
-    x = resize(x, scale_to_cover(tuple(x.shape[-2:]), pre.resize_size), pre.interpolation)
+    h, w = x.shape[-2:]
+    size = scale_to_cover((h, w), pre.resize_size)
+    ch, cw = pre.input_size
+    if size[0] * size[1] > CUT_FIRST_RATIO * ch * cw:
+        y0, hh, sh = _cut_axis(h, size[0], ch)
+        x0, ww, sw = _cut_axis(w, size[1], cw)
+        x, size = x[:, y0:y0 + hh, x0:x0 + ww], (sh, sw)
+    x = resize(x, size, pre.interpolation)
     return normalize(center_crop(x, pre.input_size), pre)
+
+
+def full_res_size(hw: tuple[int, int], smallest: int = 32) -> tuple[int, int]:
+    """The (H, W) :func:`full_res_transform` gives an image of size ``hw``: scaled up only when a side is short."""
+    h, w = hw
+    if min(h, w) >= smallest:
+        return h, w
+    s = smallest / min(h, w)
+    return max(smallest, round(h * s)), max(smallest, round(w * s))
 
 
 def full_res_transform(image: np.ndarray, pre: Preprocess, smallest: int = 32) -> Tensor:
     """The whole image normalised; scaled up (aspect kept) only when a side is under ``smallest``."""
     x = to_tensor(image)
-    h, w = x.shape[-2:]
-    if min(h, w) < smallest:
-        s = smallest / min(h, w)
-        x = resize(x, (max(smallest, round(h * s)), max(smallest, round(w * s))), pre.interpolation)
+    size = full_res_size((int(x.shape[-2]), int(x.shape[-1])), smallest)
+    if size != tuple(x.shape[-2:]):
+        x = resize(x, size, pre.interpolation)
     return normalize(x, pre)
 
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UsageError
+from .resources import device_memory_available, format_bytes
 from .models.landmarks import LandmarkPolicy
 from .models.soft import LOCAL_KERNELS, NEWTON_STEPS, VARIANTS, SoftAttention, SoftmaxAttention, create_soft
 
@@ -106,8 +107,8 @@ class ProfileSettings:
             raise UsageError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
         if self.local_kernel % 2 == 0:
             raise UsageError("--local-kernel must be odd (the local term keeps the grid size)")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise UsageError("--timeout must be positive")
+        if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise UsageError(f"--timeout must be a positive number of seconds, not {self.timeout_s}")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
             raise UsageError("--max-memory must be positive")
         try:
@@ -215,6 +216,23 @@ def parse_bytes(text: str) -> int:
     raise UsageError(f"cannot read {text!r} as a memory size; write e.g. 512MB, 4GB or 4GiB")
 
 
+#: Token-sized tensors every method holds at once: input, q, k, v and output.
+MIN_TOKEN_TENSORS = 5
+
+
+def min_attention_bytes(tokens: int, settings: ProfileSettings) -> int:
+    """Memory any method needs at ``tokens`` (B·N·C activations, :data:`MIN_TOKEN_TENSORS` of them)."""
+    itemsize = torch.empty((), dtype=DTYPES[settings.dtype]).element_size()
+    return MIN_TOKEN_TENSORS * settings.batch * tokens * settings.dim * itemsize
+
+
+def memory_limit(settings: ProfileSettings) -> int | None:
+    """What one configuration may use: --max-memory, else the device's free memory (None if unknown)."""
+    if settings.max_memory_bytes:
+        return settings.max_memory_bytes
+    return device_memory_available(torch.device(settings.device))
+
+
 def grid_for(tokens: int) -> tuple[int, int]:
     """The most square H x W with H·W = tokens (H <= W)."""
     if tokens < 1:
@@ -232,8 +250,14 @@ def attention_jobs(methods: Sequence[str], tokens: Sequence[int], settings: Prof
         raise UsageError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
     if not methods or not tokens:
         raise UsageError("give at least one method and one token count")
+    limit = memory_limit(settings)
     jobs = []
     for n in sorted(set(tokens)):
+        need = min_attention_bytes(n, settings)
+        if limit is not None and need > limit:
+            raise UsageError(f"--tokens {n}: the inputs and outputs alone of one attention call at {n:,} tokens "
+                             f"need {format_bytes(need)}, more than the {format_bytes(limit)} "
+                             f"{'--max-memory allows' if settings.max_memory_bytes else 'available'}")
         grid = grid_for(n)
         if any(m.startswith("soft-") or m == "soft" for m in methods) and grid[0] < settings.sr_ratio:
             raise UsageError(

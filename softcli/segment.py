@@ -33,17 +33,18 @@ from torch import Tensor
 
 from .api import landmark_policy
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
-                         build_model, read_checkpoint)
+                         build_model, model_files, read_checkpoint)
 from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
 from .engine import MapSink, run_dense
-from .errors import CheckpointError, UsageError
-from .io.atomic import atomic_dir
+from .errors import CheckpointError, InputError, UsageError
+from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
                        tiff_tile_count, write_json, write_mask, write_overlay)
 from .io.readers import ImageReader, open_image
-from .io.image import DEFAULT_MAX_PIXELS
+from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .models import SoftModel
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
+from .resources import available_memory, format_bytes
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
 
 TASK = "segmentation"
@@ -164,6 +165,11 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
             head_cfg = HeadConfig.from_dict({k: v for k, v in head_meta.items() if k != "type"})
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
+        stored = _infer_head_config(ck.state_dict, ck.source)  # sizes must match the weights before building
+        for name in ("num_classes", "fpn_channels", "channels"):
+            if getattr(head_cfg, name) != getattr(stored, name):
+                raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: its config says {name} = "
+                                      f"{getattr(head_cfg, name)} but the weights have {getattr(stored, name)}")
     else:
         head_cfg = _infer_head_config(ck.state_dict, ck.source)
     head = SemanticFPNHead(backbone.config.embed_dims, head_cfg)
@@ -321,6 +327,22 @@ def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> t
     return None, backbone, [f"cluster {i}" for i in range(clusters)], default_palette(clusters)
 
 
+def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str], grid: TileGrid,
+                     classes: int) -> None:
+    """Refuse before any allocation a run needing more memory (score bands) or disk (label raster) than there is."""
+    bands = 4 * classes * (grid.tile_h // SCORE_STRIDE) * (grid.padded[1] // SCORE_STRIDE)
+    free = available_memory()
+    if free is not None and 2 * bands > free:  # the stitcher's band and the label sink's rows
+        raise InputError(f"{image}: a {grid.width}x{grid.height} image with {classes} labels in "
+                         f"{grid.tile_h}x{grid.tile_w} tiles needs about {format_bytes(2 * bands)} of memory for one "
+                         f"row of tiles, more than the {format_bytes(free)} available; use a smaller --tile")
+    label_bytes = grid.height * grid.width * (1 if classes <= 256 else 2)
+    need = label_bytes * (2 if mask_format(out) == "npy" else 1)
+    check_disk_space(Path(out).resolve().parent, need, f"the {grid.width}x{grid.height} label mask "
+                     f"({format_bytes(label_bytes)} of temporary labels" + (" and as much for the .npy)"
+                                                                             if need > label_bytes else ")"))
+
+
 def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             weights: str | os.PathLike[str] | None = None, clusters: int | None = None,
             cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int = DEFAULT_TILE,
@@ -348,6 +370,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise UsageError("--cluster-stages only applies with --clusters K")
     policy = landmark_policy(landmarks) if landmarks is not None else None
     mask_format(out)  # unknown extension → usage error before anything is opened
+    max_pixels = pixel_limit(max_pixels)
     dev = resolve_device(device)
 
     with open_image(image, level=level, max_pixels=max_pixels) as reader:
@@ -358,9 +381,11 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
                            num_classes=clusters, overlay=overlay)
         ck = read_checkpoint(_resolve_spec(weights))
+        check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
+        _check_resources(image, out, grid, len(names))
         if policy is not None:
             backbone.set_landmark_policy(policy)
         pre = dict(ck.pretrained_cfg)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import typer
 
@@ -60,20 +62,48 @@ def _register_commands() -> None:
 
 
 def error_line(message: str) -> None:
-    """One ``error: ...`` line on stderr; the only way commands report failures."""
-    text = " ".join(str(message).split())
+    """One ``error: ...`` line on stderr; the only way commands report failures (file names made UTF-8)."""
+    from ..io.inputs import safe_text
+
+    text = safe_text(" ".join(str(message).split()))
     sys.stderr.write(f"error: {text}\n")
     sys.stderr.flush()
 
 
+def split_debug(args: Sequence[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before a ``--`` (before or after the subcommand) → (the other args, True)."""
+    end = list(args).index("--") if "--" in args else len(args)
+    head, tail = list(args[:end]), list(args[end:])
+    rest = [a for a in head if a != "--debug"]
+    return rest + tail, len(rest) != len(head)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so ``finally`` blocks remove temporary files as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("SOFTCLI_DEBUG") == "1"
+    args, debug_flag = split_debug(sys.argv[1:] if argv is None else argv)
+    debug = debug_flag or os.environ.get("SOFTCLI_DEBUG") == "1"
+    if debug_flag:
+        args = ["--debug", *args]  # the root option, so the app sees it in its usual place
     _register_commands()
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        previous = None
     try:
         rv = app(args=args, prog_name="soft", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    except Terminated:
+        error_line("terminated")
+        sys.exit(143)
     except click_exc.UsageError as exc:
         if debug:
             raise
@@ -96,4 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         sys.exit(1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(rv if isinstance(rv, int) else 0)

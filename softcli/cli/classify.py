@@ -11,10 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..checkpoint import model_files
 from ..classify import ClassifyResult, classify_paths
 from ..io.atomic import atomic_path, check_output_path
-from ..io.image import DEFAULT_MAX_PIXELS
-from ..io.inputs import expand_inputs
+from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..io.inputs import display_path, expand_inputs
 from .app import app, error_line
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, model_name,
                      print_json, progress_bar)
@@ -24,7 +25,7 @@ CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input
 
 def _table(result: ClassifyResult) -> Table:
     h, w = result.input_size or (0, 0)
-    table = Table(title=result.image, title_justify="left",
+    table = Table(title=result.display_name, title_justify="left",
                   caption=f"input {h}×{w} · {result.seconds:.3f} s", caption_justify="left")
     table.add_column("#", justify="right")
     table.add_column("label")
@@ -41,7 +42,7 @@ def _write_csv(path: Path, results: list[ClassifyResult], name: str) -> None:
         writer.writeheader()
         for r in results:
             h, w = r.input_size or ("", "")
-            common = {"image": r.image, "input_height": h, "input_width": w, "seconds": f"{r.seconds:.4f}",
+            common = {"image": r.display_name, "input_height": h, "input_width": w, "seconds": f"{r.seconds:.4f}",
                       "model": name}
             if r.error is not None:
                 writer.writerow({**common, "error": r.error})
@@ -65,7 +66,7 @@ def classify(
                                                   help="Also write every prediction to FILE as CSV.")] = None,
     full_res: Annotated[bool, typer.Option("--full-res", help="Classify the whole image at its native resolution "
                                                               "instead of a centre crop at the model's input size.")] = False,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N",
+    max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N",
                                             help="Refuse images with more pixels than this (a decompression-bomb "
                                                  "guard; 0 = no limit).")] = DEFAULT_MAX_PIXELS,
 ) -> None:
@@ -84,6 +85,7 @@ def classify(
 
       soft classify huge.tif --weights ckpt.pth --full-res --top-k 3 --csv out.csv
     """
+    pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
     items = expand_inputs(inputs)
     if csv_file is not None:
         check_output_path(csv_file, [i.path for i in items])
@@ -92,6 +94,8 @@ def classify(
         net = load_cli_model(model, weights, device)
     err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}",
                       highlight=False, soft_wrap=True)
+    if csv_file is not None:  # now that the model's own files are known, --csv must not be one of them
+        check_output_path(csv_file, [i.path for i in items], model_files(getattr(net, "source", None)))
 
     out = Console(file=sys.stdout)  # bound now: a live progress bar must not capture the tables
     show_tables = not json_out
@@ -100,10 +104,10 @@ def classify(
     with progress_bar(enabled=not (show_tables and out.is_terminal)) as progress:
         task = progress.add_task("classifying", total=len(items))
         for result in classify_paths(net, items, top_k=top_k, batch_size=batch_size, full_res=full_res,
-                                     max_pixels=max_pixels or None):
+                                     max_pixels=max_pixels):
             results.append(result)
             if result.error is not None:
-                error_line(f"{result.image}: {result.error}")
+                error_line(f"{result.display_name}: {result.error}")
             elif show_tables:
                 out.print(_table(result))
             progress.advance(task)
@@ -112,7 +116,7 @@ def classify(
         print_json([r.to_dict(name) for r in results])
     if csv_file is not None:
         _write_csv(csv_file, results, name)
-        err_console.print(f"wrote {csv_file}", highlight=False)
+        err_console.print(f"wrote {display_path(csv_file)}", highlight=False)
     failed = sum(not r.ok for r in results)
     if failed:
         err_console.print(f"{failed} of {len(results)} inputs failed", highlight=False)

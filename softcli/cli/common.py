@@ -26,8 +26,10 @@ def out_console() -> Console:
 
 
 def print_json(obj: Any) -> None:
-    """One JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """One JSON document on stdout, valid UTF-8 whatever the file names (see :func:`~softcli.io.inputs.json_safe`)."""
+    from ..io.inputs import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
 
 

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UsageError
 from ..features import FeaturesPlan, check_request, extract_features
-from ..io.image import DEFAULT_MAX_PIXELS
+from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..tiling import parse_memory
 from .app import app
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
@@ -38,8 +38,8 @@ def features(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image "
-                                                                 "larger than this.")] = DEFAULT_MAX_PIXELS,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image larger "
+                                                                 "than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
@@ -51,6 +51,7 @@ def features(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     policy = parse_landmarks(landmarks)
+    pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     check_request(input, out, stages, pool, blend)  # fail before loading a model
     net = load_cli_model(model, weights, device)
     net.set_landmark_policy(policy)

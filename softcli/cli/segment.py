@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
+from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
 
@@ -36,6 +37,8 @@ def segment(
     landmarks: Annotated[str | None, typer.Option("--landmarks", help="auto, official or a landmark "
                                                   "budget per head.")] = None,
     device: DeviceOpt = "auto",
+    max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N", help="Refuse to decode whole a non-TIFF "
+                                            "image larger than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
@@ -50,6 +53,7 @@ def segment(
 
     if model is not None and weights is not None:
         raise UsageError("give --model or --weights, not both")
+    pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     spec: Any = weights if weights is not None else model
     with progress_bar(not json_out) as bar:
         tasks: dict[str, Any] = {}
@@ -61,7 +65,7 @@ def segment(
 
         summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                               level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
-                              landmarks=landmarks, seed=seed, progress=progress)
+                              landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress)
     if json_out:
         print_json(summary)
         return

@@ -14,7 +14,13 @@ values in [0, 1], whatever the file held. The choices, stated once:
 - TIFF files are read with tifffile (16-bit RGB and planar layouts, which Pillow
   cannot open), page 0 / level 0 unless told otherwise.
 - Decompression bombs: the pixel count from the header is checked against
-  ``max_pixels`` before anything is decoded.
+  ``max_pixels`` (0 or None: no limit) and the memory the decode needs against
+  the memory available, before anything is decoded.
+- The format is sniffed from the first bytes, not the name: a JPEG named
+  ``.tif`` is decoded as the JPEG it is.
+- Any failure of a decoder on a bad file (zlib errors, zero tile sizes, bad
+  offsets, ...) becomes an :class:`~softcli.errors.InputError` naming the file:
+  this module is the boundary where third-party decoder exceptions stop.
 """
 
 from __future__ import annotations
@@ -25,13 +31,28 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UsageError
+from ..resources import available_memory, format_bytes
 
 #: Pixels (width x height) an image may have before we refuse to decode it whole:
 #: 2^28 ≈ 268 Mpx (16384²), about 3 GB as float RGB. ``--max-pixels`` changes it.
 DEFAULT_MAX_PIXELS = 1 << 28
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ome.tif", ".ome.tiff")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: Leading bytes of formats Pillow reads, so a misnamed file still goes to the right decoder.
+PILLOW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"\x00\x00\x00\x0cjP")
+#: Working memory of a whole decode per pixel beyond the raw samples: float32 RGB and its intermediates.
+DECODE_BYTES_PER_PIXEL = 24
+
+
+def pixel_limit(max_pixels: int | None) -> int | None:
+    """``--max-pixels`` as a limit: 0 or None mean no limit; a negative value is a usage error."""
+    if max_pixels is None or max_pixels == 0:
+        return None
+    if max_pixels < 0:
+        raise UsageError(f"--max-pixels must be 0 (no limit) or a positive number of pixels, not {max_pixels}")
+    return int(max_pixels)
 
 
 def _fail(path: str | os.PathLike[str], reason: str) -> InputError:
@@ -39,12 +60,22 @@ def _fail(path: str | os.PathLike[str], reason: str) -> InputError:
 
 
 def check_pixels(path: str | os.PathLike[str], width: int, height: int, max_pixels: int | None) -> None:
-    """Refuse images larger than ``max_pixels`` before decoding them."""
+    """Refuse images larger than ``max_pixels`` (0/None: no limit) before decoding them."""
     if width <= 0 or height <= 0:
         raise _fail(path, f"image has no pixels ({width}x{height})")
+    max_pixels = pixel_limit(max_pixels)
     if max_pixels is not None and width * height > max_pixels:
         raise _fail(path, f"{width}x{height} = {width * height:,} pixels is above the limit of {max_pixels:,} "
                           "(a decompression-bomb guard; raise it with --max-pixels)")
+
+
+def check_decode_memory(path: str | os.PathLike[str], width: int, height: int, raw_bytes: int) -> None:
+    """Refuse a whole decode that would need more memory than is available (``raw_bytes``: the samples)."""
+    need = int(raw_bytes) + DECODE_BYTES_PER_PIXEL * width * height
+    free = available_memory()
+    if free is not None and need > free:
+        raise _fail(path, f"decoding {width}x{height} whole needs about {format_bytes(need)} of memory, more than "
+                          f"the {format_bytes(free)} available")
 
 
 def _scale_to_unit(arr: np.ndarray) -> np.ndarray:
@@ -129,14 +160,18 @@ def pil_to_rgb(img: "Image.Image") -> np.ndarray:  # noqa: F821 - PIL imported l
 
 
 def is_tiff(path: str | os.PathLike[str]) -> bool:
+    """True for a TIFF by content; the name decides only for content no decoder claims."""
     p = Path(path)
-    if p.name.lower().endswith(TIFF_SUFFIXES):
-        return True
     try:
         with open(p, "rb") as fh:
-            return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+            head = fh.read(12)
     except OSError:
+        head = b""
+    if head[:4] in TIFF_MAGIC:
+        return True
+    if head.startswith(PILLOW_MAGIC):
         return False
+    return p.name.lower().endswith(TIFF_SUFFIXES)
 
 
 def _open_checks(path: Path) -> None:
@@ -160,15 +195,25 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
             if page >= len(tif.pages):
                 raise _fail(p, f"has {len(tif.pages)} pages, no page {page}")
             pg = tif.pages[page]
-            check_pixels(p, int(pg.imagewidth), int(pg.imagelength), max_pixels)
+            width, height = int(pg.imagewidth), int(pg.imagelength)
+            check_pixels(p, width, height, max_pixels)
+            depth = int(getattr(pg, "imagedepth", 1) or 1)
+            if depth > 1:
+                raise _fail(p, f"volumetric (3D) TIFF page ({depth} slices of {width}x{height}); "
+                               "only 2D images are supported")
+            check_decode_memory(p, width, height, int(pg.nbytes))
             arr = pg.asarray()
             planar = pg.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
     except InputError:
         raise
-    except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError, RuntimeError) as exc:
-        raise _fail(p, f"unreadable TIFF ({exc})") from None
+    except MemoryError:
+        raise _fail(p, "out of memory decoding this TIFF") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise their own types (zlib.error, ZeroDivisionError, ...)
+        raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
     if arr.ndim == 4 and arr.shape[0] == 1:  # (1, H, W, C) from some writers
         arr = arr[0]
+    if arr.ndim > 3:
+        raise _fail(p, f"a {arr.ndim}-D TIFF page (shape {arr.shape}); only 2D images are supported")
     try:
         return array_to_rgb(arr, planar=planar)
     except ValueError as exc:
@@ -193,6 +238,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                 Image.MAX_IMAGE_PIXELS = saved
             with img:
                 check_pixels(p, img.width, img.height, max_pixels)
+                check_decode_memory(p, img.width, img.height, img.width * img.height * 4 * len(img.getbands()))
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
                 return pil_to_rgb(img)
@@ -200,6 +246,13 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
         raise
     except UnidentifiedImageError:
         raise _fail(p, "not an image, or a format Pillow cannot read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _fail(p, f"truncated or corrupt image ({msg})") from None
+    except MemoryError:
+        raise _fail(p, "out of memory decoding this image") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, struct.error, ...
+        raise _fail(p, f"truncated or corrupt image ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a decoder's message, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -20,6 +20,45 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".we
 _GLOB_CHARS = set("*?[")
 
 
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by Python) become ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def path_bytes(path: str | os.PathLike[str]) -> str | None:
+    """The exact bytes of a file name, hex-encoded, when its text form had to be escaped; else None."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.hex()
+    return None
+
+
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: escaped file-name bytes become ``\\xNN``, other lone surrogates ``\\uNNNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_safe(obj: object) -> object:
+    """``obj`` with every string made valid UTF-8 (:func:`safe_text`), so JSON of it always encodes."""
+    if isinstance(obj, str):
+        return safe_text(obj)
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 @dataclass(frozen=True)
 class InputItem:
     """One image to process, or one argument that named none (``error`` says why)."""

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError, UsageError
-from .atomic import atomic_path, check_output_path
+from .atomic import MASK_TEMP_PREFIX, atomic_path, check_output_path, make_temp_dir
+from .inputs import json_safe
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
@@ -62,19 +63,23 @@ def legend_path(out: str | os.PathLike[str]) -> Path:
 
 def check_mask_outputs(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *,
                        height: int | None = None, width: int | None = None, num_classes: int | None = None,
-                       overlay: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Every problem with the output paths, found before any compute. Returns [mask, legend, overlay?]."""
+                       overlay: str | os.PathLike[str] | None = None,
+                       models: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
+    """Every problem with the output paths, found before any compute. Returns [mask, legend, overlay?].
+
+    ``models``: files of the model in use (:func:`softcli.checkpoint.model_files`), which no output may replace.
+    """
     fmt = mask_format(out)
     if fmt == "png" and height is not None and width is not None and height * width > PNG_MAX_PIXELS:
         raise UsageError(f"{out}: a {width}x{height} mask is too large for PNG (it is encoded in memory, "
                          f"limit {PNG_MAX_PIXELS:,} pixels); write .tif instead")
     if fmt == "png" and num_classes is not None and num_classes > PALETTE_MAX:
         raise UsageError(f"{out}: {num_classes} classes do not fit a PNG palette (256); write .tif or .npy")
-    paths = [check_output_path(out, inputs), check_output_path(legend_path(out), inputs)]
+    paths = [check_output_path(out, inputs, models), check_output_path(legend_path(out), inputs, models)]
     if overlay is not None:
         if not Path(overlay).name.lower().endswith(OVERLAY_SUFFIXES):
             raise UsageError(f"{overlay}: the overlay is an image; use .png, .jpg, .webp or .tif")
-        paths.append(check_output_path(overlay, inputs))
+        paths.append(check_output_path(overlay, inputs, models))
     resolved = [p.resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
         raise UsageError("the mask, its legend and the overlay must be different files")
@@ -89,7 +94,7 @@ class LabelRaster:
         self.num_labels = int(num_labels)
         self.dtype = np.dtype(np.uint8 if num_labels <= 256 else np.uint16)
         self.counts = np.zeros(num_labels, np.int64)
-        self._dir = Path(tempfile.mkdtemp(prefix=".soft-mask-", dir=folder))
+        self._dir = make_temp_dir(MASK_TEMP_PREFIX, folder if folder is not None else tempfile.gettempdir())
         self._fd = os.open(self._dir / "labels.raw", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.ftruncate(self._fd, self.nbytes)
         self.rows_written = 0
@@ -240,7 +245,7 @@ def legend(names: Sequence[str], palette: Sequence[Sequence[int]], counts: np.nd
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            tmp.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 

@@ -41,10 +41,17 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import InputError, UsageError
-from .image import DEFAULT_MAX_PIXELS, _fail, _open_checks, array_to_rgb, check_pixels, is_tiff, load_image
+from ..resources import format_bytes
+from .image import (DEFAULT_MAX_PIXELS, _fail, _open_checks, _reason, array_to_rgb, check_pixels, is_tiff,
+                    load_image, pixel_limit)
 
 #: Above this many pixels, the value range of non-8/16-bit data is estimated from a sample of tiles.
 RANGE_SAMPLE_PIXELS = 1 << 24
+#: No codec turns one stored byte into more pixel data than this (deflate: ~1000x, zstd on zeros: ~30000x);
+#: a level that claims more declares a size its file cannot hold (a 500-byte file "of" 100000² pixels).
+MAX_TIFF_INFLATION = 100_000
+#: Levels with less pixel data than this are never refused as implausible.
+TIFF_INFLATION_FLOOR = 64 * 2**20
 
 __all__ = ["ImageReader", "PillowReader", "TiffReader", "ArrayReader", "open_image"]
 
@@ -130,15 +137,21 @@ class TiffReader(ImageReader):
 
         self._tifffile = tifffile
         self.path = str(path)
-        self.max_pixels = max_pixels
+        self.max_pixels = pixel_limit(max_pixels)
         p = Path(path)
         _open_checks(p)
         try:
             self._tif = tifffile.TiffFile(p)
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError, RuntimeError) as exc:
-            raise _fail(p, f"unreadable TIFF ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - the reader boundary: any parser failure is a bad file
+            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
         try:
             self._setup(level)
+        except (InputError, UsageError):
+            self._tif.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - malformed tags surface as any type
+            self._tif.close()
+            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
         except BaseException:
             self._tif.close()
             raise
@@ -163,7 +176,8 @@ class TiffReader(ImageReader):
         self.height, self.width = self.levels[level]
         check_pixels(self.path, self.width, self.height, None)
         if page.imagedepth > 1:
-            raise _fail(self.path, "volumetric (3D) TIFF pages are not supported")
+            raise _fail(self.path, f"volumetric (3D) TIFF page ({page.imagedepth} slices of "
+                                   f"{self.width}x{self.height}); only 2D images are supported")
         if page.dtype is None:
             raise _fail(self.path, f"unsupported TIFF sample format ({page.bitspersample}-bit)")
         self._dtype = np.dtype(page.dtype)
@@ -174,6 +188,9 @@ class TiffReader(ImageReader):
             self._seg_h, self._seg_w = int(page.tilelength), int(page.tilewidth)
         else:
             self._seg_h, self._seg_w = int(min(page.rowsperstrip or length, length)), int(width)
+        if self._seg_h <= 0 or self._seg_w <= 0:
+            raise _fail(self.path, f"corrupt TIFF (tile/strip size {self._seg_h}x{self._seg_w})")
+        self._check_plausible(page)
         if self.max_pixels is not None and self._seg_h * self._seg_w > self.max_pixels:
             raise _fail(self.path, f"a {self._seg_h}x{self._seg_w} tile/strip is above the pixel limit")
         self._ny = math.ceil(self.height / self._seg_h)
@@ -181,6 +198,15 @@ class TiffReader(ImageReader):
         if len(page.dataoffsets) < self._separate * self._ny * self._nx:
             raise _fail(self.path, "corrupt TIFF (fewer tiles/strips than the image size needs)")
         self._range = self._value_range(pages[-1]) if self._dtype not in (np.uint8, np.uint16, np.bool_) else None
+
+    def _check_plausible(self, page: object) -> None:
+        """Refuse a level whose declared pixel data is far more than its stored bytes could decode to."""
+        declared = int(page.nbytes)  # type: ignore[attr-defined]
+        stored = int(np.sum(np.asarray(page.databytecounts, dtype=np.int64)))  # type: ignore[attr-defined]
+        if declared > TIFF_INFLATION_FLOOR and stored * MAX_TIFF_INFLATION < declared:
+            raise _fail(self.path, f"declares a {self.width}x{self.height} image ({format_bytes(declared)} of "
+                                   f"pixel data) but stores only {stored:,} bytes of it; refusing a file that "
+                                   "cannot hold what it declares (a decompression bomb or a truncated file)")
 
     def _value_range(self, smallest: object) -> tuple[float, float]:
         """One scaling range for non-8/16-bit data, from the smallest level (see module docstring).
