@@ -38,8 +38,8 @@ def texture_scene(h: int = 256, w: int = 256, seed: int = 0) -> tuple[np.ndarray
     phase = rng.uniform(0, 2 * np.pi)
     stripes = np.where(np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / 20.0 + phase) > 0, 138.0, 120.0)
     dots = np.full((h, w), 122.0)
-    for cy, cx in rng.random((h * w // 40, 2)) * (h, w):  # irregular dots: the same texture at every phase
-        dots[int(cy):int(cy) + 3, int(cx):int(cx) + 3] = 140.0
+    for cy, cx in rng.random((h * w // 24, 2)) * (h, w):  # irregular dots: the same texture at every phase
+        dots[int(cy):int(cy) + 2, int(cx):int(cx) + 2] = 140.0
     blotches = 118 + 22 * _smooth_noise(rng, h, w, 32)
     img = np.choose(gt, [stripes, dots, blotches]) + rng.normal(0, 2.0, (h, w))
     grey = np.clip(np.round(img), 0, 255).astype(np.uint8)

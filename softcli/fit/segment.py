@@ -53,7 +53,7 @@ VAL_BLOCK = 64
 DEFAULT_MAX_SAMPLES = 200_000
 #: Four stage maps of all training images are held in memory for ``--head fpn``: refuse beyond this.
 FPN_MAX_MAP_BYTES = 4 * 2**30
-FPN_CROP_CELLS = 64  # stride-4 cells a side of one training crop (256 px)
+FPN_LR = 3e-3
 
 
 @dataclass
@@ -282,7 +282,8 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
         solver = {"solver": "lbfgs", "iterations": fit.iterations, "loss": fit.loss, "l2": l2}
     else:
         fpn = SemanticFPNHead(dims, HeadConfig(k, fpn_channels=64, channels=64, groups=8))
-        solver = _train_fpn(fpn, maps, samples, k, steps=steps, seed=seed, device=dev, on_step=fit_progress)
+        solver = _train_fpn(fpn, maps, samples, k, steps=steps, seed=seed, crop_cells=max(8, tile // SCORE_STRIDE),
+                            device=dev, on_step=fit_progress)
         seg_head = fpn.cpu().eval()
         train_scores, val_scores = _score_fpn(fpn, maps, samples, k, ds.class_names)
     t_fit = time.perf_counter()
@@ -307,24 +308,29 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
 # -- the FPN head ---------------------------------------------------------------------------------
 
-def _crop(stage_maps: Sequence[np.ndarray], y0: int, x0: int, size: int, dev: torch.device) -> list[Tensor]:
-    """A crop of the four stage maps: ``size`` stride-4 cells a side at cell (y0, x0), both multiples of 8."""
+def _crop(stage_maps: Sequence[np.ndarray], y0: int, x0: int, h: int, w: int, dev: torch.device) -> list[Tensor]:
+    """A crop of the four stage maps: ``h`` x ``w`` stride-4 cells at cell (y0, x0), all multiples of 8."""
     out = []
     for m, s in zip(stage_maps, STAGE_STRIDES):
         f = s // SCORE_STRIDE
-        out.append(torch.from_numpy(np.ascontiguousarray(m[:, y0 // f:(y0 + size) // f, x0 // f:(x0 + size) // f]))
-                   [None].to(dev))
+        part = m[:, y0 // f:(y0 + h) // f, x0 // f:(x0 + w) // f]
+        out.append(torch.from_numpy(np.ascontiguousarray(part))[None].to(dev))
     return out
 
 
 def _train_fpn(head: SemanticFPNHead, maps: Sequence[Sequence[np.ndarray]], samples: Sequence[CellSamples],
-               k: int, *, steps: int, seed: int, device: torch.device,
+               k: int, *, steps: int, seed: int, crop_cells: int, device: torch.device,
                on_step: Callable[[int, int], None]) -> dict[str, Any]:
-    """AdamW on crops centred on labelled cells (classes drawn uniformly), class-balanced weighted cross-entropy."""
+    """AdamW, one inference-tile-sized crop per step around a random labelled cell; class-balanced cross-entropy.
+
+    Crops are as large as the tiles ``soft segment`` will run (the whole image
+    when it is smaller): GroupNorm then sees the same statistics in training
+    as in use. A small crop of one texture would normalise the texture away.
+    """
     gen = np.random.default_rng(seed + 1)
     torch.manual_seed(seed)
     head.to(device).train()
-    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=FPN_LR, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     pools = [[(i, np.nonzero((s.classes == c) & ~s.is_val)[0]) for i, s in enumerate(samples)] for c in range(k)]
     pools = [[(i, idx) for i, idx in p if len(idx)] for p in pools]
@@ -336,18 +342,18 @@ def _train_fpn(head: SemanticFPNHead, maps: Sequence[Sequence[np.ndarray]], samp
     last = 0.0
     with torch.enable_grad():
         for step in range(steps):
-            c = int(gen.integers(k))
+            c = step % k  # classes take turns choosing where the crop goes
             i, idx = pools[c][int(gen.integers(len(pools[c])))]
             s = samples[i]
-            cell = int(s.cells[idx[int(gen.integers(len(idx)))]])
             gh, gw = s.grid
-            size = min(FPN_CROP_CELLS, gh // 8 * 8, gw // 8 * 8)
+            size_y, size_x = min(crop_cells, gh // 8 * 8), min(crop_cells, gw // 8 * 8)
+            cell = int(s.cells[idx[int(gen.integers(len(idx)))]])
             cy, cx = cell // gw, cell % gw
-            y0 = int(np.clip((cy - size // 2) // 8 * 8, 0, (gh - size) // 8 * 8))
-            x0 = int(np.clip((cx - size // 2) // 8 * 8, 0, (gw - size) // 8 * 8))
+            y0 = int(np.clip((cy - int(gen.integers(size_y))) // 8 * 8, 0, (gh - size_y) // 8 * 8))
+            x0 = int(np.clip((cx - int(gen.integers(size_x))) // 8 * 8, 0, (gw - size_x) // 8 * 8))
             ry, rx = s.cells // gw - y0, s.cells % gw - x0
-            inside = (ry >= 0) & (ry < size) & (rx >= 0) & (rx < size) & ~s.is_val
-            logits = head(_crop(maps[i], y0, x0, size, device))[0]  # (k, size, size)
+            inside = (ry >= 0) & (ry < size_y) & (rx >= 0) & (rx < size_x) & ~s.is_val
+            logits = head(_crop(maps[i], y0, x0, size_y, size_x, device))[0]
             picked = logits[:, torch.from_numpy(ry[inside]).to(device), torch.from_numpy(rx[inside]).to(device)].T
             target = torch.from_numpy(s.classes[inside].astype(np.int64)).to(device)
             weight = torch.from_numpy(s.counts[inside]).to(device) * class_w[target]
@@ -356,10 +362,10 @@ def _train_fpn(head: SemanticFPNHead, maps: Sequence[Sequence[np.ndarray]], samp
             loss.backward()
             opt.step()
             sched.step()
-            last = float(loss)
+            last = float(loss.detach())
             on_step(step + 1, steps)
     head.eval()
-    return {"solver": "adamw", "steps": steps, "loss": last, "crop": FPN_CROP_CELLS * SCORE_STRIDE}
+    return {"solver": "adamw", "steps": steps, "loss": last, "lr": FPN_LR, "crop": crop_cells * SCORE_STRIDE}
 
 
 def _score_fpn(head: SemanticFPNHead, maps: Sequence[Sequence[np.ndarray]], samples: Sequence[CellSamples], k: int,
