@@ -75,3 +75,42 @@ def scribbles(gt: np.ndarray, seed: int = 0, per_class: int = 3, length: int = 4
                 if 0 <= py < h - 1 and 0 <= px < w - 1 and inside[py, px]:
                     out[py:py + 2, px:px + 2] = c + 1
     return out
+
+
+CLASSIFY_CLASSES = ("stripes", "dots", "blotches", "checks")
+#: Each class also has its own colour cast (stains differ between tissue types too).
+CLASS_TINTS = ((40, -20, -20), (-20, 40, -20), (-20, -20, 40), (30, 30, -40))
+
+
+def class_image(cls: int, seed: int, size: int | None = None) -> np.ndarray:
+    """A uint8 RGB image of class ``cls`` (:data:`CLASSIFY_CLASSES`, :data:`CLASS_TINTS`): random size,
+    brightness, tint jitter and phase."""
+    rng = np.random.default_rng(seed)
+    h = w = size or int(rng.integers(96, 161))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = rng.uniform(100, 150)
+    if cls == 0:
+        a = rng.uniform(0, np.pi)
+        grey = base + 15 * np.sign(np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / 12.0))
+    elif cls == 1:
+        grey = np.full((h, w), base - 8)
+        for cy, cx in rng.random((h * w // 30, 2)) * (h, w):
+            grey[int(cy):int(cy) + 2, int(cx):int(cx) + 2] = base + 12
+    elif cls == 2:
+        grey = base - 15 + 30 * _smooth_noise(rng, h, w, 24)
+    else:
+        p = int(rng.integers(6, 10))
+        grey = base + 15 * np.where(((yy // p) + (xx // p)) % 2 == 0, 1.0, -1.0)
+    tint = np.asarray(CLASS_TINTS[cls]) + rng.uniform(-8, 8, 3)
+    rgb = grey[:, :, None] + tint + rng.normal(0, 3.0, (h, w, 3))
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root, per_class: int = 20, seed: int = 0) -> None:
+    """``root/<class>/<i>.png``: ``per_class`` images of each of :data:`CLASSIFY_CLASSES`."""
+    from PIL import Image
+
+    for c, name in enumerate(CLASSIFY_CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(class_image(c, seed * 100_000 + c * 1000 + i)).save(root / name / f"{i:03d}.png")

@@ -36,7 +36,7 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, sample_weight: Tensor 
                on_step: Callable[[int, int], None] | None = None) -> LinearFit:
     """Class-balanced logistic regression of ``y`` (N,) in 0..K-1 on ``x`` (N, D); see the module docstring."""
     dev = torch.device(device)
-    x = x.to(dev, torch.float32)
+    x = x.detach().to(dev, torch.float32)
     y = y.to(dev, torch.int64)
     w_s = torch.ones(len(y), device=dev) if sample_weight is None else sample_weight.to(dev, torch.float32)
     per_class = torch.zeros(num_classes, device=dev).index_add_(0, y, w_s)
@@ -64,7 +64,7 @@ def fit_linear(x: Tensor, y: Tensor, num_classes: int, *, sample_weight: Tensor 
         return loss
 
     with torch.enable_grad():
-        loss = float(opt.step(closure))
+        loss = float(opt.step(closure).detach())
     if on_step is not None:
         on_step(max_iter, max_iter)
     with torch.no_grad():
