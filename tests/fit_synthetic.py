@@ -71,7 +71,7 @@ def scribbles(gt: np.ndarray, seed: int = 0, per_class: int = 3, length: int = 4
             y, x = ys[i], xs[i]
             t = rng.uniform(0, np.pi)
             for s in range(length):
-                py, px = int(round(y + s * np.sin(t))), int(round(x + s * np.cos(t)))
+                py, px = round(y + s * np.sin(t)), round(x + s * np.cos(t))
                 if 0 <= py < h - 1 and 0 <= px < w - 1 and inside[py, px]:
                     out[py:py + 2, px:px + 2] = c + 1
     return out

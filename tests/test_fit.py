@@ -19,10 +19,16 @@ from softcli.fit import fit_classifier, fit_segmenter
 from softcli.fit.common import verify_loadable
 from softcli.segment import load_segmenter
 
-from .fit_synthetic import CLASSIFY_CLASSES, scribbles, texture_scene, write_image_folder
+from .fit_synthetic import (
+    CLASSIFY_CLASSES,
+    scribbles,
+    texture_scene,
+    write_image_folder,
+)
 from .synthetic import ONE_THREAD_ENV, iou_per_class, single_thread  # noqa: F401 - a fixture
 
 GOLDEN_TINY = "soft_tiny.weights.safetensors"
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: one thread is faster
 
 
 def _write_pair(root: Path, stem: str, img: np.ndarray, labels: np.ndarray) -> None:
@@ -170,7 +176,7 @@ def test_fit_classify_one_class_and_out_over_data_are_errors(soft, tmp_path):
 
 # -- checkpoints: reference, bundle, determinism, other heads --------------------------------------
 
-def test_head_only_checkpoint_checks_backbone_sha256(single_thread, tmp_path, tiny_backbone, tiny_model):
+def test_head_only_checkpoint_checks_backbone_sha256(tmp_path, tiny_backbone, tiny_model):
     data = _small_data(tmp_path / "data")
     out = tmp_path / "m"
     summary = fit_segmenter(data, out, weights=tiny_backbone, val=0, seed=0)
@@ -188,7 +194,7 @@ def test_head_only_checkpoint_checks_backbone_sha256(single_thread, tmp_path, ti
         load_segmenter(out)
 
 
-def test_bundle_needs_no_backbone_file_and_seed_is_deterministic(single_thread, tmp_path, tiny_backbone):
+def test_bundle_needs_no_backbone_file_and_seed_is_deterministic(tmp_path, tiny_backbone):
     data = _small_data(tmp_path / "data", sizes=((96, 96), (64, 128)))  # sizes may differ
     fit_segmenter(data, tmp_path / "a", weights=tiny_backbone, seed=3, val=0.5)
     fit_segmenter(data, tmp_path / "b", weights=tiny_backbone, seed=3, val=0.5)
@@ -197,22 +203,22 @@ def test_bundle_needs_no_backbone_file_and_seed_is_deterministic(single_thread, 
     summary = fit_segmenter(data, tmp_path / "bundled", weights=tiny_backbone, seed=3, val=0.5, bundle=True)
     assert summary["held_out"] and summary["val"] is not None
     shutil.rmtree(tiny_backbone)
-    model, info = load_segmenter(tmp_path / "bundled")
+    _, info = load_segmenter(tmp_path / "bundled")
     assert info.class_names == ["stripes", "dots", "blotches"]
     assert "backbone" not in json.loads((tmp_path / "bundled" / "config.json").read_text())
     with pytest.raises(CheckpointError, match="cannot be found|no such file"):
         load_segmenter(tmp_path / "a")
 
 
-def test_fpn_head_trains_and_segments(single_thread, tmp_path, tiny_backbone):
+def test_fpn_head_trains_and_segments(tmp_path, tiny_backbone):
     data = _small_data(tmp_path / "data")
     summary = fit_segmenter(data, tmp_path / "fpn", weights=tiny_backbone, head="fpn", steps=3, val=0)
     assert summary["head"]["type"] == "semantic_fpn" and summary["fit"]["steps"] == 3
-    model, info = load_segmenter(tmp_path / "fpn")
+    model, _ = load_segmenter(tmp_path / "fpn")
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
-def test_validation_split_must_leave_every_class_to_fit(single_thread, tmp_path, tiny_backbone):
+def test_validation_split_must_leave_every_class_to_fit(tmp_path, tiny_backbone):
     root = tmp_path / "data"
     img, gt = texture_scene(64, 64, seed=0)
     _write_pair(root, "a", img, np.where(gt == 0, 1, 0))
@@ -221,7 +227,7 @@ def test_validation_split_must_leave_every_class_to_fit(single_thread, tmp_path,
         fit_segmenter(root, tmp_path / "m", weights=tiny_backbone, val=0.5)
 
 
-def test_publishing_needs_a_portable_backbone(single_thread, tmp_path, tiny_backbone):
+def test_publishing_needs_a_portable_backbone(tmp_path, tiny_backbone):
     write_image_folder(tmp_path / "data", per_class=3)
     fit_classifier(tmp_path / "data", tmp_path / "probe", weights=tiny_backbone, val=0)
     with pytest.raises(CheckpointError, match="nobody else can fetch"):

@@ -6,13 +6,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..errors import UsageError
 from ..features import parse_stages
 from ..io.image import DEFAULT_MAX_PIXELS
 from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, out_console, print_json, progress_bar
+from .common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    WeightsOpt,
+    err_console,
+    out_console,
+    print_json,
+    progress_bar,
+)
 
 fit_app = typer.Typer(
     name="fit",
@@ -46,10 +56,9 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _class_table(title: str, result: dict[str, Any], unit: str) -> Table:
-    table = Table(title=title, title_justify="left", caption=f"accuracy {_fmt(result['accuracy'])} · mean IoU "
-                  f"{_fmt(result['mean_iou'])} · mean class accuracy {_fmt(result['mean_accuracy'])}",
-                  caption_justify="left")
+def _print_scores(console: Console, title: str, result: dict[str, Any], unit: str) -> None:
+    """A per-class IoU / accuracy table and the overall line under it."""
+    table = Table(title=title, title_justify="left")
     table.add_column("class", justify="right")
     table.add_column("name")
     table.add_column(unit, justify="right")
@@ -57,7 +66,9 @@ def _class_table(title: str, result: dict[str, Any], unit: str) -> Table:
     table.add_column("accuracy", justify="right")
     for c in result["classes"]:
         table.add_row(str(c["class"]), c["name"], f"{c['support']:,}", _fmt(c["iou"]), _fmt(c["accuracy"]))
-    return table
+    console.print(table)
+    console.print(f"accuracy {_fmt(result['accuracy'])} · mean IoU {_fmt(result['mean_iou'])} · "
+                  f"mean class accuracy {_fmt(result['mean_accuracy'])}", highlight=False)
 
 
 def _confusion_table(result: dict[str, Any], names: list[str]) -> Table:
@@ -80,6 +91,25 @@ def _run(fn: Any, json_out: bool, **kwargs: Any) -> dict[str, Any]:
             bar.update(tasks[phase], completed=done, total=total)
 
         return fn(progress=progress, **kwargs)
+
+
+def _report(summary: dict[str, Any], json_out: bool, train_title: str, val_title: str, unit: str,
+            confusion: bool = False) -> None:
+    """The summary as JSON, or as score tables (stdout) and a one-line footer (stderr)."""
+    if json_out:
+        print_json(summary)
+        return
+    console = out_console()
+    _print_scores(console, train_title, summary["train"], unit)
+    if summary["val"] is None:
+        console.print("nothing held out (--val 0): the training scores above are optimistic", highlight=False)
+    else:
+        _print_scores(console, val_title, summary["val"], unit)
+        if confusion:
+            console.print(_confusion_table(summary["val"], summary["classes"]))
+            for e in summary["val"]["errors"]:
+                console.print(f"  wrong: {e['image']}: {e['true']} → {e['predicted']}", highlight=False)
+    err_console.print(_footer(summary), highlight=False, soft_wrap=True)
 
 
 def _footer(summary: dict[str, Any]) -> str:
@@ -133,18 +163,9 @@ def segment(
     summary = _run(fit_segmenter, json_out, data=data, out=out, weights=_spec(model, weights), head=head,
                    stages=parse_stages(stages), window=window, val=val, seed=seed, l2=l2, steps=steps,
                    bundle=bundle, tile=tile, overlap=overlap, device=device, max_pixels=max_pixels or None)
-    if json_out:
-        print_json(summary)
-        return
-    console = out_console()
     n = summary["samples"]
-    console.print(_class_table(f"training labels ({n['train']:,} cells)", summary["train"], "pixels"))
-    if summary["val"] is not None:
-        console.print(_class_table(f"held-out labels ({n['val']:,} cells; {', '.join(summary['held_out'])})",
-                                   summary["val"], "pixels"))
-    else:
-        console.print("no held-out labels (--val 0): the training scores above are optimistic", highlight=False)
-    err_console.print(_footer(summary), highlight=False, soft_wrap=True)
+    _report(summary, json_out, f"training labels ({n['train']:,} cells)",
+            f"held-out labels ({n['val']:,} cells; {', '.join(summary['held_out'])})", "pixels")
 
 
 @fit_app.command("classify")
@@ -180,17 +201,6 @@ def classify(
 
     summary = _run(fit_classifier, json_out, data=data, out=out, weights=_spec(model, weights), val=val, seed=seed,
                    l2=l2, bundle=bundle, batch_size=batch_size, device=device, max_pixels=max_pixels or None)
-    if json_out:
-        print_json(summary)
-        return
-    console = out_console()
     imgs = summary["images"]
-    console.print(_class_table(f"training images ({imgs['train']})", summary["train"], "images"))
-    if summary["val"] is not None:
-        console.print(_class_table(f"held-out images ({imgs['val']})", summary["val"], "images"))
-        console.print(_confusion_table(summary["val"], summary["classes"]))
-        for e in summary["val"]["errors"]:
-            console.print(f"  wrong: {e['image']}: {e['true']} → {e['predicted']}", highlight=False)
-    else:
-        console.print("no held-out images (--val 0): the training scores above are optimistic", highlight=False)
-    err_console.print(_footer(summary), highlight=False, soft_wrap=True)
+    _report(summary, json_out, f"training images ({imgs['train']})", f"held-out images ({imgs['val']})", "images",
+            confusion=True)

@@ -86,7 +86,7 @@ def read_label_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
 
         try:
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
+                page = tif.pages.first
                 check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)
                 arr = page.asarray()
         except InputError:
@@ -107,8 +107,7 @@ def read_label_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
                 if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                     raise InputError(f"{path}: a label image must be single-channel (0 = unlabelled, 1..K = "
                                      f"classes), not {img.mode}")
-                img = ImageOps.exif_transpose(img) or img
-                arr = np.asarray(img)
+                arr = np.asarray(ImageOps.exif_transpose(img) or img)
         except InputError:
             raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -118,9 +117,8 @@ def read_label_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     if arr.ndim != 2:
         raise InputError(f"{path}: a label image must be single-channel (0 = unlabelled, 1..K = classes), "
                          f"not an array of shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool:
-        if not np.all(np.mod(arr, 1) == 0):
-            raise InputError(f"{path}: label values must be whole numbers (0 = unlabelled, 1..K = classes)")
+    if not np.issubdtype(arr.dtype, np.integer) and arr.dtype != bool and not np.all(np.mod(arr, 1) == 0):
+        raise InputError(f"{path}: label values must be whole numbers (0 = unlabelled, 1..K = classes)")
     arr = arr.astype(np.int64)
     if arr.size and arr.min() < 0:
         raise InputError(f"{path}: label values must be 0 (unlabelled) or 1..K, found {int(arr.min())}")

@@ -89,7 +89,7 @@ def scores(conf: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
     union = support + predicted - tp
     classes = []
     for i, name in enumerate(names):
-        classes.append({"class": i + 1, "name": name, "support": int(round(support[i])),
+        classes.append({"class": i + 1, "name": name, "support": round(support[i]),
                         "iou": float(tp[i] / union[i]) if union[i] else None,
                         "accuracy": float(tp[i] / support[i]) if support[i] else None})
     ious = [c["iou"] for c in classes if c["iou"] is not None and c["support"]]
@@ -98,4 +98,4 @@ def scores(conf: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
     return {"accuracy": float(tp.sum() / total) if total else None,
             "mean_iou": float(np.mean(ious)) if ious else None,
             "mean_accuracy": float(np.mean(accs)) if accs else None,
-            "classes": classes, "confusion": [[int(round(v)) for v in row] for row in conf]}
+            "classes": classes, "confusion": [[round(v) for v in row] for row in conf]}

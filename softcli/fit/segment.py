@@ -118,7 +118,8 @@ def _subsample(samples: list[CellSamples], k: int, max_samples: int, rng: np.ran
             s.cells, s.classes, s.counts = s.cells[mask], s.classes[mask], s.counts[mask]
 
 
-def split_validation(samples: list[CellSamples], val: float, rng: np.random.Generator) -> list[str]:
+def split_validation(samples: list[CellSamples], val: float, rng: np.random.Generator,
+                     names: Sequence[str]) -> list[str]:
     """Mark held-out samples: whole images when there are several, else 64-px blocks of the one image.
 
     Returns what was held out, for the summary.
@@ -132,10 +133,10 @@ def split_validation(samples: list[CellSamples], val: float, rng: np.random.Gene
         chosen = sorted(rng.choice(len(samples), n_val, replace=False).tolist())
         for i in chosen:
             samples[i].is_val[:] = True
-        return [f"image {i}" for i in chosen]
+        return [names[i] for i in chosen]
     s = samples[0]
     per = VAL_BLOCK // SCORE_STRIDE
-    brows, bcols = -(-s.grid[0] // per), -(-s.grid[1] // per)
+    bcols = -(-s.grid[1] // per)
     block = (s.cells // s.grid[1]) // per * bcols + (s.cells % s.grid[1]) // per
     labelled_blocks = np.unique(block)
     n_val = min(len(labelled_blocks) - 1, max(1, round(val * len(labelled_blocks))))
@@ -223,7 +224,7 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     samples = [label_cells(read_label_image(it.labels, max_pixels), k) for it in ds.items]
     _subsample(samples, k, max_samples, rng)
-    held_out = split_validation(samples, val, rng)
+    held_out = split_validation(samples, val, rng, [it.image.name for it in ds.items])
     _check_train_classes(samples, ds.class_names, val)
 
     dims = list(backbone.config.embed_dims)
@@ -271,6 +272,7 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
         fit = fit_linear(x, y, k, sample_weight=w, l2=l2, device=dev, on_step=fit_progress)
         with torch.no_grad():
             lin.classifier.weight.copy_(fit.weight[:, :, None, None])
+            assert lin.classifier.bias is not None
             lin.classifier.bias.copy_(fit.bias)
         seg_head: torch.nn.Module = lin.cpu()
 

@@ -44,7 +44,7 @@ class LinearHeadConfig:
             raise ValueError(f"window must be an odd number of cells (1, 3, 5, ...), not {self.window}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LinearHeadConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> LinearHeadConfig:
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown linear head config keys: {', '.join(unknown)}")
