@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,15 +28,15 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fit_synthetic import scribbles, texture_scene  # noqa: E402
-from tests.synthetic import iou_per_class  # noqa: E402
+from tests.fit_synthetic import scribbles, texture_scene
+from tests.synthetic import iou_per_class
 
 DEFAULT_VARIANTS = "--stages 1; --stages 1,2; --window 1; --head fpn --steps 100"
 
 
 def soft(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "softcli", *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    return subprocess.run([sys.executable, "-m", "softcli", *args], check=False, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def main() -> None:
