@@ -25,6 +25,7 @@ from .fit_synthetic import (
     texture_scene,
     write_image_folder,
 )
+from .hub_server import hf  # noqa: F401 - a fixture
 from .synthetic import ONE_THREAD_ENV, iou_per_class, single_thread  # noqa: F401 - a fixture
 
 GOLDEN_TINY = "soft_tiny.weights.safetensors"
@@ -243,3 +244,23 @@ def test_label_values_above_classes_json_are_input_errors(tmp_path, tiny_backbon
     _bad_data("too_many", root)
     with pytest.raises(InputError, match="label 3 found"):
         fit_segmenter(root, tmp_path / "m", weights=tiny_backbone)
+
+
+def test_hub_backbone_reference_survives_push_and_pull(tmp_path, tiny_backbone, hf):  # noqa: F811 - fixture
+    """Fit on hf-hub:ORG/REPO, push the head-only folder, pull it elsewhere: the backbone comes from the Hub."""
+    from softcli import hub
+
+    from .hub_server import FakeHub
+
+    with FakeHub() as server:
+        commit = server.add_commit("acme/tiny", {p.name: p.read_bytes() for p in tiny_backbone.iterdir()})
+        hf(server.url, HF_TOKEN="hf_test_token")
+        out = tmp_path / "seg"
+        fit_segmenter(_small_data(tmp_path / "data"), out, weights="hf-hub:acme/tiny", val=0)
+        ref = json.loads((out / "config.json").read_text())["backbone"]
+        assert ref["kind"] == "hub" and ref["spec"] == f"hf-hub:acme/tiny@{commit}"
+        pushed = hub.push_folder(out, "acme/textures", verify=verify_loadable)
+        hf(server.url, home=tmp_path / "elsewhere", HF_TOKEN="hf_test_token")  # an empty cache
+        model, info = load_segmenter(hub.resolve_weights(pushed["spec"]).path)
+        assert info.class_names == ["stripes", "dots", "blotches"]
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)
