@@ -582,10 +582,18 @@ def model_card(folder: Path, name: str, *, repo_id: str | None = None, entry: Re
     labels = cfg.get("labels")
     top1 = f"{entry.top1:.1f}%" if entry and entry.top1 is not None else "not reported"
     pre = cfg.get("pretrained_cfg", {})
+    task = cfg.get("task") or "image-classification"
+    if cfg.get("task"):  # a head fitted by 'soft fit': say what it is and where its backbone comes from
+        ref = cfg.get("backbone")
+        source += (f"\n- Task: {cfg['task']}, {(cfg.get('head') or {}).get('type')} head, classes "
+                   f"{', '.join(cfg.get('class_names') or [])}\n- Backbone: " +
+                   (f"`{ref.get('spec')}` (sha256 `{ref.get('sha256')}`), fetched when the model loads"
+                    if isinstance(ref, dict) else "bundled in model.safetensors"))
+        task = "image-segmentation" if cfg["task"] == "segmentation" else "image-classification"
     return f"""---
 library_name: softcli
 license: apache-2.0
-pipeline_tag: image-classification
+pipeline_tag: {task}
 tags:
 - soft
 - vision-transformer
