@@ -157,7 +157,8 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
     """Build a :class:`SoftSegmenter` from a checkpoint read by :func:`read_checkpoint`, checking every shape."""
     _read_segmentation_metadata(ck)
     if not is_segmentation_checkpoint(ck):
-        raise CheckpointError(f"{ck.source}: a backbone checkpoint with no segmentation head; "
+        what = "a classification" if ck.extra.get("task") == "classification" else "a backbone"
+        raise CheckpointError(f"{ck.source}: {what} checkpoint with no segmentation head; "
                               "use --clusters K to segment without one")
     backbone_sd = {k[len("backbone."):]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
     head_sd = {k[len("head."):]: v for k, v in ck.state_dict.items() if k.startswith("head.")}
