@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,9 +59,14 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     model. ``forward(x)`` on (B, 3, H, W)
     returns logits; ``forward_features(x)`` the four stage maps.
     """
+    from .backbone_ref import SEGMENTATION, attach_backbone
+    from .errors import CheckpointError
     from .hub import resolve_weights
 
     ck = read_checkpoint(resolve_weights(path).path, use_ema=use_ema)
+    if ck.extra.get("task") == SEGMENTATION:
+        raise CheckpointError(f"{ck.source}: a segmentation checkpoint; label pixels with 'soft segment --model'")
+    ck = attach_backbone(ck, lambda spec: Path(resolve_weights(spec).path))
     model = build_model(ck, resolve_device(device))
     if landmarks is not None:
         model.set_landmark_policy(landmark_policy(landmarks))

@@ -22,7 +22,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -336,8 +336,12 @@ def build_model(ck: Checkpoint, device: str | torch.device = "cpu") -> SoftModel
 
 def save_pretrained(model: SoftModel, out_dir: str | os.PathLike[str], labels: list[str] | None = None,
                     pretrained_cfg: Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the softcli Hub layout (``model.safetensors`` + ``config.json``), atomically."""
+                    extra: Mapping[str, Any] | None = None, keep: Callable[[str], bool] | None = None) -> Path:
+    """Write the softcli Hub layout (``model.safetensors`` + ``config.json``), atomically.
+
+    ``keep(key)`` chooses the tensors written (all by default; ``soft fit`` keeps
+    only ``head.*`` when the backbone is referenced by sha256 in ``extra``).
+    """
     from safetensors.torch import save_file
 
     cfg = model.config.to_dict()
@@ -347,7 +351,7 @@ def save_pretrained(model: SoftModel, out_dir: str | os.PathLike[str], labels: l
         raise ValueError(f"{len(labels)} labels for {model.config.num_classes} classes")
     config = {"architecture": "soft", "format": FORMAT_TAG, "model_config": cfg, "labels": labels,
               "pretrained_cfg": pre, **dict(extra or {})}
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if keep is None or keep(k)}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"config": json.dumps(cfg)})  # one key: safetensors orders metadata keys randomly, and the file should hash the same every time
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

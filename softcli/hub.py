@@ -881,7 +881,12 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
             "labels": len(ck.labels) if ck.labels else 0, "pretrained_cfg": ck.pretrained_cfg,
             "weights_file": str(weights) if weights.is_file() else None,
             "sha256": sha256_file(weights) if weights.is_file() else None,
-            **({"converted_from": provenance} if provenance else {})}
+            **({"converted_from": provenance} if provenance else {}),
+            **{k: ck.extra[k] for k in FITTED_KEYS if k in ck.extra}}
+
+
+#: What a checkpoint made by ``soft fit`` adds to config.json (see softcli.fit), shown by ``soft weights info``.
+FITTED_KEYS = ("task", "head", "class_names", "backbone", "fit")
 
 
 def weights_info(spec: str) -> dict[str, Any]:
@@ -919,10 +924,18 @@ def model_card(folder: Path, name: str, *, repo_id: str | None = None, entry: Re
     labels = cfg.get("labels")
     top1 = f"{entry.top1:.1f}%" if entry and entry.top1 is not None else "not reported"
     pre = cfg.get("pretrained_cfg", {})
+    task = cfg.get("task") or "image-classification"
+    if cfg.get("task"):  # a head fitted by 'soft fit': say what it is and where its backbone comes from
+        ref = cfg.get("backbone")
+        source += (f"\n- Task: {cfg['task']}, {(cfg.get('head') or {}).get('type')} head, classes "
+                   f"{', '.join(cfg.get('class_names') or [])}\n- Backbone: " +
+                   (f"`{ref.get('spec')}` (sha256 `{ref.get('sha256')}`), fetched when the model loads"
+                    if isinstance(ref, dict) else "bundled in model.safetensors"))
+        task = "image-segmentation" if cfg["task"] == "segmentation" else "image-classification"
     return f"""---
 library_name: softcli
 license: apache-2.0
-pipeline_tag: image-classification
+pipeline_tag: {task}
 tags:
 - soft
 - vision-transformer
@@ -1032,8 +1045,14 @@ def convert_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLik
 # -- publishing --------------------------------------------------------------------------------
 
 def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False,
-                revision: str | None = None, message: str | None = None) -> dict[str, Any]:
-    """Upload a softcli folder (weights, config, model card) to a Hub repo, creating the repo if needed."""
+                revision: str | None = None, message: str | None = None,
+                verify: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Upload a softcli folder (weights, config, model card) to a Hub repo, creating the repo if needed.
+
+    ``verify(folder)`` raises when the folder's model does not load; the
+    default builds a classifier/backbone (``soft weights push`` passes one
+    that also knows the heads ``soft fit`` writes).
+    """
     src = Path(folder)
     if not src.is_dir() or not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
         raise WeightsError(f"{src}: not a softcli folder ({WEIGHTS_NAME} + {CONFIG_NAME}); "
@@ -1044,7 +1063,10 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
         raise WeightsError(f"branch {revision!r}: not a branch name ({revision_problem(revision) or 'a commit id'})")
     if is_offline():
         raise WeightsError("HF_HUB_OFFLINE=1 is set; unset it to push")
-    build_model(read_checkpoint(src))  # refuse to publish weights that do not load
+    if verify is None:  # refuse to publish weights that do not load
+        build_model(read_checkpoint(src))
+    else:
+        verify(src)
     from huggingface_hub import CommitOperationAdd, HfApi
 
     card = src / "README.md"

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .api import landmark_policy
+from .backbone_ref import attach_backbone
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, model_files, read_checkpoint)
 from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
@@ -43,6 +44,7 @@ from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend
 from .io.readers import ImageReader, open_image
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .models import SoftModel
+from .models.linear_head import LinearHeadConfig, LinearSegHead
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
 from .resources import available_memory, format_bytes
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
@@ -78,12 +80,16 @@ def _check_names_palette(names: Sequence[str], palette: Sequence[Sequence[int]],
 
 def save_segmenter(model: SoftSegmenter, out_dir: str | os.PathLike[str], class_names: Sequence[str],
                    palette: Sequence[Sequence[int]] | None = None,
-                   pretrained_cfg: Mapping[str, Any] | None = None) -> Path:
+                   pretrained_cfg: Mapping[str, Any] | None = None, *,
+                   backbone_ref: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> Path:
     """Write a segmentation checkpoint in the softcli folder layout, atomically.
 
     ``model.safetensors`` holds ``backbone.*`` (our key layout) and ``head.*``;
     config.json is a softcli config (``model_config`` = the backbone) plus
-    ``task``, ``head``, ``class_names`` and ``palette``.
+    ``task``, ``head``, ``class_names`` and ``palette``. With ``backbone_ref``
+    (see :mod:`softcli.backbone_ref`) only ``head.*`` is written and the
+    backbone is referenced by sha256; ``extra`` adds config.json entries.
     """
     from safetensors.torch import save_file
 
@@ -92,13 +98,18 @@ def save_segmenter(model: SoftSegmenter, out_dir: str | os.PathLike[str], class_
     _check_names_palette(list(class_names), palette, k, str(out_dir))
     backbone_cfg = model.backbone.config.to_dict()
     pre = dict(pretrained_cfg or getattr(model.backbone, "pretrained_cfg", None) or IMAGENET_PRETRAINED_CFG)
+    head_type = getattr(model.head, "head_type", HEAD_TYPE)
     config = {"architecture": "soft", "format": FORMAT_TAG, "model_config": backbone_cfg, "labels": None,
-              "pretrained_cfg": pre, "task": TASK, "head": {"type": HEAD_TYPE, **model.head.config.to_dict()},
-              "class_names": list(class_names), "palette": palette}
+              "pretrained_cfg": pre, "task": TASK, "head": {"type": head_type, **model.head.config.to_dict()},
+              "class_names": list(class_names), "palette": palette, **dict(extra or {})}
     state = {k_: v.detach().to("cpu").contiguous() for k_, v in model.state_dict().items()}
+    if backbone_ref is not None:
+        config["backbone"] = dict(backbone_ref)
+        state = {k_: v for k_, v in state.items() if k_.startswith("head.")}
     with atomic_dir(out_dir) as tmp:
         # The metadata repeats the segmentation part of config.json, so a lone .safetensors file is complete.
-        seg_meta = {k: config[k] for k in ("task", "head", "class_names", "palette")}
+        seg_meta = {k: config[k] for k in ("task", "head", "class_names", "palette") + (
+            ("backbone",) if backbone_ref is not None else ())}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "config": json.dumps(backbone_cfg),
                                                             SEG_META_KEY: json.dumps(seg_meta)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -138,7 +149,7 @@ def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
 def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
                                                                                                SegmenterInfo]:
     """Load a segmentation checkpoint (softcli folder, safetensors or .pth with backbone.* + head.*)."""
-    ck = read_checkpoint(path)
+    ck = attach_backbone(read_checkpoint(path), _resolve_spec)
     return segmenter_from_checkpoint(ck, device)
 
 
@@ -147,7 +158,8 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
     """Build a :class:`SoftSegmenter` from a checkpoint read by :func:`read_checkpoint`, checking every shape."""
     _read_segmentation_metadata(ck)
     if not is_segmentation_checkpoint(ck):
-        raise CheckpointError(f"{ck.source}: a backbone checkpoint with no segmentation head; "
+        what = "a classification" if ck.extra.get("task") == "classification" else "a backbone"
+        raise CheckpointError(f"{ck.source}: {what} checkpoint with no segmentation head; "
                               "use --clusters K to segment without one")
     backbone_sd = {k[len("backbone."):]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
     head_sd = {k[len("head."):]: v for k, v in ck.state_dict.items() if k.startswith("head.")}
@@ -157,32 +169,36 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
                               "(expected backbone.* and head.*)")
     backbone = build_model(Checkpoint(backbone_sd, ck.config, ck.source, ck.format, None, ck.pretrained_cfg), "cpu")
     head_meta = ck.extra.get("head")
+    head_type = head_meta.get("type", HEAD_TYPE) if isinstance(head_meta, Mapping) else HEAD_TYPE
+    head_kinds: dict[str, tuple[Any, Any]] = {HEAD_TYPE: (HeadConfig, SemanticFPNHead),
+                                              LinearSegHead.head_type: (LinearHeadConfig, LinearSegHead)}
+    if head_type not in head_kinds:
+        raise CheckpointError(f"{ck.source}: unknown segmentation head {head_type!r} "
+                              f"(softcli has {', '.join(head_kinds)})")
+    config_cls, head_cls = head_kinds[head_type]
     if isinstance(head_meta, Mapping):
-        if head_meta.get("type", HEAD_TYPE) != HEAD_TYPE:
-            raise CheckpointError(f"{ck.source}: unknown segmentation head {head_meta.get('type')!r} "
-                                  f"(softcli has {HEAD_TYPE})")
         try:
-            head_cfg = HeadConfig.from_dict({k: v for k, v in head_meta.items() if k != "type"})
+            head_cfg = config_cls.from_dict({k: v for k, v in head_meta.items() if k != "type"})
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
-        stored = _infer_head_config(ck.state_dict, ck.source)  # sizes must match the weights before building
-        for name in ("num_classes", "fpn_channels", "channels"):
+        stored = _infer_head_config(ck.state_dict, ck.source) if head_type == HEAD_TYPE else None
+        for name in ("num_classes", "fpn_channels", "channels") if stored else ():  # sizes must match the weights
             if getattr(head_cfg, name) != getattr(stored, name):
                 raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: its config says {name} = "
                                       f"{getattr(head_cfg, name)} but the weights have {getattr(stored, name)}")
     else:
         head_cfg = _infer_head_config(ck.state_dict, ck.source)
-    head = SemanticFPNHead(backbone.config.embed_dims, head_cfg)
+    head = head_cls(backbone.config.embed_dims, head_cfg)
     expected = head.state_dict()
     for k, v in expected.items():
         if k not in head_sd:
-            raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: missing head.{k}")
+            raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: missing head.{k}")
         if tuple(head_sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: head.{k} has shape "
+            raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: head.{k} has shape "
                                   f"{tuple(head_sd[k].shape)}, expected {tuple(v.shape)}")
     extra = [k for k in head_sd if k not in expected]
     if extra:
-        raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: unexpected head.{extra[0]}")
+        raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: unexpected head.{extra[0]}")
     if any(v.is_floating_point() and not torch.isfinite(v).all() for v in head_sd.values()):
         raise CheckpointError(f"{ck.source}: head weights contain NaN or infinity")
     head.load_state_dict(head_sd, strict=True)
@@ -380,7 +396,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             raise UsageError(f"--tile/--overlap: {exc}") from None
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
                            num_classes=clusters, overlay=overlay)
-        ck = read_checkpoint(_resolve_spec(weights))
+        ck = attach_backbone(read_checkpoint(_resolve_spec(weights)), _resolve_spec)
         check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
         if clusters is None:

@@ -38,7 +38,7 @@ app = typer.Typer(
 )
 
 #: Command modules, imported by :func:`main` so each can register on :data:`app`.
-COMMAND_MODULES: tuple[str, ...] = ("classify", "features", "segment", "weights", "profile")
+COMMAND_MODULES: tuple[str, ...] = ("classify", "features", "segment", "weights", "profile", "fit")
 
 
 def _version(value: bool) -> None:

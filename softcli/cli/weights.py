@@ -120,6 +120,12 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
               f"{arch.get('variant') or 'custom'} dims {arch['embed_dims']} depths {arch['depths']} "
               f"{'norm' if arch['norm'] else 'plain'}, {arch['num_classes']} classes, {ck['labels']} labels\n"
               f"  sha256 {ck['sha256']}", highlight=False, soft_wrap=True)
+    if ck.get("task"):  # a head fitted by 'soft fit' (or another task checkpoint)
+        head, ref = ck.get("head") or {}, ck.get("backbone")
+        names = ck.get("class_names") or []
+        con.print(f"  task {ck['task']}: {head.get('type', 'head')} head, {len(names)} classes ({', '.join(names)})\n"
+                  f"  backbone: " + (f"{ref['spec']} ({ref['kind']}), referenced by sha256 {ref['sha256']}"
+                                     if ref else "bundled in this checkpoint"), highlight=False, soft_wrap=True)
 
 
 @weights_app.command()
@@ -168,7 +174,9 @@ def push(folder: Annotated[Path, typer.Argument(help="A folder made by 'soft wei
 
     Example: soft weights push soft-tiny --repo softcli/soft-tiny
     """
-    res = hub.push_folder(folder, repo, private=private, revision=revision, message=message)
+    from ..fit.common import verify_loadable
+
+    res = hub.push_folder(folder, repo, private=private, revision=revision, message=message, verify=verify_loadable)
     if json_out:
         print_json(res)
         return
