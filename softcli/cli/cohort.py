@@ -39,6 +39,16 @@ def wants_cohort(inputs: list[str] | None, out_dir: Path | None, list_file: Path
     return out_dir is not None or list_file is not None or len(inputs or []) > 1
 
 
+def check_cohort_options(out_dir: Path | None, **one_file_options: object) -> None:
+    """Several inputs need ``--out-dir``; options that name one output file do not apply to them."""
+    if out_dir is None:
+        raise UsageError("several inputs need --out-dir DIR (--out names one file)")
+    given = [f"--{name}" for name, value in one_file_options.items() if value is not None]
+    if given:
+        raise UsageError(f"{' and '.join(given)} name{'s' if len(given) == 1 else ''} one file; with --out-dir "
+                         "each input gets NAME.<format>")
+
+
 def single_input(inputs: list[str] | None, out: Path | None) -> Path:
     """The one image of a single-image run (``--out FILE``), or a usage error saying what to give."""
     if not inputs:
@@ -75,7 +85,7 @@ class _CliEvents(CohortEvents):
             self.tiles = self.bar.add_task("tiles", total=None)
         else:
             err_console.print(f"{self.prefix}{mine} of {total} inputs to process here"
-                              + (f", {skipped} already done" if skipped else ""), highlight=False)
+                              + (f", {skipped} already done" if skipped else ""), markup=False, highlight=False)
 
     def started(self, path: str, index: int, mine: int) -> None:
         if self.tiles is not None:
@@ -97,7 +107,8 @@ class _CliEvents(CohortEvents):
         if not self.draw and status != "failed":
             out = record["outputs"][0]["path"] if record.get("outputs") else ""
             err_console.print(f"{self.prefix}{status} {display_path(record['input'])} → {display_path(out)}"
-                              + (f" ({record['seconds']:.1f} s)" if status == "done" else ""), highlight=False)
+                              + (f" ({record['seconds']:.1f} s)" if status == "done" else ""), markup=False,
+                              highlight=False)
 
 
 def run_cli_cohort(make_task: Callable[[str], Any], inputs: list[str] | None, list_file: Path | None,
@@ -109,8 +120,8 @@ def run_cli_cohort(make_task: Callable[[str], Any], inputs: list[str] | None, li
     """
     from ..cohort import DistContext, gather_inputs, run_cohort
 
-    if out_dir is None:
-        raise UsageError("several inputs need --out-dir DIR (--out names one file)")
+    check_cohort_options(out_dir)
+    assert out_dir is not None
     items = gather_inputs(inputs or [], list_file)
     if not items:
         raise UsageError("no inputs: give images, folders, quoted globs or --list FILE")
@@ -133,6 +144,6 @@ def run_cli_cohort(make_task: Callable[[str], Any], inputs: list[str] | None, li
                           f"{report.count('skipped')} skipped, {report.count('failed')} failed"
                           + (f", {report.not_started} not started (--max-failures {max_failures} reached)"
                              if report.stopped else "")
-                          + f"; manifest {display_path(report.manifest)}", highlight=False)
+                          + f"; manifest {display_path(report.manifest)}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)

@@ -12,8 +12,8 @@ from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..tiling import parse_memory
 from .app import app
-from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, run_cli_cohort, single_input,
-                     wants_cohort)
+from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
+                     single_input, wants_cohort)
 from .common import model_name
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
                      print_json, progress_bar, warn)
@@ -71,8 +71,7 @@ def features(
     if wants_cohort(inputs, out_dir, list_file):
         from ..cohort.tasks import check_features_options, features_task
 
-        if out is not None:
-            raise UsageError("--out names one file; with --out-dir each input gets NAME.<format>")
+        check_cohort_options(out_dir, out=out)
         check_features_options(out_format, stages, pool, blend)  # fail before loading a model
 
         def make_task(dev: str) -> object:

@@ -10,8 +10,8 @@ import typer
 from ..errors import UsageError
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
-from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, run_cli_cohort, single_input,
-                     wants_cohort)
+from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
+                     single_input, wants_cohort)
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
@@ -74,8 +74,7 @@ def segment(
     if wants_cohort(inputs, out_dir, list_file):
         from ..cohort.tasks import segment_task
 
-        if out is not None or overlay is not None:
-            raise UsageError("--out and --overlay name one file; with --out-dir each input gets NAME.<format>")
+        check_cohort_options(out_dir, out=out, overlay=overlay)
         run_cli_cohort(lambda dev: segment_task(spec, out_format=out_format, clusters=clusters,
                                                 cluster_stages=cluster_stages, seed=seed, level=level, tile=tile,
                                                 overlap=overlap, landmarks=landmarks, device=dev,
