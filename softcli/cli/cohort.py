@@ -71,8 +71,9 @@ def _timeout() -> float:
 class _CliEvents(CohortEvents):
     """Two bars on rank 0's terminal (inputs, tiles of the current image); otherwise a log line per input."""
 
-    def __init__(self, bar: Progress, draw: bool, rank: int | None) -> None:
+    def __init__(self, bar: Progress, draw: bool, rank: int | None, phases: dict[str, str]) -> None:
         self.bar, self.draw, self.prefix = bar, draw, f"[rank {rank}] " if rank is not None else ""
+        self.phases = phases
         self.inputs: TaskID | None = None
         self.tiles: TaskID | None = None
         self.done = 0
@@ -93,7 +94,7 @@ class _CliEvents(CohortEvents):
 
     def tile(self, phase: str, done: int, total: int) -> None:
         if self.tiles is not None:
-            self.bar.update(self.tiles, completed=done, total=total, description=f"{phase}")
+            self.bar.update(self.tiles, completed=done, total=total, description=self.phases.get(phase, phase))
 
     def finished(self, record: dict[str, Any]) -> None:
         status = record["status"]
@@ -113,16 +114,17 @@ class _CliEvents(CohortEvents):
 
 def run_cli_cohort(make_task: Callable[[str], Any], inputs: list[str] | None, list_file: Path | None,
                    out_dir: Path | None, *, device: str, overwrite: bool, max_failures: int | None,
-                   json_out: bool) -> None:
+                   json_out: bool, phases: dict[str, str] | None = None) -> None:
     """Expand the inputs, run the cohort (ranks from torchrun), print the summary; exit 1 if any input failed.
 
-    ``make_task(device)`` builds the command's :class:`~softcli.cohort.CohortTask` on this rank's device.
+    ``make_task(device)`` builds the command's :class:`~softcli.cohort.CohortTask` on this rank's device;
+    ``phases`` names the phases of the tiles bar.
     """
     from ..cohort import DistContext, gather_inputs, run_cohort
 
     check_cohort_options(out_dir)
     assert out_dir is not None
-    items = gather_inputs(inputs or [], list_file)
+    items = gather_inputs(inputs or [], list_file, out_dir)
     if not items:
         raise UsageError("no inputs: give images, folders, quoted globs or --list FILE")
     dist = DistContext.from_env()
@@ -132,7 +134,8 @@ def run_cli_cohort(make_task: Callable[[str], Any], inputs: list[str] | None, li
         task = make_task(rank_device)
         draw = dist.is_main and not json_out
         with progress_bar(draw) as bar:
-            events = _CliEvents(bar, draw and err_console.is_terminal, dist.rank if dist.distributed else None)
+            events = _CliEvents(bar, draw and err_console.is_terminal, dist.rank if dist.distributed else None,
+                                phases or {})
             report = run_cohort(items, out_dir, task, overwrite=overwrite, max_failures=max_failures, dist=dist,
                                 events=events)
     finally:

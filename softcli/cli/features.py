@@ -82,7 +82,7 @@ def features(
                                  pool=pool, max_pixels=max_pixels)
 
         run_cli_cohort(make_task, inputs, list_file, out_dir, device=device, overwrite=overwrite,
-                       max_failures=max_failures, json_out=json_out)
+                       max_failures=max_failures, json_out=json_out, phases={"tiles": "tiles"})
         return
     input = single_input(inputs, out)
     assert out is not None

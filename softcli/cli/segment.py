@@ -13,6 +13,7 @@ from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
+from .common import model_name
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
 
@@ -75,12 +76,12 @@ def segment(
         from ..cohort.tasks import segment_task
 
         check_cohort_options(out_dir, out=out, overlay=overlay)
-        run_cli_cohort(lambda dev: segment_task(spec, out_format=out_format, clusters=clusters,
-                                                cluster_stages=cluster_stages, seed=seed, level=level, tile=tile,
-                                                overlap=overlap, landmarks=landmarks, device=dev,
-                                                max_pixels=max_pixels),
+        run_cli_cohort(lambda dev: segment_task(spec, model_name=model_name(model, weights), out_format=out_format,
+                                                clusters=clusters, cluster_stages=cluster_stages, seed=seed,
+                                                level=level, tile=tile, overlap=overlap, landmarks=landmarks,
+                                                device=dev, max_pixels=max_pixels),
                        inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
-                       json_out=json_out)
+                       json_out=json_out, phases=_PHASES)
         return
     image = single_input(inputs, out)
     assert out is not None

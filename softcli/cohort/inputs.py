@@ -42,13 +42,21 @@ def read_list_file(path: str | os.PathLike[str]) -> list[str]:
     return paths
 
 
-def gather_inputs(args: Sequence[str | os.PathLike[str]], list_file: str | os.PathLike[str] | None = None
-                  ) -> list[InputItem]:
-    """Every input named by ``args`` and ``list_file``, each once, in the order given (bad ones carry an error)."""
+def gather_inputs(args: Sequence[str | os.PathLike[str]], list_file: str | os.PathLike[str] | None = None,
+                  out_dir: str | os.PathLike[str] | None = None) -> list[InputItem]:
+    """Every input named by ``args`` and ``list_file``, each once, in the order given (bad ones carry an error).
+
+    Files inside ``out_dir`` are left out: with the output folder inside an
+    input folder, a rerun must not take the previous run's outputs as inputs.
+    """
     named = [os.fspath(a) for a in args]
     if list_file is not None:
         named += read_list_file(list_file)
-    return expand_inputs(named)
+    items = expand_inputs(named)
+    if out_dir is None:
+        return items
+    outside = os.path.realpath(out_dir) + os.sep
+    return [i for i in items if i.error is not None or not os.path.realpath(i.path).startswith(outside)]
 
 
 def input_stem(path: str | os.PathLike[str]) -> str:

@@ -38,7 +38,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return [p for p in model_files(path) if p.is_file()]
 
 
-def segment_task(weights: str | os.PathLike[str] | None, *, out_format: str = "tif", clusters: int | None = None,
+def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif", clusters: int | None = None,
                  cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0, tile: int = 1024,
                  overlap: int = 64, landmarks: str | None = None, device: str | torch.device = "cpu",
                  max_pixels: int | None = None) -> CohortTask:
@@ -72,7 +72,7 @@ def segment_task(weights: str | os.PathLike[str] | None, *, out_format: str = "t
     settings: dict[str, Any] = {"format": out_format, "clusters": clusters, "cluster_stages": stages if clusters
                                 else None, "seed": seed, "level": level, "tile": tile, "overlap": overlap,
                                 "landmarks": landmarks}
-    return CohortTask("segment", suffix, settings, str(weights), weights_sha256(_checkpoint_files(resolved)),
+    return CohortTask("segment", suffix, settings, model_name, weights_sha256(_checkpoint_files(resolved)),
                       run_one)
 
 
