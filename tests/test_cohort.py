@@ -230,3 +230,12 @@ def test_torchrun_two_ranks_equal_one_process(images, weights, clean_run, tmp_pa
     assert [Path(x["input"]).name for x in records] == [f"img{i}.png" for i in range(6)]
     assert {x["rank"] for x in records} == {0, 1} and {x["status"] for x in records} == {"done"}
     assert "[rank 1] 3 of 6 inputs to process here" in err and err.count("6 inputs: 6 done") == 1
+
+
+def test_outputs_inside_an_input_folder_are_not_inputs(tmp_path):
+    make_images(tmp_path / "slides", SIZES[:2])
+    (tmp_path / "slides" / "masks").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "slides" / "masks" / "img0.png")
+    names = [Path(i.path).relative_to(tmp_path).as_posix()
+             for i in gather_inputs([tmp_path / "slides"], out_dir=tmp_path / "slides" / "masks")]
+    assert names == ["slides/img0.png", "slides/img1.png"]

@@ -14,17 +14,5 @@ from .inputs import gather_inputs, output_names
 from .manifest import MANIFEST_NAME, Manifest, settings_key, weights_sha256
 from .runner import CohortEvents, CohortReport, CohortTask, run_cohort
 
-__all__ = [
-           "MANIFEST_NAME",
-           "CohortEvents",
-           "CohortReport",
-           "CohortTask",
-           "DistContext",
-           "Manifest",
-           "gather_inputs",
-           "output_names",
-           "run_cohort",
-           "settings_key",
-           "split_by_pixels",
-           "weights_sha256",
-]
+__all__ = ["MANIFEST_NAME", "CohortEvents", "CohortReport", "CohortTask", "DistContext", "Manifest",
+           "gather_inputs", "output_names", "run_cohort", "settings_key", "split_by_pixels", "weights_sha256"]

@@ -64,8 +64,13 @@ def settings_key(command: str, settings: Mapping[str, Any], weights_hash: str) -
 
 
 def input_key(path: str) -> str:
-    """The manifest's identity of an input: its absolute path."""
+    """The manifest's identity of an input: its absolute path (``path`` in a record; ``input`` is as given)."""
     return os.path.abspath(path)
+
+
+def record_key(rec: Mapping[str, Any]) -> str:
+    path = rec.get("path")
+    return path if isinstance(path, str) else input_key(rec["input"])
 
 
 def append_line(path: Path, record: Mapping[str, Any]) -> None:
@@ -110,6 +115,32 @@ def outputs_intact(record: Mapping[str, Any]) -> bool:
     return True
 
 
+class FailureCounter:
+    """Failures recorded so far in the current run's part files (all ranks), reading only what was appended."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self._offsets: dict[Path, int] = {}
+        self._failed = 0
+
+    def __call__(self) -> int:
+        for part in self.manifest.part_files():
+            try:
+                with open(part, "rb") as fh:
+                    fh.seek(self._offsets.get(part, 0))
+                    data = fh.read()
+            except OSError:
+                continue
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+            self._offsets[part] = self._offsets.get(part, 0) + len(whole)
+            for line in whole.splitlines():
+                try:
+                    self._failed += json.loads(line).get("status") == "failed"
+                except (ValueError, AttributeError):
+                    continue
+        return self._failed
+
+
 class Manifest:
     """The manifest of one output folder: the merged file plus the part files of ranks."""
 
@@ -135,12 +166,16 @@ class Manifest:
         """The newest record of each input, by :func:`input_key`."""
         latest: dict[str, dict[str, Any]] = {}
         for rec in self.records():
-            latest[input_key(rec["input"])] = rec
+            latest[record_key(rec)] = rec
         return latest
 
-    def reusable(self, path: str, key: str, outputs: Sequence[str]) -> dict[str, Any] | None:
-        """The record that lets ``path`` be skipped (same key, same outputs, intact), or None."""
-        rec = self.latest().get(input_key(path))
+    def reusable(self, path: str, key: str, outputs: Sequence[str],
+                 latest: Mapping[str, Mapping[str, Any]] | None = None) -> Mapping[str, Any] | None:
+        """The record that lets ``path`` be skipped (same key, same outputs, intact), or None.
+
+        ``latest``: :meth:`latest`, read once by a caller asking about many inputs.
+        """
+        rec = (self.latest() if latest is None else latest).get(input_key(path))
         return rec if rec is not None and self._matches(rec, key, outputs) else None
 
     @staticmethod
@@ -148,10 +183,6 @@ class Manifest:
         listed = [o.get("path") for o in rec.get("outputs") or [] if isinstance(o, dict)]
         return (rec.get("status") in REUSABLE and rec.get("settings_key") == key
                 and [str(o) for o in outputs] == listed[: len(outputs)] and outputs_intact(rec))
-
-    def count_failed(self) -> int:
-        """Failures recorded by the current run's ranks so far (their part files)."""
-        return sum(rec.get("status") == "failed" for part in self.part_files() for rec in read_lines(part))
 
     def merge(self, new_records: Sequence[Mapping[str, Any]], include_parts: bool = False) -> None:
         """Write ``manifest.jsonl`` = old lines updated by ``new_records`` (one line per input), atomically.
@@ -161,7 +192,7 @@ class Manifest:
         merged: dict[str, dict[str, Any]] = {}
         old = self.records() if include_parts else read_lines(self.path)
         for rec in [*old, *new_records]:
-            merged[input_key(rec["input"])] = dict(rec)
+            merged[record_key(rec)] = dict(rec)
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(json.dumps(json_safe(r), ensure_ascii=False) + "\n" for r in merged.values()),
                            encoding="utf-8")

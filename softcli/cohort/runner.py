@@ -20,7 +20,14 @@ from ..errors import OutputError, SoftError
 from ..io.inputs import InputItem
 from .distributed import DistContext, split_by_pixels
 from .inputs import output_names
-from .manifest import Manifest, append_line, part_path, settings_key
+from .manifest import (
+    FailureCounter,
+    Manifest,
+    append_line,
+    input_key,
+    part_path,
+    settings_key,
+)
 
 #: ``progress(phase, done, total)`` of the image being processed (tiles, mask tiles, ...).
 TileProgress = Callable[[str, int, int], None]
@@ -119,8 +126,8 @@ def image_pixels(path: str) -> int:
 
 
 def _base_record(task: CohortTask, path: str, rank: int) -> dict[str, Any]:
-    return {"input": path, "command": task.command, "model": task.model, "weights_sha256": task.weights_sha256,
-            "softcli_version": __version__, "settings": task.settings, "settings_key": task.key, "rank": rank}
+    return {"input": path, "path": input_key(path), "command": task.command, "model": task.model,
+            "weights_sha256": task.weights_sha256, "softcli_version": __version__, "settings": task.settings, "settings_key": task.key, "rank": rank}
 
 
 def _plan(items: Sequence[InputItem], out_dir: Path, task: CohortTask, manifest: Manifest, overwrite: bool,
@@ -133,6 +140,7 @@ def _plan(items: Sequence[InputItem], out_dir: Path, task: CohortTask, manifest:
             part.unlink(missing_ok=True)
     names = output_names([i.path for i in items])
     outputs = [str(Path(os.path.abspath(out_dir / f"{n}{task.suffix}"))) for n in names]
+    latest = manifest.latest()
     reused: dict[int, dict[str, Any]] = {}
     bad: dict[int, str] = {}
     todo: list[int] = []
@@ -140,9 +148,9 @@ def _plan(items: Sequence[InputItem], out_dir: Path, task: CohortTask, manifest:
         if item.error is not None:
             bad[i] = item.error
             continue
-        rec = None if overwrite else manifest.reusable(item.path, task.key, [outputs[i]])
+        rec = None if overwrite else manifest.reusable(item.path, task.key, [outputs[i]], latest)
         if rec is not None:
-            reused[i] = rec
+            reused[i] = dict(rec)
         else:
             todo.append(i)
     sizes = [image_pixels(items[i].path) for i in todo] if world > 1 else [0] * len(todo)
@@ -184,11 +192,12 @@ def run_cohort(items: Sequence[InputItem], out_dir: str | os.PathLike[str], task
             record(i, _base_record(task, items[i].path, 0) | {"status": "failed", "error": error, "outputs": [],
                                                               "seconds": 0.0, "finished_at": _now()})
         for i, old in plan["reused"].items():
-            record(i, {**old, "status": "skipped", "rank": 0, "seconds": 0.0,
-                       "reused_from": old.get("reused_from") or old.get("finished_at")})
+            record(i, {**old, "input": items[i].path, "status": "skipped", "rank": 0, "seconds": 0.0,
+                       "finished_at": _now(), "reused_from": old.get("reused_from") or old.get("finished_at")})
+    failed_so_far = FailureCounter(manifest)
     stopped_at: int | None = None
     for n, i in enumerate(todo):
-        if max_failures is not None and manifest.count_failed() >= max_failures:
+        if max_failures is not None and failed_so_far() >= max_failures:
             stopped_at = n
             break
         path = items[i].path
