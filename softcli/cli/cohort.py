@@ -53,6 +53,8 @@ def single_input(inputs: list[str] | None, out: Path | None) -> Path:
     """The one image of a single-image run (``--out FILE``), or a usage error saying what to give."""
     if not inputs:
         raise UsageError("give an input image (or several with --out-dir DIR)")
+    if Path(inputs[0]).is_dir():
+        raise UsageError(f"{inputs[0]}: is a folder; give --out-dir DIR to process the images in it")
     if out is None:
         raise UsageError("give --out FILE for one image, or --out-dir DIR for many")
     return Path(inputs[0])
