@@ -59,7 +59,8 @@ def seg_args(inputs, out_dir, weights, *extra):
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "manifest.jsonl"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name not in ("manifest.jsonl", ".soft-cohort.lock")}
 
 
 def statuses(out_dir: Path) -> dict[str, str]:
@@ -216,20 +217,43 @@ def test_features_list_equals_single_runs(images, weights, tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(images, weights, clean_run, tmp_path):
-    """``torchrun --standalone --nproc-per-node 2 -m softcli segment DIR --out-dir OUT`` on CPU (gloo)."""
+    """``torchrun --standalone --nproc-per-node 2 -m softcli segment DIR --out-dir OUT`` on CPU (gloo).
+
+    A broken input is recorded as failed and the ranks still finish: exit status 1, the rest identical.
+    """
     out = tmp_path / "out"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
     env = {**os.environ, "PYTHONPATH": str(REPO), **ONE_THREAD_ENV}
     env.pop("SOFTCLI_DEBUG", None)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "softcli", *map(str, seg_args([images], out, weights))],
+                        "-m", "softcli", *map(str, seg_args([images, broken], out, weights))],
                        env=env, capture_output=True, timeout=300, check=False)
     err = r.stderr.decode()
-    assert r.returncode == 0, err
+    assert r.returncode == 1, err
     assert files_of(out) == files_of(clean_run)
     records = read_lines(out / "manifest.jsonl")
-    assert [Path(x["input"]).name for x in records] == [f"img{i}.png" for i in range(6)]
-    assert {x["rank"] for x in records} == {0, 1} and {x["status"] for x in records} == {"done"}
-    assert "[rank 1] 3 of 6 inputs to process here" in err and err.count("6 inputs: 6 done") == 1
+    assert [Path(x["input"]).name for x in records] == [f"img{i}.png" for i in range(6)] + ["broken.png"]
+    assert {x["rank"] for x in records[:6]} == {0, 1} and {x["status"] for x in records[:6]} == {"done"}
+    assert records[6]["status"] == "failed" and f"error: {broken}: not an image" in err
+    assert "[rank 1] 3 of 7 inputs to process here" in err and err.count("7 inputs: 6 done, 0 skipped, 1 failed") == 1
+
+
+def test_one_image_under_torchrun_and_a_second_run_into_one_folder_are_refused(images, weights, tmp_path):
+    r = run_soft("segment", images / "img0.png", "--clusters", "3", "--out", tmp_path / "m.png",
+                 env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and "under torchrun give --out-dir DIR" in r.stderr.decode()
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".soft-cohort.lock", "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = run_soft(*seg_args([images / "img0.png"], out, weights))
+    assert r.returncode == 1 and "another soft run (pid 4242) is writing into this folder" in r.stderr.decode()
+    assert not (out / "manifest.jsonl").exists()
 
 
 def test_outputs_inside_an_input_folder_are_not_inputs(tmp_path):

@@ -53,6 +53,9 @@ def single_input(inputs: list[str] | None, out: Path | None) -> Path:
     """The one image of a single-image run (``--out FILE``), or a usage error saying what to give."""
     if not inputs:
         raise UsageError("give an input image (or several with --out-dir DIR)")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UsageError("under torchrun give --out-dir DIR: ranks split many inputs (one image split across "
+                         "ranks, --split tiles, is not implemented)")
     if Path(inputs[0]).is_dir():
         raise UsageError(f"{inputs[0]}: is a folder; give --out-dir DIR to process the images in it")
     if out is None:

@@ -16,19 +16,22 @@ exists with the size it had.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..errors import OutputError
 from ..io.atomic import atomic_path
 from ..io.inputs import json_safe
 
 MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".soft-cohort.lock"
 PART_PATTERN = re.compile(r"^\.manifest\.rank-(\d+)\.jsonl$")
 REUSABLE = ("done", "skipped")
 
@@ -113,6 +116,26 @@ def outputs_intact(record: Mapping[str, Any]) -> bool:
         except (OSError, KeyError, TypeError):
             return False
     return True
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
+    """Hold ``DIR/.soft-cohort.lock`` (``flock``) for a run: two runs writing one manifest would lose lines."""
+    import fcntl
+
+    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(f"{out_dir}: another soft run (pid {holder}) is writing into this folder; "
+                              "wait for it or use another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class FailureCounter:

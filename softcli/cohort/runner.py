@@ -7,6 +7,7 @@ library never prints: the caller sees each step through :class:`CohortEvents`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from .manifest import (
     append_line,
     input_key,
     part_path,
+    run_lock,
     settings_key,
 )
 
@@ -175,6 +177,12 @@ def run_cohort(items: Sequence[InputItem], out_dir: str | os.PathLike[str], task
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
+    with run_lock(out) if dist.is_main else contextlib.nullcontext():
+        return _run(items, out, task, overwrite, max_failures, dist, events)
+
+
+def _run(items: Sequence[InputItem], out: Path, task: CohortTask, overwrite: bool, max_failures: int | None,
+         dist: DistContext, events: CohortEvents) -> CohortReport:
     manifest = Manifest(out)
     plan = dist.broadcast(_plan(items, out, task, manifest, overwrite, dist.world_size) if dist.is_main else None)
     part = part_path(out, dist.rank)
