@@ -78,7 +78,14 @@ def record_key(rec: Mapping[str, Any]) -> str:
 
 def append_line(path: Path, record: Mapping[str, Any]) -> None:
     """Append one record as one line with a single ``write`` and ``fsync`` (never a half line for readers)."""
-    data = (json.dumps(json_safe(dict(record)), ensure_ascii=False) + "\n").encode("utf-8")
+    append_lines(path, [record])
+
+
+def append_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Append records, one line each, with a single ``write`` and one ``fsync``."""
+    if not records:
+        return
+    data = "".join(json.dumps(json_safe(dict(r)), ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)

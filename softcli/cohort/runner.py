@@ -25,6 +25,7 @@ from .manifest import (
     FailureCounter,
     Manifest,
     append_line,
+    append_lines,
     input_key,
     part_path,
     run_lock,
@@ -195,13 +196,18 @@ def _run(items: Sequence[InputItem], out: Path, task: CohortTask, overwrite: boo
 
     todo = plan["ranks"][dist.rank]
     events.planned(len(items), len(todo), len(plan["reused"]))
-    if dist.is_main:
-        for i, error in plan["bad"].items():
-            record(i, _base_record(task, items[i].path, 0) | {"status": "failed", "error": error, "outputs": [],
-                                                              "seconds": 0.0, "finished_at": _now()})
-        for i, old in plan["reused"].items():
-            record(i, {**old, "input": items[i].path, "status": "skipped", "rank": 0, "seconds": 0.0,
-                       "finished_at": _now(), "reused_from": old.get("reused_from") or old.get("finished_at")})
+    if dist.is_main:  # failed arguments and reused results: recorded at once, one write
+        now = _now()
+        known = [(i, _base_record(task, items[i].path, 0) | {"status": "failed", "error": error, "outputs": [],
+                                                             "seconds": 0.0, "finished_at": now})
+                 for i, error in plan["bad"].items()]
+        known += [(i, {**old, "input": items[i].path, "status": "skipped", "rank": 0, "seconds": 0.0,
+                       "finished_at": now, "reused_from": old.get("reused_from") or old.get("finished_at")})
+                  for i, old in plan["reused"].items()]
+        append_lines(part, [rec for _, rec in known])
+        for i, rec in known:
+            mine.append((i, rec))
+            events.finished(rec)
     failed_so_far = FailureCounter(manifest)
     stopped_at: int | None = None
     for n, i in enumerate(todo):
