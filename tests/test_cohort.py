@@ -263,3 +263,18 @@ def test_outputs_inside_an_input_folder_are_not_inputs(tmp_path):
     names = [Path(i.path).relative_to(tmp_path).as_posix()
              for i in gather_inputs([tmp_path / "slides"], out_dir=tmp_path / "slides" / "masks")]
     assert names == ["slides/img0.png", "slides/img1.png"]
+
+
+def test_python_api_with_extra_options(images, weights, tmp_path):
+    """run_cohort + segment_task in process; ``extra`` keyword arguments reach segment() and the settings."""
+    from softcli.cohort import run_cohort
+    from softcli.cohort.tasks import segment_task
+
+    items = gather_inputs([images / "img0.png", images / "img2.png"])
+    task = segment_task(weights, model_name="tiny", out_format="npy", clusters=2, extra={"cluster_tiles": 1})
+    report = run_cohort(items, tmp_path / "out", task)
+    assert report.ok and report.count("done") == 2
+    assert np.load(tmp_path / "out" / "img2.npy").shape == (128, 128)
+    assert read_lines(tmp_path / "out" / "manifest.jsonl")[0]["settings"]["cluster_tiles"] == 1
+    other = segment_task(weights, model_name="tiny", out_format="npy", clusters=2, extra={"cluster_tiles": 2})
+    assert other.key != task.key and run_cohort(items, tmp_path / "out", task).count("skipped") == 2

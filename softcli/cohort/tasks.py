@@ -9,7 +9,7 @@ usage error rather than a failure per input.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,12 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif", clusters: int | None = None,
                  cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0, tile: int = 1024,
                  overlap: int = 64, landmarks: str | None = None, device: str | torch.device = "cpu",
-                 max_pixels: int | None = None) -> CohortTask:
-    """``soft segment`` per input: a mask ``NAME.<format>`` and its ``NAME.legend.json``."""
+                 max_pixels: int | None = None, extra: Mapping[str, Any] | None = None) -> CohortTask:
+    """``soft segment`` per input: a mask ``NAME.<format>`` and its ``NAME.legend.json``.
+
+    ``extra``: further keyword arguments of :func:`~softcli.segment.segment` that change the output
+    (JSON values); passed on and recorded in the settings, so new options join cohorts in one place.
+    """
     from ..cluster import parse_stages
     from ..hub import resolve_weights
     from ..io.masks import legend_path
@@ -66,12 +70,12 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     def run_one(path: str, out: Path, progress: TileProgress) -> JobResult:
         summary = segment(path, out, weights=resolved, clusters=clusters, cluster_stages=cluster_stages,
                           level=level, tile=tile, overlap=overlap, device=device, landmarks=landmarks, seed=seed,
-                          max_pixels=max_pixels, progress=progress)
+                          max_pixels=max_pixels, progress=progress, **dict(extra or {}))
         return JobResult([out, legend_path(out)], tuple(summary["size"]))
 
     settings: dict[str, Any] = {"format": out_format, "clusters": clusters, "cluster_stages": stages if clusters
                                 else None, "seed": seed, "level": level, "tile": tile, "overlap": overlap,
-                                "landmarks": landmarks}
+                                "landmarks": landmarks, **dict(extra or {})}
     return CohortTask("segment", suffix, settings, model_name, weights_sha256(_checkpoint_files(resolved)),
                       run_one)
 
@@ -93,8 +97,12 @@ def check_features_options(out_format: str, stages: str | Sequence[int], pool: b
 def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = "safetensors",
                   stages: str | Sequence[int] = "1,2,3,4", tile: int | None = None, overlap: int | None = None, level: int = 0,
                   max_memory: int | None = None, blend: str = "linear", pool: bool = False,
-                  max_pixels: int | None = None) -> CohortTask:
-    """``soft features`` per input with a model loaded once: ``NAME.<format>``."""
+                  max_pixels: int | None = None, extra: Mapping[str, Any] | None = None) -> CohortTask:
+    """``soft features`` per input with a model loaded once: ``NAME.<format>``.
+
+    ``extra``: further keyword arguments of :func:`~softcli.features.extract_features` that change the
+    output (JSON values); passed on and recorded in the settings.
+    """
     from ..features import extract_features
 
     suffix, stage_list = check_features_options(out_format, stages, pool, blend)
@@ -103,12 +111,12 @@ def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = 
     def run_one(path: str, out: Path, progress: TileProgress) -> JobResult:
         result = extract_features(model, path, out, stages=stage_list, tile=tile, overlap=overlap, level=level,
                                   max_memory=max_memory, blend=blend, pool=pool, max_pixels=max_pixels,
-                                  on_tile=lambda done, total: progress("tiles", done, total))
+                                  on_tile=lambda done, total: progress("tiles", done, total), **dict(extra or {}))
         return JobResult([out], result.image_size)
 
     settings = {"format": out_format, "stages": stage_list, "tile": tile, "overlap": overlap, "level": level,
                 "max_memory": max_memory, "blend": blend, "pool": pool,
-                "landmarks": str(getattr(model, "landmark_policy", ""))}
+                "landmarks": str(getattr(model, "landmark_policy", "")), **dict(extra or {})}
     files = _checkpoint_files(Path(source)) if source else []
     return CohortTask("features", suffix, settings, model_name, weights_sha256(files) if files else "unknown",
                       run_one)
