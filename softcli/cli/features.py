@@ -12,17 +12,21 @@ from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..tiling import parse_memory
 from .app import app
+from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
+                     single_input, wants_cohort)
+from .common import model_name
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
                      print_json, progress_bar, warn)
 
 
 @app.command()
 def features(
-    input: Annotated[Path, typer.Argument(help="Image: TIFF/BigTIFF/OME-TIFF/SVS-like (read region by region) "
-                                               "or any Pillow format.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output: .safetensors (keys stage1..stage4, "
-                                                           "(C, H, W) float32), .npy (one stage), .npz, or "
-                                                           ".ome.tif (tiled BigTIFF).", show_default=False)],
+    inputs: Annotated[list[str] | None, typer.Argument(
+        metavar="INPUT...", show_default=False, help="Image: TIFF/BigTIFF/OME-TIFF/SVS-like (read region by "
+        "region) or any Pillow format; with --out-dir also folders and quoted globs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output: .safetensors (keys stage1..stage4, "
+                                                                  "(C, H, W) float32), .npy (one stage), .npz, or "
+                                                                  ".ome.tif (tiled BigTIFF).", show_default=False)] = None,
     stages: Annotated[str, typer.Option("--stages", help="Stages to write, e.g. 1,2,3,4 or 4 "
                                                           "(strides 4, 8, 16, 32).")] = "1,2,3,4",
     tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (multiple of 32); "
@@ -41,10 +45,22 @@ def features(
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image larger "
                                                                  "than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
+    out_dir: OutDirOpt = None,
+    list_file: ListOpt = None,
+    out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: safetensors, npz, npy or "
+                                            "ome.tif.")] = "safetensors",
+    overwrite: OverwriteOpt = False,
+    max_failures: MaxFailuresOpt = None,
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
 
+    Many images (folders, quoted globs, --list FILE) go to --out-dir DIR as
+    NAME.<format> with a manifest.jsonl; a rerun skips finished inputs. Under
+    torchrun the inputs are split across ranks.
+
     Example: soft features slide.ome.tif --out feats.safetensors --weights soft_tiny/ --stages 3,4
+
+    Example: soft features slides/ --out-dir feats/ --weights soft_tiny/ --stages 4 --pool
     """
     try:
         budget = parse_memory(max_memory)
@@ -52,6 +68,24 @@ def features(
         raise UsageError(str(exc)) from None
     policy = parse_landmarks(landmarks)
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
+    if wants_cohort(inputs, out_dir, list_file):
+        from ..cohort.tasks import check_features_options, features_task
+
+        check_cohort_options(out_dir, out=out)
+        check_features_options(out_format, stages, pool, blend)  # fail before loading a model
+
+        def make_task(dev: str) -> object:
+            net = load_cli_model(model, weights, dev)
+            net.set_landmark_policy(policy)
+            return features_task(net, model_name=model_name(model, weights), out_format=out_format, stages=stages,
+                                 tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
+                                 pool=pool, max_pixels=max_pixels)
+
+        run_cli_cohort(make_task, inputs, list_file, out_dir, device=device, overwrite=overwrite,
+                       max_failures=max_failures, json_out=json_out, phases={"tiles": "tiles"})
+        return
+    input = single_input(inputs, out)
+    assert out is not None
     check_request(input, out, stages, pool, blend)  # fail before loading a model
     net = load_cli_model(model, weights, device)
     net.set_landmark_policy(policy)

@@ -10,16 +10,21 @@ import typer
 from ..errors import UsageError
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
+from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
+                     single_input, wants_cohort)
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
+from .common import model_name
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
 
 
 @app.command()
 def segment(
-    image: Annotated[Path, typer.Argument(help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by tile).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
-                                      "pyramidal OME-TIFF, for huge images) or .npy.")],
+    inputs: Annotated[list[str] | None, typer.Argument(
+        metavar="INPUT...", show_default=False, help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by "
+        "tile); with --out-dir also folders and quoted globs.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
+                                             "pyramidal OME-TIFF, for huge images) or .npy.")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     clusters: Annotated[int | None, typer.Option("--clusters", "-k", help="No trained head: k-means the "
@@ -40,6 +45,12 @@ def segment(
     max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N", help="Refuse to decode whole a non-TIFF "
                                             "image larger than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
+    out_dir: OutDirOpt = None,
+    list_file: ListOpt = None,
+    out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: mask format, tif, png or "
+                                            "npy.")] = "tif",
+    overwrite: OverwriteOpt = False,
+    max_failures: MaxFailuresOpt = None,
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -47,7 +58,13 @@ def segment(
     are its classes. Any backbone checkpoint segments without a trained head by
     clustering its features: --clusters K.
 
+    Many images (folders, quoted globs, --list FILE) go to --out-dir DIR as
+    NAME.tif + NAME.legend.json with a manifest.jsonl; a rerun skips finished
+    inputs. Under torchrun the inputs are split across ranks.
+
     Example: soft segment slide.tif --weights soft_tiny/ --clusters 4 --out mask.tif
+
+    Example: soft segment slides/ --clusters 4 --out-dir masks/
     """
     from ..segment import segment as run_segment
 
@@ -55,6 +72,19 @@ def segment(
         raise UsageError("give --model or --weights, not both")
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     spec: Any = weights if weights is not None else model
+    if wants_cohort(inputs, out_dir, list_file):
+        from ..cohort.tasks import segment_task
+
+        check_cohort_options(out_dir, out=out, overlay=overlay)
+        run_cli_cohort(lambda dev: segment_task(spec, model_name=model_name(model, weights), out_format=out_format,
+                                                clusters=clusters, cluster_stages=cluster_stages, seed=seed,
+                                                level=level, tile=tile, overlap=overlap, landmarks=landmarks,
+                                                device=dev, max_pixels=max_pixels),
+                       inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
+                       json_out=json_out, phases=_PHASES)
+        return
+    image = single_input(inputs, out)
+    assert out is not None
     with progress_bar(not json_out) as bar:
         tasks: dict[str, Any] = {}
 
