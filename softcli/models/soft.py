@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -146,6 +146,49 @@ def resize_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]) 
     return g.flatten(2).transpose(1, 2)
 
 
+def _lerp_index(start: int, stop: int, n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices and weights of bilinear (align_corners=False) output cells [start, stop)."""
+    scale = n_in / n_out
+    src = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    return i0, i1, (src - i0).clamp(0.0, 1.0)
+
+
+def resize_region(fetch_rows: Callable[[int, int], Tensor], in_size: tuple[int, int], out_size: tuple[int, int],
+                  rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """Cells rows x cols (half-open ranges) of a bilinear resize (align_corners=False) of an
+    (H_in, W_in, C) map to ``out_size``, reading only the source rows they need.
+
+    ``fetch_rows(a, b)`` returns source rows [a, b) as (b - a, W_in, C). This is
+    the whole-grid interpolation evaluated on a window, for streamed inference.
+    """
+    r0, r1, ly = _lerp_index(rows[0], rows[1], in_size[0], out_size[0])
+    c0, c1, lx = _lerp_index(cols[0], cols[1], in_size[1], out_size[1])
+    base = int(r0.min())
+    src = fetch_rows(base, int(r1.max()) + 1)
+    lyt = ly.to(src.dtype).to(src.device).view(-1, 1, 1)
+    lxt = lx.to(src.dtype).to(src.device).view(1, -1, 1)
+    dev = src.device
+    a = src.index_select(0, (r0 - base).to(dev))
+    b = src.index_select(0, (r1 - base).to(dev))
+    rows_out = a + (b - a) * lyt  # (h, W_in, C)
+    left = rows_out.index_select(1, c0.to(dev))
+    right = rows_out.index_select(1, c1.to(dev))
+    return left + (right - left) * lxt
+
+
+def pos_embed_region(pos: Tensor, grid: tuple[int, int], size: tuple[int, int], rows: tuple[int, int],
+                     cols: tuple[int, int]) -> Tensor:
+    """Tokens rows x cols of :func:`resize_pos_embed` (1, h·w, C), without building the whole grid."""
+    c = pos.shape[-1]
+    if tuple(size) == tuple(grid):
+        g = pos.reshape(grid[0], grid[1], c)[rows[0]:rows[1], cols[0]:cols[1]]
+    else:
+        g = resize_region(lambda a, b: pos.reshape(grid[0], grid[1], c)[a:b], grid, size, rows, cols)
+    return g.reshape(1, -1, c)
+
+
 def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
     """exp(-|a_i - b_j|² / 2) for rows of ``a`` (..., n, d) and ``b`` (..., m, d).
 
@@ -234,6 +277,21 @@ class SoftAttention(nn.Module):
         # does: same numbers, O(N·m²) cost. Kept as the baseline for benchmarks.
         self.official_order = False
 
+    def landmark_index(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Token rows and columns of the landmark patches the policy keeps on an H x W map.
+
+        Each kept patch contributes its r consecutive rows (columns); the lists
+        are ascending, so patches come out in row-major landmark order. The
+        choice depends only on the whole map's size, never on a tile.
+        """
+        r = self.sr_ratio
+        full = (hw[0] // r, hw[1] // r)
+        grid = self.landmark_policy.grid(*full)
+        offsets = torch.arange(r)
+        rows = (spread_indices(full[0], grid[0])[:, None] * r + offsets).flatten()
+        cols = (spread_indices(full[1], grid[1])[:, None] * r + offsets).flatten()
+        return rows, cols
+
     def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
         """Landmarks L (B, h, m, d) from the scaled queries (B, h, N, d).
 
@@ -246,41 +304,77 @@ class SoftAttention(nn.Module):
         r = self.sr_ratio
         qmap = q.transpose(2, 3).reshape(b * h, d, hw[0], hw[1])
         full = (hw[0] // r, hw[1] // r)
-        grid = self.landmark_policy.grid(*full)
-        if grid != full:
-            offsets = torch.arange(r, device=q.device)
-            rows = (spread_indices(full[0], grid[0], q.device)[:, None] * r + offsets).flatten()
-            cols = (spread_indices(full[1], grid[1], q.device)[:, None] * r + offsets).flatten()
-            qmap = qmap.index_select(2, rows).index_select(3, cols)
+        if self.landmark_policy.grid(*full) != full:
+            rows, cols = self.landmark_index(hw)
+            qmap = qmap.index_select(2, rows.to(q.device)).index_select(3, cols.to(q.device))
+        return self.landmarks_from_patches(qmap, b)
+
+    def landmarks_from_patches(self, qmap: Tensor, batch: int) -> Tensor:
+        """(B·h, d, rows, cols) map of kept patches (whole r x r patches) → landmarks (B, h, m, d).
+
+        The r x r conv has stride r and drops a remainder; LayerNorm and GELU
+        are per landmark, so a band of patch rows gives exactly its landmarks.
+        """
+        d = self.head_dim
         lm = self.landmark_conv(qmap)  # (B·h, d, grid rows, grid cols)
-        lm = lm.flatten(2).transpose(1, 2).reshape(b, h, -1, d)
+        lm = lm.flatten(2).transpose(1, 2).reshape(batch, self.num_heads, -1, d)
         return F.gelu(self.landmark_norm(lm))
 
-    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
-        """K1·(A⁺·(K1ᵀ·V)) in float32, chunked over tokens so K1 is never whole."""
-        out_dtype = v.dtype
+    def queries_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (B, N, C) → scaled queries and values, (B, h, N, d) each."""
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
+        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        return q, v
+
+    def landmark_pinv(self, lm: Tensor) -> Tensor:
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
+        with torch.autocast(device_type=lm.device.type, enabled=False):
+            a = gaussian_kernel(lm.float(), lm.float())
+            return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
+
+    def _chunk(self, q: Tensor, lm: Tensor) -> int:
+        return self.chunk_tokens or self.landmark_policy.chunk_tokens(q.shape[-2], lm.shape[-2],
+                                                                      q.shape[0] * q.shape[1])
+
+    def kernel_values(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1ᵀ·V (B, h, m, d) in float32 over the given tokens; sums over tiles add up exactly."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, v, lm = q.float(), v.float(), lm.float()
-            a = gaussian_kernel(lm, lm)
-            a_pinv = newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
-            n, m = q.shape[-2], lm.shape[-2]
-            if self.official_order:
-                k1 = gaussian_kernel(q, lm)
-                return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
-            chunk = self.chunk_tokens or self.landmark_policy.chunk_tokens(n, m, q.shape[0] * q.shape[1])
-            if chunk >= n:
-                k1 = gaussian_kernel(q, lm)
-                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
-            ktv = None
+            n, chunk = q.shape[-2], self._chunk(q, lm)
+            ktv: Tensor | None = None
             for s in range(0, n, chunk):
                 k1 = gaussian_kernel(q[:, :, s:s + chunk], lm)
                 part = k1.transpose(-1, -2) @ v[:, :, s:s + chunk]
                 ktv = part if ktv is None else ktv.add_(part)
-            w = a_pinv @ ktv  # (B, h, m, d)
-            out = torch.empty(v.shape, dtype=out_dtype, device=v.device)
+            assert ktv is not None
+            return ktv
+
+    def kernel_apply(self, q: Tensor, lm: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, lm = q.float(), lm.float()
+            n, chunk = q.shape[-2], self._chunk(q, lm)
+            out = torch.empty((*q.shape[:-1], w.shape[-1]), dtype=out_dtype, device=q.device)
             for s in range(0, n, chunk):
                 out[:, :, s:s + chunk] = gaussian_kernel(q[:, :, s:s + chunk], lm) @ w
             return out
+
+    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1·(A⁺·(K1ᵀ·V)) in float32, chunked over tokens so K1 is never whole."""
+        out_dtype = v.dtype
+        a_pinv = self.landmark_pinv(lm)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            n = q.shape[-2]
+            if self.official_order:
+                k1 = gaussian_kernel(q, lm)
+                return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
+            if self._chunk(q, lm) >= n:
+                k1 = gaussian_kernel(q, lm)
+                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
+            return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
 
     def local_term(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
         """``attn.conv``: one k x k filter per head, shared by the head's d channels.
@@ -297,14 +391,16 @@ class SoftAttention(nn.Module):
         out = F.conv2d(vmap, weight, padding=k // 2, groups=h * d)
         return out.reshape(b, h, d, n).transpose(2, 3)
 
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(B, h, N, d) → ``ff`` of the merged (B, N, C) tokens."""
+        b, h, n, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        b, n, c = x.shape
-        h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
-        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        q, v = self.queries_values(x)
         out = self.global_term(q, v, self.landmarks(q, hw))
         out = out + self.local_term(v, hw)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.merge_heads(out)
 
 
 class Mlp(nn.Module):
@@ -329,7 +425,11 @@ class SoftBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = self.norm1(x + self.attn(x, hw))
+        return self.finish(x, self.attn(x, hw))
+
+    def finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        """Everything after attention (residual, norms, MLP): per token, so any tile of tokens works."""
+        x = self.norm1(x + attn_out)
         return self.norm2(x + self.mlp(x))
 
 
@@ -395,20 +495,27 @@ class SoftStage(nn.Module):
         """Map (B, C_in, H, W) → map (B, C, H', W'); stage 4 also returns the class token."""
         x = self.patch_embed(x)
         b, c, hh, ww = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = x.flatten(2).transpose(1, 2) + resize_pos_embed(self.grid_pos_embed, self.grid, (hh, ww))
         if cls_token is None:
-            tokens = tokens + resize_pos_embed(self.pos_embed, self.grid, (hh, ww))
             for blk in self.blocks:
                 tokens = blk(tokens, (hh, ww))
             cls_out = None
         else:
-            pos = self.pos_embed
-            grid_pos = resize_pos_embed(pos[:, 1:], self.grid, (hh, ww))
-            tokens = torch.cat([cls_token.expand(b, -1, -1) + pos[:, :1], tokens + grid_pos], dim=1)
-            for blk in self.blocks:
-                tokens = blk(tokens)
-            cls_out, tokens = tokens[:, 0], tokens[:, 1:]
+            tokens, cls_out = self.attend_with_class(tokens, cls_token)
         return tokens.transpose(1, 2).reshape(b, c, hh, ww), cls_out
+
+    @property
+    def grid_pos_embed(self) -> Tensor:
+        """The positional grid (1, gh·gw, C) without stage 4's class-token row."""
+        return self.pos_embed[:, 1:] if self.index == 3 else self.pos_embed
+
+    def attend_with_class(self, tokens: Tensor, cls_token: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage 4's softmax blocks over the class token + all grid tokens (positions already added)."""
+        b = tokens.shape[0]
+        tokens = torch.cat([cls_token.expand(b, -1, -1) + self.pos_embed[:, :1], tokens], dim=1)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return tokens[:, 1:], tokens[:, 0]
 
 
 class SoftModel(nn.Module):

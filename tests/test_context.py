@@ -1,0 +1,157 @@
+"""Global context (softcli.context): streamed over tiles, equal to one whole-image forward."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import softcli
+from softcli.context import TensorSource, choose_context, run_global
+from softcli.features import IMAGENET_MEAN, IMAGENET_STD, extract_features
+from softcli.models import LandmarkPolicy
+from tests.conftest import GOLDEN
+
+MEAN = np.array(IMAGENET_MEAN, np.float32)
+STD = np.array(IMAGENET_STD, np.float32)
+
+
+def _golden(name: str, landmarks: str):
+    model = softcli.load_model(GOLDEN / f"{name}.weights.safetensors")
+    model.set_landmark_policy(LandmarkPolicy.parse(landmarks))
+    return model
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth blobs plus noise: structure at every scale, values in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((h // 64 + 2, w // 64 + 2, 3)).astype(np.float32)
+    big = torch.nn.functional.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None], size=(h, w),
+                                          mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    return np.clip(0.8 * big + 0.2 * rng.random((h, w, 3), dtype=np.float32), 0, 1)
+
+
+def _whole(model, img: np.ndarray, upto: int = 3) -> list[np.ndarray]:
+    x = torch.from_numpy(((img - MEAN) / STD).transpose(2, 0, 1).copy())[None]
+    with torch.inference_mode():
+        return [m[0].numpy() for m in model.forward_features(x)[:upto]]
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray) -> None:
+    assert got.shape == ref.shape
+    err = float(np.abs(got - ref).max())
+    assert err <= 1e-4 * float(np.abs(ref).max()), err
+
+
+def _check_features(model, img, tmp_path, **kw):
+    res = extract_features(model, img, tmp_path / "g.safetensors", stages="1,2,3", context="global", **kw)
+    assert res.plan.context == "global" and res.plan.mode == "global"
+    got = load_file(tmp_path / "g.safetensors")
+    for i, ref in enumerate(_whole(model, img), 1):
+        _assert_close(got[f"stage{i}"], ref)
+    return res
+
+
+# The official landmark count at 1536x1152 is 48*36 = 1728 per head in every stage: 196 is below it.
+@pytest.mark.parametrize("name", ["mini_plain", "mini_norm"])
+def test_global_equals_whole_forward_1536x1152_budget_below_official(name, tmp_path):
+    model = _golden(name, "auto")
+    res = _check_features(model, _image(1536, 1152), tmp_path, tile=256)
+    assert res.plan.tiles == 6 * 5  # 256-pixel tiles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mini_plain", "mini_norm"])
+def test_global_equals_whole_forward_1536x1152_budget_above_official(name, tmp_path):
+    _check_features(_golden(name, "2000"), _image(1536, 1152, seed=1), tmp_path, tile=256)
+
+
+# Fast stand-in of the slow test above: 512x384 has 16*12 = 192 official landmarks, the budget is above.
+@pytest.mark.parametrize("name,landmarks", [("mini_plain", "1000"), ("mini_norm", "official"),
+                                            ("mini_norm", "40")])
+def test_global_equals_whole_forward_small(name, landmarks, tmp_path):
+    _check_features(_golden(name, landmarks), _image(512, 384, seed=2), tmp_path, tile=128)
+
+
+@pytest.mark.parametrize("name,landmarks,size", [("mini_plain", "auto", (1000, 770)),
+                                                 ("mini_norm", "30", (1000, 770)),
+                                                 ("mini_norm", "official", (298, 230)),
+                                                 ("mini_plain", "official", (298, 230))])
+def test_global_exact_at_sizes_not_multiple_of_32(name, landmarks, size, tmp_path):
+    """No padding at all: the streamed run equals forward_features of the unpadded image."""
+    model = _golden(name, landmarks)
+    img = _image(*size, seed=3)
+    x = torch.from_numpy(((img - MEAN) / STD).transpose(2, 0, 1).copy())[None]
+    refs = _whole(model, img)
+    with run_global(model, TensorSource(x), upto=3, keep=(1, 2, 3), tile=256, spill_dir=tmp_path) as res:
+        for i, ref in enumerate(refs, 1):
+            h, w, _ = res.maps[i].shape
+            _assert_close(res.maps[i].read(0, h, 0, w).transpose(2, 0, 1), ref)
+    assert not list(tmp_path.iterdir())  # spilled activations removed
+
+
+def test_global_features_padded_like_whole_mode(tmp_path):
+    """Through extract_features a non-multiple-of-32 image is edge-padded exactly as the whole mode pads it."""
+    model = _golden("mini_plain", "auto")
+    img = _image(330, 250, seed=4)
+    whole = extract_features(model, img, tmp_path / "w.npz", stages="1,2,3,4", pool=True)
+    glob = extract_features(model, img, tmp_path / "g.npz", stages="1,2,3,4", pool=True, context="global",
+                            tile=128, max_memory=1)  # a tiny budget: activations spill to disk
+    assert whole.plan.context == "whole" and glob.plan.activations == "disk"
+    w, g = np.load(tmp_path / "w.npz"), np.load(tmp_path / "g.npz")
+    for k in ("stage1", "stage2", "stage3", "stage4", "pooled"):
+        _assert_close(g[k], w[k])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_global_stage4_class_token_is_whole_image(tmp_path):
+    model = _golden("mini_norm", "auto")
+    x = torch.randn(1, 3, 300, 420)
+    with torch.inference_mode():
+        ref = model(x)
+    with run_global(model, TensorSource(x), upto=4, keep=(), tile=128) as res, torch.inference_mode():
+        logits = model.forward_head(res.cls)
+    _assert_close(logits.numpy(), ref.numpy())
+
+
+def test_interrupt_removes_spilled_activations(tmp_path):
+    model = _golden("mini_plain", "auto")
+
+    def stop(done: int, total: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_global(model, TensorSource(torch.randn(1, 3, 256, 256)), tile=64, spill_dir=tmp_path, on_step=stop)
+    assert not list(tmp_path.iterdir())
+
+
+def test_auto_chooses_whole_when_it_fits_else_global():
+    cfg = softcli.models.SoftConfig.from_dict({"variant": "soft_tiny"})
+    small = choose_context("auto", 512, 512, cfg, 13_000_000, 2 * 2**30)
+    big = choose_context("auto", 16000, 16000, cfg, 13_000_000, 2 * 2**30)
+    assert small.mode == "whole" and "fits" in small.reason
+    assert big.mode == "global" and "over the memory limit" in big.reason
+    assert choose_context("tile", 512, 512, cfg, 0, 2**30).mode == "tile"
+
+
+def test_cli_features_context_json(soft, tmp_path):
+    from PIL import Image
+
+    Image.fromarray((_image(192, 160) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    weights = GOLDEN / "mini_plain.weights.safetensors"
+    r = soft("features", tmp_path / "x.png", "--out", tmp_path / "g.npz", "--weights", weights, "--stages", "1,3",
+             "--context", "global", "--tile", "64", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert doc["context"]["mode"] == "global" and doc["plan"]["mode"] == "global"
+    r = soft("features", tmp_path / "x.png", "--out", tmp_path / "w.npz", "--weights", weights, "--stages", "1,3")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "context whole: the whole image fits" in r.stderr.decode()
+    g, w = np.load(tmp_path / "g.npz"), np.load(tmp_path / "w.npz")
+    _assert_close(g["stage3"], w["stage3"])
+    r = soft("features", tmp_path / "x.png", "--out", tmp_path / "e.npz", "--weights", weights, "--context", "band")
+    assert r.returncode == 2 and r.stderr.decode().startswith("error:") and "--context" in r.stderr.decode()
