@@ -155,3 +155,73 @@ def test_cli_features_context_json(soft, tmp_path):
     _assert_close(g["stage3"], w["stage3"])
     r = soft("features", tmp_path / "x.png", "--out", tmp_path / "e.npz", "--weights", weights, "--context", "band")
     assert r.returncode == 2 and r.stderr.decode().startswith("error:") and "--context" in r.stderr.decode()
+
+
+# -- segment: the flat-colour scene of issue 11 ------------------------------------------------
+
+def _flat_png(tmp_path, h: int, w: int):
+    from PIL import Image
+
+    from tests.synthetic import flat_scene
+
+    img, gt = flat_scene(h, w)
+    path = tmp_path / "regions.png"
+    Image.fromarray(np.round(img * 255).astype(np.uint8)).save(path)
+    return path, gt
+
+
+def test_cli_segment_default_recovers_flat_regions(soft, tmp_path):
+    """Default settings (auto context) on the 1536² flat scene: the three regions come back.
+
+    With tiled context (1024² tiles) the same command gave mean IoU 0.44 (bench/README.md).
+    """
+    from tests.synthetic import best_match_miou
+
+    src, gt = _flat_png(tmp_path, 1536, 1536)
+    r = soft("segment", src, "--out", tmp_path / "m.png", "--clusters", "3",
+             "--weights", GOLDEN / "soft_tiny.weights.safetensors", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    doc = json.loads(r.stdout)
+    assert doc["context"]["mode"] in ("whole", "global")
+    from PIL import Image
+
+    mask = np.asarray(Image.open(tmp_path / "m.png"))
+    assert best_match_miou(mask, gt, 3) >= 0.85
+
+
+def test_segment_global_context_matches_whole(tmp_path):
+    """Forced global context with small tiles labels the flat scene as the whole-image pass does."""
+    from softcli.segment import segment
+    from tests.synthetic import best_match_miou
+
+    src, gt = _flat_png(tmp_path, 768, 640)
+    weights = GOLDEN / "soft_tiny.weights.safetensors"
+    whole = segment(src, tmp_path / "w.npy", weights=weights, clusters=3, context="auto")
+    glob = segment(src, tmp_path / "g.npy", weights=weights, clusters=3, context="global", tile=256,
+                   max_memory=1)  # spill activations to disk
+    assert whole["context"]["mode"] == "whole" and glob["context"]["mode"] == "global"
+    w, g = np.load(tmp_path / "w.npy"), np.load(tmp_path / "g.npy")
+    assert best_match_miou(g, w, 3) >= 0.99
+    assert best_match_miou(g, gt, 3) >= 0.85
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_segment_global_needs_clusters(tmp_path):
+    from softcli.errors import UsageError
+    from softcli.segment import segment
+
+    src, _ = _flat_png(tmp_path, 64, 64)
+    with pytest.raises(UsageError, match="global context needs"):
+        segment(src, tmp_path / "m.npy", weights=tmp_path / "nothing", context="global")
+
+
+@pytest.mark.slow
+def test_segment_6000x4000_flat_scene_has_no_tile_artefacts(tmp_path):
+    """The large version of the flat scene, forced to global context: no tile-shaped label blocks."""
+    from softcli.segment import segment
+    from tests.synthetic import best_match_miou
+
+    src, gt = _flat_png(tmp_path, 4000, 6000)
+    segment(src, tmp_path / "m.npy", weights=GOLDEN / "soft_tiny.weights.safetensors", clusters=3,
+            context="global", max_pixels=None)
+    assert best_match_miou(np.load(tmp_path / "m.npy"), gt, 3) >= 0.9
