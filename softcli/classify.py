@@ -9,6 +9,7 @@ show progress and stream output.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, InputError
+from .context import TensorSource, choose_context, default_max_memory, plan_global, run_global
+from .errors import CheckpointError, InputError, UsageError
 from .io.image import DEFAULT_MAX_PIXELS, load_image
 from .io.inputs import InputItem, expand_inputs
 from .labels import labels_for
@@ -40,6 +42,7 @@ class ClassifyResult:
     input_size: tuple[int, int] | None = None  # (H, W) of the tensor the model saw
     seconds: float = 0.0  # decode + preprocess + this image's share of its batch's forward pass
     error: str | None = None
+    context: str | None = None  # full-res only: "whole" or "global" (softcli.context), with the reason
 
     @property
     def ok(self) -> bool:
@@ -55,6 +58,8 @@ class ClassifyResult:
         out["model"] = model_name
         out["input_size"] = list(self.input_size) if self.input_size else None
         out["seconds"] = round(self.seconds, 4)
+        if self.context is not None:
+            out["context"] = self.context
         return out
 
 
@@ -83,18 +88,42 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
         yield (item.path, time.perf_counter() - start, None), tensor
 
 
+def _full_res_logits(model: Any, x: torch.Tensor, context: str, max_memory: int) -> tuple[torch.Tensor, str]:
+    """Logits of one whole image and the context that ran: one pass when it fits, else global (exact)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    choice = choose_context(context, int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory)
+    if choice.mode == "whole":
+        return model(x), f"whole: {choice.reason}"
+    tile, spill = plan_global(int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory, cfg.embed_dims)
+    with run_global(model, TensorSource(x), upto=4, keep=(), tile=tile,
+                    spill_dir=tempfile.gettempdir() if spill else None) as res:
+        assert res.cls is not None
+        return model.forward_head(res.cls), f"global: {choice.reason}"
+
+
 def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequence[InputItem], *, top_k: int = 5,
                    batch_size: int = 1, full_res: bool = False,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[ClassifyResult]:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, context: str = "auto",
+                   max_memory: int | None = None) -> Iterator[ClassifyResult]:
     """Top-``top_k`` predictions for each input (files, folders or globs), in input order.
 
     Preprocessing follows ``model.pretrained_cfg`` (resize + centre crop at the
     model's input size); ``full_res`` feeds every image whole, at its own size,
     one at a time. Same-size tensors are batched ``batch_size`` at a time. The
     model runs on whatever device its parameters are on.
+
+    With ``full_res``, ``context`` says how (:mod:`softcli.context`): ``auto``
+    runs one pass when the image fits ``max_memory`` (default: half the
+    available RAM), else ``global``: the same numbers streamed over tiles, the
+    class token seeing the whole image. There is no tiled classification.
     """
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
+    if context not in ("auto", "global"):
+        raise UsageError(f"classification takes context auto or global, not {context!r}: "
+                         "the class token needs the whole image, so there is no tiled mode")
+    budget = max_memory or default_max_memory()
     items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
     source = getattr(model, "source", "the model")
     if not model.config.num_classes:
@@ -114,9 +143,13 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
             yield ClassifyResult(path, seconds=seconds, error=error)
             continue
         start = time.perf_counter()
+        ran = None
         try:
             with torch.inference_mode():
-                logits = model(batch.to(device))
+                if full_res:
+                    logits, ran = _full_res_logits(model, batch.to(device), context, budget)
+                else:
+                    logits = model(batch.to(device))
                 probs = torch.softmax(logits.float(), dim=-1)
                 top_p, top_i = probs.topk(k, dim=-1)
             top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
@@ -133,7 +166,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
         for (path, seconds, _), ps, idx in zip(keys, top_p, top_i):
             preds = [Prediction(rank=r + 1, index=int(i), label=labels[i], prob=float(p))
                      for r, (p, i) in enumerate(zip(ps, idx))]
-            yield ClassifyResult(path, preds, size, seconds + share)
+            yield ClassifyResult(path, preds, size, seconds + share, context=ran)
 
 
 def classify(model: Any, inputs: Sequence[str | os.PathLike[str]], **kwargs: Any) -> list[ClassifyResult]:

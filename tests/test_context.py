@@ -225,3 +225,26 @@ def test_segment_6000x4000_flat_scene_has_no_tile_artefacts(tmp_path):
     segment(src, tmp_path / "m.npy", weights=GOLDEN / "soft_tiny.weights.safetensors", clusters=3,
             context="global", max_pixels=None)
     assert best_match_miou(np.load(tmp_path / "m.npy"), gt, 3) >= 0.9
+
+
+# -- classify --full-res ------------------------------------------------------------------------
+
+def test_classify_full_res_global_equals_one_pass(soft, tmp_path):
+    from PIL import Image
+
+    from softcli.classify import classify_paths
+
+    Image.fromarray((_image(330, 450, seed=5) * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    model = _golden("mini_norm", "auto")
+    one = next(classify_paths(model, [tmp_path / "x.png"], full_res=True, top_k=10))
+    glob = next(classify_paths(model, [tmp_path / "x.png"], full_res=True, top_k=10, context="global"))
+    assert one.context.startswith("whole") and glob.context.startswith("global")
+    assert [p.index for p in one.predictions] == [p.index for p in glob.predictions]
+    np.testing.assert_allclose([p.prob for p in glob.predictions], [p.prob for p in one.predictions], atol=1e-5)
+    r = soft("classify", tmp_path / "x.png", "--weights", GOLDEN / "mini_norm.weights.safetensors", "--full-res",
+             "--context", "global", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout)[0]["context"].startswith("global")
+    r = soft("classify", tmp_path / "x.png", "--weights", GOLDEN / "mini_norm.weights.safetensors", "--full-res",
+             "--context", "tile")
+    assert r.returncode == 2 and r.stderr.decode().startswith("error:") and "no tiled mode" in r.stderr.decode()
