@@ -262,7 +262,7 @@ def feature_bands(height: int, width: int, channels: int, band_bytes: int = 1 <<
 def fit_clusters_global(result: GlobalResult, stages: Sequence[int], widths: Sequence[int], k: int,
                         out_size: tuple[int, int], *, max_samples: int = 50_000, seed: int = 0,
                         device: torch.device | str = "cpu") -> ClusterModel:
-    """:func:`fit_samples` on ``max_samples`` vectors drawn uniformly (fixed ``seed``) over the whole image's features."""
+    """:func:`fit_samples` on ``max_samples`` vectors drawn uniformly (fixed ``seed``) over the whole image."""
     oh, ow = out_size
     total = oh * ow
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -39,7 +39,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -119,7 +119,7 @@ class FileStore(ActivationStore):
         return out
 
     def _read_into(self, out: np.ndarray, offset: int) -> None:
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         done = 0
         while done < len(view):
             n = os.preadv(self._fd, [view[done:]], offset + done)
@@ -137,7 +137,7 @@ class FileStore(ActivationStore):
                 self._write_all(block[i], 4 * ((y0 + i) * w + x0) * c)
 
     def _write_all(self, block: np.ndarray, offset: int) -> None:
-        view = memoryview(block).cast("B")
+        view = block.data.cast("B")
         done = 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], offset + done)
@@ -225,14 +225,19 @@ class TensorSource:
 
 # -- halo convolutions --------------------------------------------------------------------------
 
+def _conv_geometry(conv: nn.Conv2d, axis: int) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a conv along one axis (the patch embeddings pad with numbers)."""
+    return int(conv.kernel_size[axis]), int(conv.stride[axis]), int(conv.padding[axis])  # type: ignore[index]
+
+
 def _conv_out(n: int, conv: nn.Conv2d, axis: int) -> int:
-    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]  # type: ignore[index]
+    k, s, p = _conv_geometry(conv, axis)
     return (n + 2 * p - k) // s + 1
 
 
 def _needed(conv: nn.Conv2d, axis: int, out: tuple[int, int], n_in: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Input range (clipped to [0, n_in)) and zero padding (before, after) that give outputs ``out`` exactly."""
-    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]  # type: ignore[index]
+    k, s, p = _conv_geometry(conv, axis)
     lo, hi = s * out[0] - p, s * (out[1] - 1) - p + k
     return (max(lo, 0), min(hi, n_in)), (max(0, -lo), max(0, hi - n_in))
 
@@ -258,7 +263,7 @@ def embed_region(stage: SoftStage, fetch: Callable[[int, int, int, int], Tensor]
     convs = [m for m in stage.patch_embed if isinstance(m, nn.Conv2d)]
     sizes = embed_sizes(stage, in_size)
     ranges = [(rows, cols)]
-    pads = []
+    pads: list[tuple[int, int, int, int]] = []
     for conv, (h, w) in zip(reversed(convs), reversed(sizes[:-1])):
         (ry, py), (rx, px) = _needed(conv, 0, ranges[0][0], h), _needed(conv, 1, ranges[0][1], w)
         ranges.insert(0, (ry, rx))
@@ -276,6 +281,10 @@ def embed_region(stage: SoftStage, fetch: Callable[[int, int, int, int], Tensor]
 
 
 # -- the run ------------------------------------------------------------------------------------
+
+def _stage(model: SoftModel, index: int) -> SoftStage:
+    return cast(SoftStage, model.stages[index])
+
 
 def blocks_1d(n: int, size: int) -> list[tuple[int, int]]:
     """[0, n) cut into consecutive ranges of at most ``size``."""
@@ -331,7 +340,7 @@ class _Runner:
     def embed(self, index: int, fetch: Callable[[int, int, int, int], Tensor], in_size: tuple[int, int],
               out_size: tuple[int, int]) -> ActivationStore:
         """Patch embedding + positional embedding of stage ``index`` into a new store."""
-        stage = self.model.stages[index]
+        stage = _stage(self.model, index)
         c = self.model.config.embed_dims[index]
         store = self.factory.new((out_size[0], out_size[1], c))
         for rows, cols in self.tiles(out_size, 4 * 2 ** index):
@@ -395,10 +404,10 @@ class _Runner:
 
     def stage4(self, x: ActivationStore, hw: tuple[int, int]) -> tuple[ActivationStore, Tensor]:
         """Softmax blocks over all stage-4 tokens at once (exact; see module docstring)."""
-        stage = self.model.stages[3]
+        stage = _stage(self.model, 3)
         c = x.shape[2]
         tokens = _to_tensor(x.read(0, hw[0], 0, hw[1]), self.device).reshape(1, -1, c)
-        tokens, cls_out = stage.attend_with_class(tokens, self.model.cls_token)
+        tokens, cls_out = stage.attend_with_class(tokens, cast(Tensor, self.model.cls_token))
         out = self.factory.new(x.shape)  # type: ignore[arg-type]
         out.write(0, 0, _to_numpy(tokens.view(hw[0], hw[1], c)))
         self.step()
@@ -408,8 +417,8 @@ class _Runner:
 def stage_sizes(model: SoftModel, size: tuple[int, int], upto: int = 4) -> list[tuple[int, int]]:
     """Token-grid size of stages 1..``upto`` for an input of ``size`` pixels."""
     out = []
-    for stage in model.stages[:upto]:
-        size = embed_sizes(stage, size)[-1]  # type: ignore[arg-type]
+    for i in range(upto):
+        size = embed_sizes(_stage(model, i), size)[-1]
         out.append(size)
     return out
 
@@ -420,7 +429,7 @@ def count_steps(model: SoftModel, size: tuple[int, int], upto: int, tile: int) -
     for i, (h, w) in enumerate(stage_sizes(model, size, upto)):
         side = max(1, tile // (4 * 2 ** i))
         n = math.ceil(h / side) * math.ceil(w / side)
-        total += n + (2 * n * len(model.stages[i].blocks) if i < 3 else 1)
+        total += n + (2 * n * len(_stage(model, i).blocks) if i < 3 else 1)
     return total
 
 
@@ -447,13 +456,13 @@ def run_global(model: SoftModel, source: ImageSource, upto: int = 3, keep: Seque
             prev: ActivationStore | None = None
             fetch: Callable[[int, int, int, int], Tensor] = source.region
             for i in range(upto):
-                hw = embed_sizes(model.stages[i], in_size)[-1]
+                hw = embed_sizes(_stage(model, i), in_size)[-1]
                 x = runner.embed(i, fetch, in_size, hw)
                 if prev is not None and i not in keep:  # stage i's map (1-based) is no longer needed
                     factory.release(prev)
                 if i < 3:
-                    for blk in model.stages[i].blocks:
-                        y = runner.block(blk, x, hw, 4 * 2 ** i)  # type: ignore[arg-type]
+                    for blk in _stage(model, i).blocks:
+                        y = runner.block(cast(SoftBlock, blk), x, hw, 4 * 2 ** i)
                         factory.release(x)
                         x = y
                 else:

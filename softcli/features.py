@@ -251,7 +251,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         plan.context, plan.context_reason = choice.mode, choice.reason
         if choice.mode == "global":
             side, spill = plan_global(reader.height, reader.width, cfg, params, budget, channels, tile)
-            plan.mode, plan.activations, plan.tile, plan.overlap = "global", "disk" if spill else "memory", (side, side), 0
+            plan.mode, plan.tile, plan.overlap = "global", (side, side), 0
+            plan.activations = "disk" if spill else "memory"
             plan.rows, plan.cols = -(-padded[0] // side), -(-padded[1] // side)
             plan.estimated_peak_bytes = (estimate_memory(side * side, cfg, params)
                                          + (plan.map_bytes if plan.sink == "memory" else 0))
