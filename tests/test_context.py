@@ -248,3 +248,46 @@ def test_classify_full_res_global_equals_one_pass(soft, tmp_path):
     r = soft("classify", tmp_path / "x.png", "--weights", GOLDEN / "mini_norm.weights.safetensors", "--full-res",
              "--context", "tile")
     assert r.returncode == 2 and r.stderr.decode().startswith("error:") and "no tiled mode" in r.stderr.decode()
+
+
+# -- tile mode and the deepest stage ----------------------------------------------------------
+
+class _Planned(Exception):
+    pass
+
+
+def _plan_of(model, img, tmp_path, **kw):
+    plans = []
+
+    def stop(plan):
+        plans.append(plan)
+        raise _Planned
+
+    with pytest.raises(_Planned):
+        extract_features(model, img, tmp_path / "f.npz", on_plan=stop, **kw)
+    return plans[0]
+
+
+def test_tile_mode_uses_the_largest_tile_that_fits(tiny_model, tmp_path):
+    img = np.zeros((2400, 2400, 3), np.float32)
+    roomy = _plan_of(tiny_model, img, tmp_path, context="tile", max_memory=16 * 2**30)
+    tight = _plan_of(tiny_model, img, tmp_path, context="tile", max_memory=int(0.7 * 2**30))
+    assert roomy.context == "tile" and roomy.tiles == 1  # no fixed 1024 cap
+    assert tight.tiles > 1 and tight.tile[0] > 1024
+
+
+def test_stages_past_the_deepest_needed_never_run(tiny_model, tmp_path):
+    from softcli.cluster import StageEmbedder
+
+    def boom(*args):
+        raise AssertionError("a stage that was not needed ran")
+
+    for i in (2, 3):
+        tiny_model.stages[i].register_forward_pre_hook(boom)
+        tiny_model.stages[i].patch_embed.register_forward_pre_hook(boom)
+    with torch.inference_mode():
+        StageEmbedder(tiny_model, (1, 2))(torch.randn(1, 3, 128, 128))
+    with run_global(tiny_model, TensorSource(torch.randn(1, 3, 128, 96)), upto=2, keep=(1, 2), tile=64) as res:
+        assert sorted(res.maps) == [1, 2]
+    extract_features(tiny_model, np.zeros((96, 64, 3), np.float32), tmp_path / "s12.npz", stages="1,2",
+                     context="tile", tile=64, overlap=32)
