@@ -26,8 +26,9 @@ def features(
                                                            ".ome.tif (tiled BigTIFF).", show_default=False)],
     stages: Annotated[str, typer.Option("--stages", help="Stages to write, e.g. 1,2,3,4 or 4 "
                                                           "(strides 4, 8, 16, 32).")] = "1,2,3,4",
-    tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (multiple of 32); "
-                                                            "default: from --max-memory, at most 1024.")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", help="Tile side in pixels (multiple of 32) of --context "
+                                                            "global or tile; default: the largest that fits "
+                                                            "--max-memory.")] = None,
     overlap: Annotated[int | None, typer.Option("--overlap", help="Pixels shared by neighbouring tiles "
                                                                   "(multiple of 32).")] = None,
     level: Annotated[int, typer.Option("--level", help="Pyramid level of a TIFF pyramid (0 = full size).")] = 0,
