@@ -16,7 +16,6 @@ itself: the resolver does.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from .checkpoint import WEIGHTS_NAME, Checkpoint, read_checkpoint
 from .errors import CheckpointError
+from .io.hashing import sha256_file
 
 BACKBONE_KEY = "backbone"
 SEGMENTATION = "segmentation"
@@ -47,18 +47,10 @@ def weights_file(path: Path) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def backbone_reference(spec: str, kind: str, resolved: Path) -> dict[str, Any]:
     """The config.json entry naming a backbone: how it was asked for, and the sha256 of its weights."""
     file = weights_file(resolved)
-    ref: dict[str, Any] = {"spec": spec, "kind": kind, "sha256": file_sha256(file), "file": file.name}
+    ref: dict[str, Any] = {"spec": spec, "kind": kind, "sha256": sha256_file(file), "file": file.name}
     if kind == "path":
         ref["spec"] = str(Path(spec).expanduser().resolve())
     return ref
@@ -99,7 +91,7 @@ def attach_backbone(ck: Checkpoint, resolve: Resolver) -> Checkpoint:
         path = resolve(spec)
     except CheckpointError as exc:
         raise CheckpointError(f"{ck.source}: its backbone {spec} cannot be found ({exc})") from exc
-    got = file_sha256(weights_file(path))
+    got = sha256_file(weights_file(path))
     if got != want:
         raise CheckpointError(f"{ck.source}: the backbone {spec} has sha256 {got[:12]}…, the head was fitted on "
                               f"{want[:12]}…; fit the head again on these weights, or use the original ones")

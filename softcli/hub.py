@@ -57,6 +57,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_model, read_checkpoint, save_pretrained
 from .errors import CheckpointError, OutputError, SoftError
 from .io.atomic import atomic_dir, atomic_path
+from .io.hashing import hash_file, sha256_file
 from .registry import COMMIT_RE, SHA256_RE, Registry, RegistryEntry, load_registry, revision_problem
 
 HF_PREFIX = "hf-hub:"
@@ -219,21 +220,10 @@ class TamperedFile(WeightsError):
 Digest = tuple[str, str]
 
 
-def _hash_file(path: Path, h: Any) -> str:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 1024 * 1024):
-            h.update(chunk)
-    return str(h.hexdigest())
-
-
-def sha256_file(path: Path) -> str:
-    return _hash_file(path, hashlib.sha256())
-
-
 def _file_digest(path: Path, algorithm: str) -> str:
     if algorithm == "sha256":
         return sha256_file(path)
-    return _hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's blob id
+    return hash_file(path, hashlib.sha1(b"blob %d\0" % path.stat().st_size))  # git's blob id
 
 
 def _valid_digest(digest: Digest) -> bool:

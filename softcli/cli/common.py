@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 if TYPE_CHECKING:
@@ -47,6 +47,18 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+def phase_progress(bar: Progress, phases: Mapping[str, str]) -> Callable[[str, int, int], None]:
+    """A library ``progress(phase, done, total)`` callback drawing one bar per phase (named by ``phases``)."""
+    tasks: dict[str, TaskID] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phases.get(phase, phase), total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    return progress
 
 
 def load_cli_model(model: str | None, weights: Path | None, device: str = "auto",

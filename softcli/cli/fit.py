@@ -20,6 +20,7 @@ from .common import (
     WeightsOpt,
     err_console,
     out_console,
+    phase_progress,
     print_json,
     progress_bar,
 )
@@ -83,14 +84,7 @@ def _confusion_table(result: dict[str, Any], names: list[str]) -> Table:
 
 def _run(fn: Any, json_out: bool, **kwargs: Any) -> dict[str, Any]:
     with progress_bar(not json_out) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        return fn(progress=progress, **kwargs)
+        return fn(progress=phase_progress(bar, _PHASES), **kwargs)
 
 
 def _report(summary: dict[str, Any], json_out: bool, train_title: str, val_title: str, unit: str,

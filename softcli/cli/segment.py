@@ -12,7 +12,8 @@ from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
-from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
+from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, phase_progress, print_json,
+                     progress_bar)
 from .common import model_name
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
@@ -104,13 +105,7 @@ def segment(
     image = single_input(inputs, out)
     assert out is not None
     with progress_bar(not json_out) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
+        progress = phase_progress(bar, _PHASES)
         summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                               level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
                               landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,

@@ -28,6 +28,7 @@ from typing import Any
 from .. import __version__
 from ..errors import OutputError
 from ..io.atomic import atomic_path
+from ..io.hashing import sha256_file
 from ..io.inputs import json_safe
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -40,22 +41,14 @@ def part_path(out_dir: Path, rank: int) -> Path:
     return out_dir / f".manifest.rank-{rank}.jsonl"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
     """SHA-256 of a model's files: of the file itself for one file, else over (name, file SHA-256) pairs."""
     paths = sorted({Path(f) for f in files if Path(f).is_file()}, key=lambda p: p.name)
     if len(paths) == 1:
-        return _file_sha256(paths[0])
+        return sha256_file(paths[0])
     digest = hashlib.sha256()
     for p in paths:
-        digest.update(f"{p.name}\0{_file_sha256(p)}\n".encode())
+        digest.update(f"{p.name}\0{sha256_file(p)}\n".encode())
     return digest.hexdigest()
 
 

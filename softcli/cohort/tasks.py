@@ -39,7 +39,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif", clusters: int | None = None,
-                 cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0, tile: int = 1024,
+                 cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0,
+                 tile: int | None = None,
                  overlap: int = 64, landmarks: str | None = None, device: str | torch.device = "cpu",
                  max_pixels: int | None = None, max_memory: int | None = None,
                  extra: Mapping[str, Any] | None = None) -> CohortTask:

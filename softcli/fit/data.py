@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UsageError
-from ..io.image import DEFAULT_MAX_PIXELS, check_pixels, is_tiff
+from ..io.image import DEFAULT_MAX_PIXELS, check_pixels, is_tiff, open_pil
 from ..io.inputs import IMAGE_SUFFIXES
 from ..models.segmentation import default_palette
 
@@ -94,16 +94,10 @@ def read_label_image(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
             raise InputError(f"{path}: unreadable TIFF ({exc})") from exc
     else:
-        from PIL import Image, ImageOps, UnidentifiedImageError
+        from PIL import ImageOps, UnidentifiedImageError
 
         try:
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own guard below
-            try:
-                img = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-            with img:
-                check_pixels(path, img.width, img.height, max_pixels)
+            with open_pil(path, max_pixels) as img:
                 if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                     raise InputError(f"{path}: a label image must be single-channel (0 = unlabelled, 1..K = "
                                      f"classes), not {img.mode}")

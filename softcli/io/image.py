@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -220,6 +221,26 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
         raise _fail(p, str(exc)) from None
 
 
+def open_pil(path: str | os.PathLike[str], max_pixels: int | None) -> Any:
+    """``PIL.Image.open`` with Pillow's own size guard replaced by ours (:func:`check_pixels`, one clear error).
+
+    Only the header is read; the caller closes the image (``with open_pil(...) as img``).
+    """
+    from PIL import Image
+
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    try:
+        check_pixels(path, img.width, img.height, max_pixels)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a whole image file to float32 RGB (H, W, 3) in [0, 1], EXIF orientation applied."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -231,13 +252,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own guard below
-            try:
-                img = Image.open(p)
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
-            with img:
-                check_pixels(p, img.width, img.height, max_pixels)
+            with open_pil(p, max_pixels) as img:
                 check_decode_memory(p, img.width, img.height, img.width * img.height * 4 * len(img.getbands()))
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
