@@ -1,0 +1,166 @@
+"""Whole-slide metadata and resolution: microns per pixel, objective power, level choice, resampling.
+
+Where the resolution comes from, in this order (the first that gives one wins):
+
+- Aperio descriptions (``Aperio Image Library ... |MPP = 0.2499|AppMag = 40|...``);
+- OME-XML ``Pixels`` ``PhysicalSizeX``/``PhysicalSizeY`` (unit attribute honoured; µm by default);
+- Hamamatsu NDPI ``Magnification`` tag (power only; its mpp is in the resolution tags);
+- OpenSlide properties (``openslide.mpp-x``, ``openslide.objective-power``) for files OpenSlide reads;
+- TIFF ``XResolution``/``YResolution`` with ``ResolutionUnit`` centimetre, or inch when
+  the result is finer than :data:`MAX_RESOLUTION_TAG_MPP` (a 72/300 dpi photo tag is not a microscope).
+
+Magnification is turned into a target resolution with the slide's own objective
+power when it has one (``downsample = power / magnification``), else with the
+common convention ``mpp = 10 / magnification`` (40x ≈ 0.25 µm/px).
+
+Level choice: the coarsest pyramid level whose mpp is at or below (finer than or
+equal to) the target, then resampled down by the remaining factor (antialiased
+bilinear, :class:`ResampledReader`). Never upsampled: a target finer than level 0
+is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, UsageError
+from .reader_base import ImageReader
+from .slidemeta import SlideInfo, openslide_info, parse_aperio, parse_ome, tiff_slide_info
+
+__all__ = ["SlideInfo", "openslide_info", "parse_aperio", "parse_ome", "tiff_slide_info", "target_mpp",
+           "choose_level", "level_mpps", "ResampledReader", "open_at_resolution"]
+
+#: Relative tolerance when comparing a level's mpp with the target (scanner mpps are rounded).
+MPP_TOLERANCE = 0.02
+#: Microns per pixel times objective power, by convention (40x ≈ 0.25 µm/px).
+MPP_TIMES_POWER = 10.0
+
+
+# -- resolution → level -------------------------------------------------------------------------
+
+def level_mpps(reader: ImageReader) -> list[float] | None:
+    """µm per pixel of every level of ``reader``'s file (level 0's mpp times each level's downsample)."""
+    mpp0 = reader.slide.mpp
+    if mpp0 is None:
+        return None
+    h0, w0 = reader.levels[0]
+    return [mpp0 * 0.5 * (w0 / w + h0 / h) for h, w in reader.levels]
+
+
+def target_mpp(reader: ImageReader, mpp: float | None = None, magnification: float | None = None) -> float | None:
+    """The resolution asked for, in µm per pixel (None: none asked); errors name what the file lacks."""
+    if mpp is not None and magnification is not None:
+        raise UsageError("give a resolution in microns per pixel or a magnification, not both")
+    if mpp is None and magnification is None:
+        return None
+    info = reader.slide
+    if mpp is not None:
+        if not (math.isfinite(mpp) and mpp > 0):
+            raise UsageError(f"microns per pixel must be a positive number, not {mpp}")
+        if info.mpp is None:
+            raise InputError(f"{reader.path}: no microns-per-pixel in this file's metadata (Aperio MPP, OME "
+                             "PhysicalSizeX, TIFF resolution tags); choose a pyramid level instead")
+        return float(mpp)
+    assert magnification is not None
+    if not (math.isfinite(magnification) and magnification > 0):
+        raise UsageError(f"magnification must be a positive number, not {magnification}")
+    if info.objective_power is not None and info.mpp is not None:
+        return info.mpp * info.objective_power / magnification
+    if info.mpp is not None:
+        return MPP_TIMES_POWER / magnification
+    raise InputError(f"{reader.path}: no microns-per-pixel or objective power in this file's metadata; "
+                     "choose a pyramid level instead")
+
+
+def choose_level(mpps: list[float], target: float) -> tuple[int, float]:
+    """(level, resample factor ≥ 1): the coarsest level at or finer than ``target``, and what is left."""
+    if target < mpps[0] * (1 - MPP_TOLERANCE):
+        raise UsageError(f"{target:g} µm/px is finer than the image's full resolution ({mpps[0]:g} µm/px); "
+                         "images are never upsampled")
+    best = 0
+    for i, m in enumerate(mpps):
+        if m <= target * (1 + MPP_TOLERANCE):
+            best = i if m >= mpps[best] else best
+    factor = target / mpps[best]
+    return best, (1.0 if abs(factor - 1) <= MPP_TOLERANCE else factor)
+
+
+class ResampledReader(ImageReader):
+    """A reader downsampled by ``factor`` (> 1): regions map back to the base reader and are resized.
+
+    Antialiased bilinear (torch ``interpolate``); each region is resampled on its own
+    from the source pixels it covers plus a two-pixel margin, so neighbouring tiles agree
+    to within interpolation at their edge.
+    """
+
+    MARGIN = 2
+
+    def __init__(self, base: ImageReader, factor: float) -> None:
+        if not factor > 1:
+            raise ValueError("ResampledReader needs a factor above 1")
+        self.base, self.factor = base, float(factor)
+        self.path = base.path
+        self.level = base.level
+        self.levels = base.levels
+        self.slide = base.slide
+        self.height = max(1, round(base.height / factor))
+        self.width = max(1, round(base.width / factor))
+
+    @property
+    def mpp(self) -> float | None:
+        base = self.base.mpp
+        return None if base is None else base * self.factor
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        f, m = self.factor, self.MARGIN
+        sy0, sy1 = math.floor(y * f) - m, math.ceil((y + h) * f) + m
+        sx0, sx1 = math.floor(x * f) - m, math.ceil((x + w) * f) + m
+        src = self.base.read_region(sy0, sx0, sy1 - sy0, sx1 - sx0)
+        # Output pixel centres in source coordinates, relative to the region read.
+        big_h, big_w = round((sy1 - sy0) / f), round((sx1 - sx0) / f)
+        t = torch.from_numpy(np.ascontiguousarray(src.transpose(2, 0, 1)))[None]
+        out = F.interpolate(t, size=(max(big_h, h), max(big_w, w)), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+        oy = round((y * f - sy0) / f)
+        ox = round((x * f - sx0) / f)
+        return np.ascontiguousarray(out[:, oy:oy + h, ox:ox + w].permute(1, 2, 0).numpy(), dtype=np.float32)
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def open_at_resolution(path: Any, *, level: int = 0, mpp: float | None = None, magnification: float | None = None,
+                       max_pixels: int | None = None) -> ImageReader:
+    """A reader at ``level``, or at the resolution asked for (``mpp`` or ``magnification``).
+
+    The returned reader's ``mpp`` is the resolution it delivers (None when the file has none).
+    """
+    from .readers import DEFAULT_MAX_PIXELS, open_image
+
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    reader = open_image(path, level=level, max_pixels=limit)
+    target = None
+    try:
+        target = target_mpp(reader, mpp, magnification)
+        if target is None:
+            return reader
+        if level != 0:
+            raise UsageError("choose a pyramid level or a resolution, not both")
+        mpps = level_mpps(reader)
+        assert mpps is not None
+        best, factor = choose_level(mpps, target)
+    except BaseException:
+        reader.close()
+        raise
+    if best != reader.level:
+        reader.close()
+        reader = open_image(path, level=best, max_pixels=limit)
+    if factor > 1:
+        return ResampledReader(reader, factor)
+    return reader
