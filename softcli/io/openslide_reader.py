@@ -30,6 +30,8 @@ OPENSLIDE_EXTRA = "pip install 'softcli[openslide]'"
 #: Scanner formats recognised by name or content when OpenSlide is missing (to name the extra).
 SLIDE_SUFFIXES = (".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".dcm", ".tif", ".tiff", ".svs")
 DICOM_MAGIC_OFFSET = 128
+#: OpenSlide vendors whose files the tifffile reader reads (and refuses) itself.
+TIFFFILE_VENDORS = ("generic-tiff", "aperio")
 
 
 def _openslide() -> Any | None:
@@ -57,14 +59,20 @@ def looks_like_slide(path: str | os.PathLike[str]) -> bool:
 
 
 def openslide_claims(path: str | os.PathLike[str]) -> bool:
-    """True when OpenSlide is installed and recognises the file's format."""
+    """True when OpenSlide is installed and recognises the file as a scanner format tifffile does not own.
+
+    Plain TIFFs and Aperio SVS (OpenSlide's ``generic-tiff``, ``aperio``) are not
+    claimed: the tifffile reader reads them, with its size checks, and its refusal
+    of such a file stands.
+    """
     openslide = _openslide()
     if openslide is None:
         return False
     try:
-        return openslide.OpenSlide.detect_format(str(path)) is not None
+        vendor = openslide.OpenSlide.detect_format(str(path))
     except Exception:  # noqa: BLE001 - detection failing means "not a format OpenSlide knows"
         return False
+    return vendor is not None and vendor not in TIFFFILE_VENDORS
 
 
 def missing_extra_error(path: str | os.PathLike[str]) -> InputError:
