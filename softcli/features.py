@@ -35,7 +35,9 @@ from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .resources import device_memory_available, format_bytes
-from .io.readers import ArrayReader, ImageReader, open_image
+from .io.readers import ArrayReader, ImageReader
+from .io.slide import open_at_resolution, slide_metadata
+from .tissue import compute_tissue, counting_skip
 from .io.writers import check_feature_request, write_features
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
 
@@ -126,6 +128,8 @@ class FeaturesResult:
     device: str
     seconds: float
     pooled: np.ndarray | None = field(default=None, repr=False)
+    mpp: float | None = None  # µm per pixel the maps' input had (None: the file does not say)
+    tissue: dict[str, Any] | None = None  # tissue masking summary (softcli.tissue); None: no masking
 
     def to_json(self) -> dict[str, Any]:
         plan = asdict(self.plan)
@@ -135,6 +139,7 @@ class FeaturesResult:
             "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
+            "mpp": self.mpp, "tissue": self.tissue,
         }
 
 
@@ -191,12 +196,16 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                      tile: int | None = None, overlap: int | None = None, level: int = 0,
                      max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
-                     on_tile: TileCallback | None = None) -> FeaturesResult:
+                     on_tile: TileCallback | None = None, mpp: float | None = None,
+                     magnification: float | None = None,
+                     tissue: str | os.PathLike[str] | None = None) -> FeaturesResult:
     """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
 
     Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
-    output cannot be written or cannot hold what was asked.
+    output cannot be written or cannot hold what was asked. ``mpp``/``magnification``
+    pick the resolution of a slide; ``tissue`` leaves tiles without tissue as zeros
+    (:mod:`softcli.tissue`; the metadata records both).
     """
     stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
     max_pixels = pixel_limit(max_pixels)
@@ -215,8 +224,11 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     params = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     reader: ImageReader
-    reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_image(image, level, max_pixels)
+    reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_at_resolution(
+        image, level=level, mpp=mpp, magnification=magnification, max_pixels=max_pixels)
     with reader:
+        tissue_mask = None if isinstance(image, np.ndarray) else compute_tissue(reader, image, tissue, max_pixels)
+        skip, skipped = counting_skip(tissue_mask)
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
                                    image_in_memory=isinstance(reader, ArrayReader))
@@ -226,12 +238,15 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
         with sink:
             stitcher = run_dense(_model_fn(model, stage_list), reader, grid, strides, channels, names, sink,
-                                 mean=mean, std=std, device=device, blend=blend, on_tile=on_tile)
+                                 mean=mean, std=std, device=device, blend=blend, on_tile=on_tile, skip=skip)
+            t_run = time.perf_counter() - start
+            tissue_info = None if tissue_mask is None else tissue_mask.summary(len(grid), skipped[0], t_run)
             pooled = stitcher.pooled(names.index("stage4")) if pool else None
             meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
                     "strides": ",".join(str(STAGE_STRIDES[int(n[5:]) - 1]) for n in keep),
                     "tile": f"{plan.tile[0]}x{plan.tile[1]}", "overlap": str(plan.overlap), "blend": blend,
-                    "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features"}
+                    "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features",
+                    **slide_metadata(reader.mpp, tissue_info)}
             write_features(out, sink, keep, pooled, meta)
             shapes = {n: list(sink.shapes[n]) for n in keep}
     return FeaturesResult(
@@ -239,4 +254,4 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
-        seconds=time.perf_counter() - start, pooled=pooled)
+        seconds=time.perf_counter() - start, pooled=pooled, mpp=reader.mpp, tissue=tissue_info)

@@ -19,7 +19,6 @@ adds ``task: "segmentation"``, the head config, class names and a palette
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +39,10 @@ from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
                        tiff_tile_count, write_json, write_mask, write_overlay)
-from .io.readers import ImageReader, open_image
+from .io.geojson import check_geojson_output, write_geojson
+from .io.slide import level0_scale, open_at_resolution
+from .io.slide import preview as _preview
+from .tissue import TissueLabels, compute_tissue, counting_skip, with_background
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .models import SoftModel
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
@@ -278,42 +280,6 @@ def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
     return Path(resolve_weights(spec).path)
 
 
-def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 64) -> np.ndarray:
-    """The whole image as (out_h, out_w, 3), box-averaged in bands (never decoded whole)."""
-    from PIL import Image
-
-    f = max(1, min(reader.height // out_h, reader.width // out_w))
-    rows = []
-    for y in range(0, reader.height, band * f):
-        h = min(band * f, reader.height - y)
-        region = reader.read_region(y, 0, h, reader.width)
-        hh, ww = h // f, reader.width // f
-        if hh == 0:
-            continue
-        rows.append(region[: hh * f, : ww * f].reshape(hh, f, ww, f, 3).mean(axis=(1, 3)))
-    small = np.concatenate(rows)
-    img = Image.fromarray(np.clip(small * 255 + 0.5, 0, 255).astype(np.uint8))
-    if img.size != (out_w, out_h):
-        img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    return np.asarray(img, np.float32) / 255.0
-
-
-def _preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
-    """A downsampled RGB preview of the mask's image and the label subsampling step that matches it."""
-    step = max(1, math.ceil(max(reader.height, reader.width) / max_side))
-    out_h, out_w = -(-reader.height // step), -(-reader.width // step)
-    # A coarser pyramid level, when the file has one at least as large as the preview, is much cheaper to read.
-    levels = getattr(reader, "levels", [(reader.height, reader.width)])
-    best = getattr(reader, "level", 0)
-    for i, (h, w) in enumerate(levels):
-        if i > best and h >= out_h and w >= out_w:
-            best = i
-    if best != getattr(reader, "level", 0):
-        with open_image(path, level=best, max_pixels=max_pixels) as small:
-            return _downsampled_rgb(small, out_h, out_w), step
-    return _downsampled_rgb(reader, out_h, out_w), step
-
-
 def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
         SoftSegmenter | None, SoftModel, list[str], list[list[int]]]:
     """(segmenter or None, backbone, label names, palette) for the head or the clustering mode."""
@@ -349,13 +315,18 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
-            progress: ProgressFn | None = None) -> dict[str, Any]:
+            progress: ProgressFn | None = None, mpp: float | None = None, magnification: float | None = None,
+            tissue: str | os.PathLike[str] | None = None,
+            geojson: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
     With a segmentation checkpoint and no ``clusters``: the head's classes.
     With ``clusters=K``: k-means on backbone features of any checkpoint (a
     segmentation checkpoint's backbone included). Returns the summary that
-    ``--json`` prints.
+    ``--json`` prints. Whole slides: ``mpp``/``magnification`` pick the resolution
+    (:func:`~softcli.io.slide.open_at_resolution`), ``tissue`` skips tiles without
+    tissue (label 0 ``background``, :mod:`softcli.tissue`), ``geojson`` also writes
+    the labels as polygons in level-0 pixels (:mod:`softcli.io.geojson`).
     """
     from .api import resolve_device
 
@@ -373,7 +344,10 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     max_pixels = pixel_limit(max_pixels)
     dev = resolve_device(device)
 
-    with open_image(image, level=level, max_pixels=max_pixels) as reader:
+    if geojson is not None:
+        check_geojson_output(geojson, [image, out])
+    with open_at_resolution(image, level=level, mpp=mpp, magnification=magnification,
+                            max_pixels=max_pixels) as reader:
         try:
             grid = TileGrid(reader.height, reader.width, tile=tile, overlap=overlap)
         except ValueError as exc:
@@ -383,6 +357,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         ck = read_checkpoint(_resolve_spec(weights))
         check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
+        tissue_mask = compute_tissue(reader, image, tissue, max_pixels)
+        if tissue_mask is not None:
+            names, palette = with_background(names, palette)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
         _check_resources(image, out, grid, len(names))
@@ -396,7 +373,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
         summary: dict[str, Any] = {"input": str(image), "level": reader.level,
                                    "size": [reader.height, reader.width], "device": str(dev),
-                                   "checkpoint": ck.source}
+                                   "checkpoint": ck.source, "mpp": reader.mpp}
         if clusters is None:
             assert model is not None
             fn: Callable[[Tensor], list[Tensor]] = lambda x: [model.forward_logits(x)]  # noqa: E731
@@ -405,7 +382,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         else:
             embedder = StageEmbedder(backbone, stages)
             cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
-                              seed=seed, device=dev, on_tile=report("fit")).to(dev)
+                              seed=seed, device=dev, on_tile=report("fit"),
+                              skip=None if tissue_mask is None else tissue_mask.skip_tile).to(dev)
             fn = lambda x: [cluster_scores(cm, embedder(x))]  # noqa: E731
             k = clusters
             summary["mode"] = "clusters"
@@ -413,10 +391,14 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
 
         folder = Path(out).resolve().parent
-        with LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
-            sink = LabelSink(raster)
+        with LabelRaster(reader.height, reader.width, len(names), folder=folder) as raster:
+            sink = LabelSink(raster if tissue_mask is None else TissueLabels(raster, tissue_mask))
+            skip, skipped = counting_skip(tissue_mask)
+            t_run = time.perf_counter()
             run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
-                      mean=mean, std=std, device=dev, on_tile=report("label"))
+                      mean=mean, std=std, device=dev, on_tile=report("label"), skip=skip)
+            if tissue_mask is not None:
+                summary["tissue"] = tissue_mask.summary(len(grid), skipped[0], time.perf_counter() - t_run)
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()
@@ -432,8 +414,10 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)
             write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
-                             "mode": summary["mode"], "labels": entries})
+                             "mode": summary["mode"], "mpp": summary["mpp"], "labels": entries})
             summary["legend"] = str(leg)
+            if geojson is not None:
+                summary["geojson"] = write_geojson(raster, geojson, names, palette, level0_scale(reader))
             summary["labels"] = entries
             if overlay is not None:
                 preview, step = _preview(reader, str(image), OVERLAY_MAX_SIDE, max_pixels)

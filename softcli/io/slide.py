@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UsageError
-from .reader_base import ImageReader
+from .readers import DEFAULT_MAX_PIXELS, ImageReader, open_image
 from .slidemeta import SlideInfo, openslide_info, parse_aperio, parse_ome, tiff_slide_info
 
 __all__ = ["SlideInfo", "openslide_info", "parse_aperio", "parse_ome", "tiff_slide_info", "target_mpp",
-           "choose_level", "level_mpps", "ResampledReader", "open_at_resolution"]
+           "choose_level", "level_mpps", "ResampledReader", "open_at_resolution",
+           "preview", "downsampled_rgb", "level0_scale"]
 
 #: Relative tolerance when comparing a level's mpp with the target (scanner mpps are rounded).
 MPP_TOLERANCE = 0.02
@@ -135,14 +136,65 @@ class ResampledReader(ImageReader):
         self.base.close()
 
 
+def downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band_bytes: int = 1 << 26) -> np.ndarray:
+    """The whole image as (out_h, out_w, 3), box-averaged in bands of about ``band_bytes`` (never decoded whole)."""
+    from PIL import Image
+
+    f = max(1, min(reader.height // out_h, reader.width // out_w))
+    band = max(1, band_bytes // (12 * f * f * max(1, reader.width)))  # output rows per read
+    rows = []
+    for y in range(0, reader.height, band * f):
+        h = min(band * f, reader.height - y)
+        region = reader.read_region(y, 0, h, reader.width)
+        hh, ww = h // f, reader.width // f
+        if hh == 0:
+            continue
+        rows.append(region[: hh * f, : ww * f].reshape(hh, f, ww, f, 3).mean(axis=(1, 3)))
+    small = np.concatenate(rows)
+    img = Image.fromarray(np.clip(small * 255 + 0.5, 0, 255).astype(np.uint8))
+    if img.size != (out_w, out_h):
+        img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32) / 255.0
+
+
+def preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
+    """A downsampled RGB preview (longest side ≤ ``max_side``) and its subsampling step; reads a coarser level when there is one."""
+    step = max(1, math.ceil(max(reader.height, reader.width) / max_side))
+    out_h, out_w = -(-reader.height // step), -(-reader.width // step)
+    # A coarser pyramid level, when the file has one at least as large as the preview, is much cheaper to read.
+    levels = getattr(reader, "levels", [(reader.height, reader.width)])
+    best = getattr(reader, "level", 0)
+    for i, (h, w) in enumerate(levels):
+        if i > best and h >= out_h and w >= out_w:
+            best = i
+    if best != getattr(reader, "level", 0):
+        with open_image(path, level=best, max_pixels=max_pixels) as small:
+            return downsampled_rgb(small, out_h, out_w), step
+    return downsampled_rgb(reader, out_h, out_w), step
+
+
+def level0_scale(reader: ImageReader) -> tuple[float, float]:
+    """(y, x) factors from ``reader``'s pixels to level-0 pixels (what QuPath and OpenSlide coordinates use)."""
+    h0, w0 = reader.levels[0] if getattr(reader, "levels", None) else (reader.height, reader.width)
+    return h0 / reader.height, w0 / reader.width
+
+
+def slide_metadata(mpp: float | None, tissue: dict[str, Any] | None) -> dict[str, str]:
+    """String metadata for output files: the mpp the output was computed at and the tissue masking used."""
+    meta = {"mpp": "" if mpp is None else f"{mpp:.6g}"}
+    if tissue is not None:
+        meta.update({"tissue": tissue["method"], "tissue_fraction": f"{tissue['fraction']:.4f}",
+                     "tissue_skipped_tiles": f"{tissue['tiles_skipped']}/{tissue['tiles_total']}",
+                     "tissue_empty": "tiles without tissue are not computed: their cells are 0"})
+    return meta
+
+
 def open_at_resolution(path: Any, *, level: int = 0, mpp: float | None = None, magnification: float | None = None,
                        max_pixels: int | None = None) -> ImageReader:
     """A reader at ``level``, or at the resolution asked for (``mpp`` or ``magnification``).
 
     The returned reader's ``mpp`` is the resolution it delivers (None when the file has none).
     """
-    from .readers import DEFAULT_MAX_PIXELS, open_image
-
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     reader = open_image(path, level=level, max_pixels=limit)
     target = None
