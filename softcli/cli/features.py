@@ -12,8 +12,8 @@ from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..tiling import parse_memory
 from .app import app
-from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
-                     print_json, progress_bar, warn)
+from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console,
+                     load_cli_model, parse_landmarks, print_json, progress_bar, warn)
 
 
 @app.command()
@@ -41,10 +41,15 @@ def features(
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image larger "
                                                                  "than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
+    mpp: MppOpt = None,
+    magnification: MagnificationOpt = None,
+    tissue: TissueOpt = None,
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
 
     Example: soft features slide.ome.tif --out feats.safetensors --weights soft_tiny/ --stages 3,4
+
+    Whole slide at 1 µm/px, tissue only: soft features slide.svs --mpp 1.0 --tissue auto --out feats.safetensors
     """
     try:
         budget = parse_memory(max_memory)
@@ -66,7 +71,8 @@ def features(
 
         result = extract_features(
             net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
-            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan,
+            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, mpp=mpp, magnification=magnification,
+            tissue=tissue,
             on_tile=lambda done, total: progress.update(task, completed=done))
     if json_out:
         print_json(result.to_json())
@@ -75,4 +81,9 @@ def features(
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.maps.items())
     err_console.print(f"{result.image_size[0]}x{result.image_size[1]} image, {p.tiles} tile(s) of "
                       f"{p.tile[0]}x{p.tile[1]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
+    if result.tissue is not None:
+        t = result.tissue
+        err_console.print(f"tissue: {t['fraction'] * 100:.1f}% ({t['method']}); {t['tiles_skipped']} of "
+                          f"{t['tiles_total']} tiles skipped (zeros), about {t['seconds_saved_estimate']:.1f} s saved",
+                          highlight=False)
     typer.echo(f"wrote {result.output} ({result.format}): {shapes}")

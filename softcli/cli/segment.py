@@ -10,7 +10,8 @@ import typer
 from ..errors import UsageError
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
-from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
+from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, out_console,
+                     print_json, progress_bar)
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
 
@@ -40,6 +41,12 @@ def segment(
     max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N", help="Refuse to decode whole a non-TIFF "
                                             "image larger than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
+    mpp: MppOpt = None,
+    magnification: MagnificationOpt = None,
+    tissue: TissueOpt = None,
+    geojson: Annotated[Path | None, typer.Option("--geojson", metavar="FILE", help="Also write the labels as "
+                                                  "GeoJSON polygons (one MultiPolygon per class, level-0 pixel "
+                                                  "coordinates) for QuPath.")] = None,
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -48,6 +55,8 @@ def segment(
     clustering its features: --clusters K.
 
     Example: soft segment slide.tif --weights soft_tiny/ --clusters 4 --out mask.tif
+
+    Whole slide: soft segment slide.svs --clusters 3 --mpp 1.0 --out mask.tif --geojson mask.geojson
     """
     from ..segment import segment as run_segment
 
@@ -65,7 +74,8 @@ def segment(
 
         summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                               level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
-                              landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress)
+                              landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,
+                              mpp=mpp, magnification=magnification, tissue=tissue, geojson=geojson)
     if json_out:
         print_json(summary)
         return
@@ -77,5 +87,13 @@ def segment(
     for e in summary["labels"]:
         console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
                           highlight=False)
+    if summary.get("tissue"):
+        t = summary["tissue"]
+        console.print(f"tissue: {t['fraction'] * 100:.1f}% of the image ({t['method']}); {t['tiles_skipped']} of "
+                      f"{t['tiles_total']} tiles skipped, about {t['seconds_saved_estimate']:.1f} s saved",
+                      highlight=False)
+    if summary.get("geojson"):
+        console.print(f"geojson: {summary['geojson']['path']} ({summary['geojson']['features']} classes)",
+                      highlight=False)
     console.print(f"legend: {summary['legend']}" +
                       (f"; overlay: {summary['overlay']['path']}" if "overlay" in summary else ""), highlight=False)

@@ -22,6 +22,7 @@ is an error.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ from .slidemeta import SlideInfo, openslide_info, parse_aperio, parse_ome, tiff_
 
 __all__ = ["SlideInfo", "openslide_info", "parse_aperio", "parse_ome", "tiff_slide_info", "target_mpp",
            "choose_level", "level_mpps", "ResampledReader", "open_at_resolution",
-           "preview", "downsampled_rgb", "level0_scale"]
+           "preview", "downsampled_rgb", "level0_scale",
+           "load_for_crop", "slide_metadata"]
 
 #: Relative tolerance when comparing a level's mpp with the target (scanner mpps are rounded).
 MPP_TOLERANCE = 0.02
@@ -187,6 +189,44 @@ def slide_metadata(mpp: float | None, tissue: dict[str, Any] | None) -> dict[str
                      "tissue_skipped_tiles": f"{tissue['tiles_skipped']}/{tissue['tiles_total']}",
                      "tissue_empty": "tiles without tissue are not computed: their cells are 0"})
     return meta
+
+
+#: Above this many pixels a single-level TIFF is read band by band for a classification crop, not decoded whole.
+WHOLE_DECODE_PIXELS = 4096 * 4096
+#: A crop's source keeps this many times the pixels the resize needs (for an antialiased resize).
+CROP_OVERSAMPLE = 2
+
+
+def load_for_crop(path: str | os.PathLike[str], short_side: int | None, *, mpp: float | None = None,
+                  magnification: float | None = None, max_pixels: int | None = None) -> np.ndarray | None:
+    """A slide as float RGB at the pyramid level a crop needs, never level 0 whole; None for ordinary images.
+
+    ``short_side``: the shortest side the preprocessing resizes to (the image is read with
+    about :data:`CROP_OVERSAMPLE` times that); None: the whole image at ``level 0`` or at
+    ``mpp``/``magnification`` (full-resolution classification). Pyramids, OpenSlide formats,
+    TIFFs above :data:`WHOLE_DECODE_PIXELS` and any request with a resolution come here;
+    the caller decodes everything else whole as before.
+    """
+    from .image import is_tiff
+    from .openslide_reader import openslide_claims
+
+    if mpp is None and magnification is None:
+        if not (is_tiff(path) or openslide_claims(path)):
+            return None
+        with open_image(path, max_pixels=0) as probe:
+            h0, w0 = probe.levels[0]
+            if len(probe.levels) == 1 and h0 * w0 <= WHOLE_DECODE_PIXELS:
+                return None
+    with open_at_resolution(path, mpp=mpp, magnification=magnification, max_pixels=max_pixels) as reader:
+        if short_side is None:
+            return reader.read_region(0, 0, reader.height, reader.width)
+        need = CROP_OVERSAMPLE * short_side
+        step = max(1, min(reader.height, reader.width) // need)
+        if step == 1:
+            return reader.read_region(0, 0, reader.height, reader.width)
+        longest = math.ceil(max(reader.height, reader.width) / step)
+        small, _ = preview(reader, str(path), longest, max_pixels)
+        return small
 
 
 def open_at_resolution(path: Any, *, level: int = 0, mpp: float | None = None, magnification: float | None = None,
