@@ -193,16 +193,14 @@ def slide_metadata(mpp: float | None, tissue: dict[str, Any] | None) -> dict[str
 
 #: Above this many pixels a single-level TIFF is read band by band for a classification crop, not decoded whole.
 WHOLE_DECODE_PIXELS = 4096 * 4096
-#: A crop's source keeps this many times the pixels the resize needs (for an antialiased resize).
-CROP_OVERSAMPLE = 2
 
 
 def load_for_crop(path: str | os.PathLike[str], short_side: int | None, *, mpp: float | None = None,
                   magnification: float | None = None, max_pixels: int | None = None) -> np.ndarray | None:
     """A slide as float RGB at the pyramid level a crop needs, never level 0 whole; None for ordinary images.
 
-    ``short_side``: the shortest side the preprocessing resizes to (the image is read with
-    about :data:`CROP_OVERSAMPLE` times that); None: the whole image at ``level 0`` or at
+    ``short_side``: the shortest side the preprocessing resizes to (the image is read at the
+    coarsest level that still has it, then box-averaged towards it); None: the whole image at level 0 or at
     ``mpp``/``magnification`` (full-resolution classification). Pyramids, OpenSlide formats,
     TIFFs above :data:`WHOLE_DECODE_PIXELS` and any request with a resolution come here;
     the caller decodes everything else whole as before.
@@ -220,8 +218,7 @@ def load_for_crop(path: str | os.PathLike[str], short_side: int | None, *, mpp: 
     with open_at_resolution(path, mpp=mpp, magnification=magnification, max_pixels=max_pixels) as reader:
         if short_side is None:
             return reader.read_region(0, 0, reader.height, reader.width)
-        need = CROP_OVERSAMPLE * short_side
-        step = max(1, min(reader.height, reader.width) // need)
+        step = max(1, min(reader.height, reader.width) // short_side)
         if step == 1:
             return reader.read_region(0, 0, reader.height, reader.width)
         longest = math.ceil(max(reader.height, reader.width) / step)
