@@ -392,7 +392,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
         folder = Path(out).resolve().parent
         with LabelRaster(reader.height, reader.width, len(names), folder=folder) as raster:
-            sink = LabelSink(raster if tissue_mask is None else TissueLabels(raster, tissue_mask))
+            sink = LabelSink(raster if tissue_mask is None else TissueLabels(raster, tissue_mask))  # type: ignore[arg-type]
             skip, skipped = counting_skip(tissue_mask)
             t_run = time.perf_counter()
             run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,

@@ -160,7 +160,7 @@ def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
     if holes:
         boxes = np.array([[s[:, 0].min(), s[:, 1].min(), s[:, 0].max(), s[:, 1].max()] for s in shells])
         areas = np.array([-_area(s) for s in shells])
-        for ring, (px, py) in holes:
+        for hole, (px, py) in holes:
             cand = np.nonzero((boxes[:, 0] < px) & (px < boxes[:, 2]) & (boxes[:, 1] < py) & (py < boxes[:, 3]))[0]
             best = None
             for i in cand[np.argsort(areas[cand])]:
@@ -168,7 +168,7 @@ def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
                     best = int(i)
                     break
             if best is not None:
-                polys[best].append(ring)
+                polys[best].append(hole)
     return polys
 
 

@@ -122,7 +122,7 @@ def tiff_slide_info(tif: Any) -> SlideInfo:
 
 def openslide_info(properties: Any) -> SlideInfo:
     """Resolution from OpenSlide's standard properties."""
-    xs = [_positive(properties.get(k)) for k in ("openslide.mpp-x", "openslide.mpp-y")]
-    xs = [v for v in xs if v is not None]
+    found = [_positive(properties.get(k)) for k in ("openslide.mpp-x", "openslide.mpp-y")]
+    xs = [v for v in found if v is not None]
     return SlideInfo(sum(xs) / len(xs) if xs else None, _positive(properties.get("openslide.objective-power")),
                      "openslide")
