@@ -115,3 +115,11 @@ def test_scanner_format_without_openslide_names_the_extra(tmp_path, monkeypatch)
     path.write_bytes(b"[GENERAL]\nSLIDE_VERSION = 01.02\n")
     with pytest.raises(InputError, match=r"softcli\[openslide\]"):
         open_image(path)
+
+
+def test_scanner_looking_file_openslide_cannot_read(tmp_path) -> None:
+    pytest.importorskip("openslide")
+    path = tmp_path / "slide.mrxs"
+    path.write_bytes(b"[GENERAL]\n")
+    with pytest.raises(InputError, match="OpenSlide does not recognise it"):
+        open_image(path)

@@ -76,8 +76,11 @@ def openslide_claims(path: str | os.PathLike[str]) -> bool:
 
 
 def missing_extra_error(path: str | os.PathLike[str]) -> InputError:
-    """The one-line error for a scanner format when OpenSlide is not installed."""
-    return _fail(path, f"a scanner format softcli reads through OpenSlide, which is not installed ({OPENSLIDE_EXTRA})")
+    """The one-line error for a scanner-looking file nothing claimed: OpenSlide missing, or it does not know it."""
+    if _openslide() is None:
+        return _fail(path, f"a scanner format softcli reads through OpenSlide, which is not installed "
+                           f"({OPENSLIDE_EXTRA})")
+    return _fail(path, "looks like a scanner file, but OpenSlide does not recognise it (incomplete or corrupt?)")
 
 
 class OpenSlideReader(ImageReader):
