@@ -69,7 +69,7 @@ class ClassifyResult:
         return out
 
 
-def _reason(exc: InputError, path: str) -> str:
+def _reason(exc: InputError | UsageError, path: str) -> str:
     """The message without its ``path: `` prefix (the result names the path already)."""
     msg = str(exc)
     prefix = f"{path}: "

@@ -30,7 +30,7 @@ from .io.readers import ImageReader
 from .io.slide import preview
 from .tiling import Tile
 
-#: ``auto`` by default above this many level-0 pixels (4096²); smaller images are processed whole.
+#: ``auto`` by default for slides above this many level-0 pixels (4096²); smaller images are processed whole.
 TISSUE_AUTO_PIXELS = 4096 * 4096
 THUMB_MAX_SIDE = 1024
 MIN_SATURATION = 0.05
@@ -141,11 +141,17 @@ def parse_tissue(value: str | os.PathLike[str] | None) -> str | Path | None:
 
 def compute_tissue(reader: ImageReader, image: str | os.PathLike[str], tissue: str | os.PathLike[str] | None,
                    max_pixels: int | None) -> TissueMask | None:
-    """The tissue mask for ``reader`` as ``tissue`` asks (None: ``auto`` above 4096² level-0 pixels, else none)."""
+    """The tissue mask for ``reader`` as ``tissue`` asks.
+
+    None (the default) is ``auto`` for a slide, a file with a microns-per-pixel in its
+    metadata, above 4096² level-0 pixels, and ``none`` otherwise: a grey satellite
+    scene has no saturation to threshold and must not lose its tiles.
+    """
     choice = parse_tissue(tissue)
-    if choice is None:
+    if choice is None:  # the default: masking only for slides (microscope resolution in the file) above 4096²
         h0, w0 = reader.levels[0] if getattr(reader, "levels", None) else (reader.height, reader.width)
-        choice = "auto" if h0 * w0 > TISSUE_AUTO_PIXELS else "none"
+        is_slide = reader.slide.mpp is not None
+        choice = "auto" if is_slide and h0 * w0 > TISSUE_AUTO_PIXELS else "none"
     if choice == "none":
         return None
     if isinstance(choice, Path):

@@ -186,3 +186,18 @@ def test_classify_slide_reads_a_low_level_not_level_0(svs, monkeypatch) -> None:
     reads.clear()
     (full,) = classify(model, [svs], full_res=True, mpp=4.0)
     assert full.ok and full.input_size == (64, 96) and {lv for lv, _, _ in reads} == {2}
+
+
+def test_default_tissue_rule_needs_a_slide_above_4096_squared(monkeypatch, tmp_path) -> None:
+    from softcli import tissue as tissue_mod
+
+    class Big:
+        def __init__(self, mpp):
+            from softcli.io.slidemeta import SlideInfo
+
+            self.levels, self.height, self.width, self.slide = [(5000, 5000)], 5000, 5000, SlideInfo(mpp)
+
+    monkeypatch.setattr(tissue_mod, "preview", lambda *a: (np.full((50, 50, 3), 0.95, np.float32), 100))
+    assert compute_tissue(Big(0.25), "x", None, None) is not None  # a slide: auto
+    assert compute_tissue(Big(None), "x", None, None) is None  # a big photo or satellite scene: none
+    assert compute_tissue(Big(None), "x", "auto", None) is not None  # asked for

@@ -84,7 +84,8 @@ MagnificationOpt = Annotated[float | None, typer.Option(
     "instead of --mpp.")]
 TissueOpt = Annotated[str | None, typer.Option(
     "--tissue", metavar="auto|none|MASK", help="Skip tiles without tissue: auto (Otsu on saturation of a "
-    "thumbnail), none, or a mask image (non-zero = tissue). Default: auto above 4096x4096 pixels, else none.")]
+    "thumbnail), none, or a mask image (non-zero = tissue). Default: auto for slides (a file with microns "
+    "per pixel) above 4096x4096 pixels, else none.")]
 
 
 # Model loading: the one place a command turns --model/--weights into a model -------
