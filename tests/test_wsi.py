@@ -201,3 +201,26 @@ def test_default_tissue_rule_needs_a_slide_above_4096_squared(monkeypatch, tmp_p
     assert compute_tissue(Big(0.25), "x", None, None) is not None  # a slide: auto
     assert compute_tissue(Big(None), "x", None, None) is None  # a big photo or satellite scene: none
     assert compute_tissue(Big(None), "x", "auto", None) is not None  # asked for
+
+
+def test_segment_to_ome_zarr_multiscale(svs, tiny, tmp_path) -> None:
+    zarr = pytest.importorskip("zarr")
+    from softcli.io.masks import LabelRaster, write_mask
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((1100, 700)) * 3).astype(np.uint8)
+    with LabelRaster(1100, 700, 3, folder=tmp_path) as raster:
+        raster.write_rows(0, labels)
+        info = write_mask(raster, tmp_path / "m.ome.zarr", [[255, 0, 0], [0, 255, 0], [0, 0, 255]], ["a", "b", "c"])
+    assert info["levels"] == 3
+    group = zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="r")
+    np.testing.assert_array_equal(group["0"][:], labels)
+    np.testing.assert_array_equal(group["1"][:], labels[::2, ::2])
+    attrs = dict(group.attrs)
+    assert [d["path"] for d in attrs["multiscales"][0]["datasets"]] == ["0", "1", "2"]
+    assert attrs["image-label"]["colors"][1]["rgba"] == [0, 255, 0, 255]
+    # End to end, with the legend beside it.
+    out = tmp_path / "slide.ome.zarr"
+    summary = segment(svs, out, weights=tiny, clusters=2, level=2)
+    assert summary["mask"]["format"] == "zarr" and (tmp_path / "slide.legend.json").exists()
+    assert zarr.open_group(str(out), mode="r")["0"].shape == (64, 96)

@@ -20,7 +20,8 @@ _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writ
 def segment(
     image: Annotated[Path, typer.Argument(help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by tile).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
-                                      "pyramidal OME-TIFF, for huge images) or .npy.")],
+                                      "pyramidal OME-TIFF, for huge images), .npy or .ome.zarr (multiscale "
+                                      "OME-Zarr folder).")],
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     clusters: Annotated[int | None, typer.Option("--clusters", "-k", help="No trained head: k-means the "
