@@ -16,7 +16,7 @@ from softcli.features import extract_features
 from softcli.io.geojson import labels_geojson
 from softcli.io.readers import TiffReader, open_image
 from softcli.segment import segment
-from softcli.tissue import TissueMask, compute_tissue, dilate, mask_from_rgb, otsu_threshold
+from softcli.tissue import compute_tissue, dilate, mask_from_rgb, otsu_threshold
 
 from .conftest import TINY_CONFIG, run_soft
 from .slides import tissue_truth, write_svs
