@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess | None, str]:
-    """(seconds, peak RSS GB, -, stdout) of ``python -m softcli ARGS`` in a child of its own."""
+def run(args: list[str]) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS GB, CPU seconds (user + system), stdout) of ``python -m softcli ARGS``, own child."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "softcli", *args], stdout=subprocess.PIPE,
@@ -42,7 +42,7 @@ def run(args: list[str]) -> tuple[float, float, subprocess.CompletedProcess | No
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"soft {' '.join(args)} failed:\n{err.decode()}")
-    return seconds, usage.ru_maxrss / 2**20, None, out.decode()
+    return seconds, usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime, out.decode()
 
 
 def ensure_slide(work: Path, w: int, h: int) -> Path:
@@ -88,13 +88,14 @@ def main() -> None:
         slide = ensure_slide(work, w, h)
         for tissue in ("none", "auto") * args.repeats:
             out = work / f"mask_{tissue}.tif"
-            secs, rss, _, stdout = run(["segment", str(slide), "--weights", str(backbone), "--out", str(out),
+            secs, rss, cpu, stdout = run(["segment", str(slide), "--weights", str(backbone), "--out", str(out),
                                         "--clusters", "3", "--mpp", "1.0", "--tissue", tissue, "--tile", str(args.tile),
                                         "--json"])
             summary = json.loads(stdout)
             t = summary.get("tissue") or {}
             background = summary["labels"][0]["fraction"] if tissue == "auto" else None
             rows.append({"run": f"segment --tissue {tissue}", "slide": f"{w}x{h}", "seconds": round(secs, 1),
+                         "cpu_seconds": round(cpu, 1), "label_seconds": summary["seconds"]["label"],
                          "peak_rss_gb": round(rss, 2), "tiles": summary["tiles"]["count"],
                          "skipped": t.get("tiles_skipped", 0), "tissue_fraction": t.get("fraction"),
                          "background_label0": background})
@@ -102,8 +103,9 @@ def main() -> None:
     w, h = args.classify_size
     if w and h:
         slide = ensure_slide(work, w, h)
-        secs, rss, _, stdout = run(["classify", str(slide), "--weights", str(classifier), "--json"])
-        rows.append({"run": "classify", "slide": f"{w}x{h}", "seconds": round(secs, 1), "peak_rss_gb": round(rss, 2),
+        secs, rss, cpu, stdout = run(["classify", str(slide), "--weights", str(classifier), "--json"])
+        rows.append({"run": "classify", "slide": f"{w}x{h}", "seconds": round(secs, 1), "cpu_seconds": round(cpu, 1),
+                     "peak_rss_gb": round(rss, 2),
                      "input_size": json.loads(stdout)[0]["input_size"]})
         print(rows[-1], file=sys.stderr)
     print(json.dumps(rows, indent=1))
