@@ -51,7 +51,7 @@ def mask_format(out: str | os.PathLike[str]) -> str:
     for suffix in MASK_SUFFIXES:
         if name.endswith(suffix):
             return {".tif": "tiff", ".tiff": "tiff"}.get(suffix, suffix[1:])
-    raise UsageError(f"{out}: cannot tell the mask format from the name; use .png, .tif/.tiff, .npy or .ome.zarr")
+    raise UsageError(f"{out}: cannot tell the mask format from the name; use .png, .tif/.tiff or .npy (or .ome.zarr)")
 
 
 def legend_path(out: str | os.PathLike[str]) -> Path:
