@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--variant", default="soft_tiny")
     ap.add_argument("--tile", type=int, default=512, help="segment --tile (smaller tiles skip more glass)")
     ap.add_argument("--repeats", type=int, default=2, help="segment runs per --tissue setting, alternating")
+    ap.add_argument("--in-process", action="store_true", help="segment A/B inside one process, 1 torch thread, "
+                    "alternating none/auto (wall and CPU of segment() alone: less noise on a shared machine)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the slides (default: a temporary one)")
     args = ap.parse_args()
 
@@ -84,7 +86,23 @@ def main() -> None:
         save_pretrained(softcli.create_model(args.variant, num_classes=1000), classifier)
     rows = []
     w, h = args.segment_size
-    if w and h:
+    if w and h and args.in_process:
+        import torch
+
+        from softcli.segment import segment
+
+        torch.set_num_threads(1)
+        slide = ensure_slide(work, w, h)
+        for tissue in ("none", "auto") * args.repeats:
+            wall, cpu = time.perf_counter(), time.process_time()
+            summary = segment(slide, work / "mask_ab.tif", weights=backbone, clusters=3, mpp=1.0, tissue=tissue,
+                              tile=args.tile)
+            rows.append({"run": f"segment() --tissue {tissue}", "slide": f"{w}x{h}",
+                         "seconds": round(time.perf_counter() - wall, 1),
+                         "cpu_seconds": round(time.process_time() - cpu, 1),
+                         "skipped": (summary.get("tissue") or {}).get("tiles_skipped", 0)})
+            print(rows[-1], file=sys.stderr)
+    elif w and h:
         slide = ensure_slide(work, w, h)
         for tissue in ("none", "auto") * args.repeats:
             out = work / f"mask_{tissue}.tif"
