@@ -21,6 +21,7 @@ from .context import TensorSource, choose_context, default_max_memory, plan_glob
 from .errors import CheckpointError, InputError, UsageError
 from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
+from .io.slide import load_for_crop
 from .labels import labels_for
 from .preprocess import Preprocess, batch_same_size, eval_transform, full_res_size, full_res_transform, min_side
 from .resources import device_memory_available, format_bytes
@@ -73,7 +74,7 @@ class ClassifyResult:
         return out
 
 
-def _reason(exc: InputError, path: str) -> str:
+def _reason(exc: InputError | UsageError, path: str) -> str:
     """The message without its ``path: `` prefix (the result names the path already)."""
     msg = str(exc)
     prefix = f"{path}: "
@@ -94,7 +95,8 @@ def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
 
 
 def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smallest: int,
-             max_pixels: int | None, model: Any, context: str, budget: int) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
+             max_pixels: int | None, model: Any, context: str, budget: int, mpp: float | None = None,
+             magnification: float | None = None) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
     """Decode and preprocess lazily: one image in memory at a time (plus the batch being filled)."""
     for item in items:
         start = time.perf_counter()
@@ -102,8 +104,11 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
             yield (item.path, 0.0, item.error), None
             continue
         try:
-            image = load_image(item.path, max_pixels=max_pixels)
-        except InputError as exc:
+            image = load_for_crop(item.path, None if full_res else min(pre.resize_size), mpp=mpp,
+                                  magnification=magnification, max_pixels=max_pixels)
+            if image is None:
+                image = load_image(item.path, max_pixels=max_pixels)
+        except (InputError, UsageError) as exc:
             yield (item.path, time.perf_counter() - start, _reason(exc, item.path)), None
             continue
         if full_res:
@@ -137,13 +142,16 @@ def _full_res_logits(model: Any, x: torch.Tensor, context: str, max_memory: int)
 def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequence[InputItem], *, top_k: int = 5,
                    batch_size: int = 1, full_res: bool = False,
                    max_pixels: int | None = DEFAULT_MAX_PIXELS, context: str = "auto",
-                   max_memory: int | None = None) -> Iterator[ClassifyResult]:
+                   max_memory: int | None = None, mpp: float | None = None,
+                   magnification: float | None = None) -> Iterator[ClassifyResult]:
     """Top-``top_k`` predictions for each input (files, folders or globs), in input order.
 
     Preprocessing follows ``model.pretrained_cfg`` (resize + centre crop at the
     model's input size); ``full_res`` feeds every image whole, at its own size,
     one at a time. Same-size tensors are batched ``batch_size`` at a time. The
-    model runs on whatever device its parameters are on.
+    model runs on whatever device its parameters are on. Whole slides are read at
+    the pyramid level the crop needs (or at ``mpp``/``magnification`` with
+    ``full_res``), never level 0 whole (:func:`~softcli.io.slide.load_for_crop`).
 
     With ``full_res``, ``context`` says how (:mod:`softcli.context`): ``auto``
     runs one pass when the image fits ``max_memory`` (default: half the
@@ -169,7 +177,8 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device
-    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model, context, budget)  # type: ignore[arg-type]
+    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model,  # type: ignore[arg-type]
+                        context, budget, mpp, magnification)
     for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
         if batch is None:
             path, seconds, error = keys[0]

@@ -201,7 +201,8 @@ class StageEmbedder:
 def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k: int, *,
                  mean: Sequence[float], std: Sequence[float], max_tiles: int = 16, max_samples: int = 50_000,
                  seed: int = 0, device: torch.device | str = "cpu",
-                 on_tile: Callable[[int, int], None] | None = None) -> ClusterModel:
+                 on_tile: Callable[[int, int], None] | None = None,
+                 skip: Callable[[Tile], bool] | None = None) -> ClusterModel:
     """Fit standardisation and k-means centroids on features sampled across the whole image.
 
     Features come from the tiles of :func:`sample_tiles` (pixels past the image
@@ -210,6 +211,9 @@ def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k
     if k < 1:
         raise UsageError("--clusters must be at least 1")
     tiles = sample_tiles(grid, max_tiles)
+    if skip is not None:  # sample only tiles the run will label (tissue), spread over those
+        kept = [t for t in grid if not skip(t)]
+        tiles = [kept[round(i)] for i in np.linspace(0, len(kept) - 1, min(max_tiles, len(kept)))] if kept else tiles
     gen = torch.Generator(device="cpu").manual_seed(seed)
     per_tile = max(k, max_samples // len(tiles))
     chunks = []

@@ -233,11 +233,12 @@ def to_tensor(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
 def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequence[int], channels: Sequence[int],
               names: Sequence[str], sink: MapSink, *, mean: Sequence[float] = (0.0, 0.0, 0.0),
               std: Sequence[float] = (1.0, 1.0, 1.0), device: torch.device | str = "cpu", blend: str = "linear",
-              on_tile: TileCallback | None = None) -> Stitcher:
+              on_tile: TileCallback | None = None, skip: Callable[[Tile], bool] | None = None) -> Stitcher:
     """Run ``fn`` on every tile of ``grid`` over ``reader`` and blend its maps into ``sink``.
 
     Returns the finished :class:`Stitcher` (for :meth:`Stitcher.pooled`). The
-    grid must describe the reader's size.
+    grid must describe the reader's size. Tiles for which ``skip`` is true (no
+    tissue, say) are neither read nor run: they add zeros to the blend.
     """
     if (grid.height, grid.width) != (reader.height, reader.width):
         raise ValueError(f"grid is for {grid.height}x{grid.width}, image is {reader.height}x{reader.width}")
@@ -245,6 +246,10 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequenc
     total = len(grid)
     with torch.inference_mode():
         for done, tile in enumerate(grid, 1):
+            if skip is not None and skip(tile):
+                if on_tile is not None:
+                    on_tile(done, total)
+                continue
             x = to_tensor(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
             maps = fn(x)
             del x

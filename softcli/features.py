@@ -35,9 +35,12 @@ from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .resources import device_memory_available, format_bytes
-from .io.readers import ArrayReader, ImageReader, open_image
+from .io.readers import ArrayReader, ImageReader
+from .io.slide import open_at_resolution, slide_metadata
+from .tissue import compute_tissue, counting_skip
 from .io.writers import check_feature_request, write_features
-from .context import CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global
+from .context import (CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global,
+                      tissue_context)
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
 
 #: Default ``--max-memory``: what one run may use for image, activations and maps.
@@ -139,6 +142,8 @@ class FeaturesResult:
     device: str
     seconds: float
     pooled: np.ndarray | None = field(default=None, repr=False)
+    mpp: float | None = None  # µm per pixel the maps' input had (None: the file does not say)
+    tissue: dict[str, Any] | None = None  # tissue masking summary (softcli.tissue); None: no masking
 
     def to_json(self) -> dict[str, Any]:
         plan = asdict(self.plan)
@@ -149,6 +154,7 @@ class FeaturesResult:
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "context": {"mode": self.plan.context, "reason": self.plan.context_reason},
+            "mpp": self.mpp, "tissue": self.tissue,
         }
 
 
@@ -223,18 +229,24 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                      tile: int | None = None, overlap: int | None = None, level: int = 0,
                      max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
-                     on_tile: TileCallback | None = None, context: str = "auto") -> FeaturesResult:
+                     on_tile: TileCallback | None = None, context: str = "auto", mpp: float | None = None,
+                     magnification: float | None = None,
+                     tissue: str | os.PathLike[str] | None = None) -> FeaturesResult:
     """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
 
     Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
-    output cannot be written or cannot hold what was asked.
+    output cannot be written or cannot hold what was asked. ``mpp``/``magnification``
+    pick the resolution of a slide; ``tissue`` leaves tiles without tissue as zeros
+    (:mod:`softcli.tissue`; the metadata records both).
 
     ``context`` (:mod:`softcli.context`): ``auto`` runs the whole image in one
     pass when it fits ``max_memory``, else ``global``; ``global`` streams the
     exact whole-image computation over tiles; ``tile`` runs overlapping tiles
     (each its own context, blended), the largest that fit ``max_memory``.
     The image is seen padded to a multiple of 32 by edge replication in every mode.
+    With tissue masking, ``auto`` takes tiles instead of ``global`` (which computes
+    every token, so it has nothing to skip).
     """
     stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
     max_pixels = pixel_limit(max_pixels)
@@ -256,10 +268,14 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     params = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     reader: ImageReader
-    reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_image(image, level, max_pixels)
+    reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_at_resolution(
+        image, level=level, mpp=mpp, magnification=magnification, max_pixels=max_pixels)
     with reader:
+        tissue_mask = None if isinstance(image, np.ndarray) else compute_tissue(reader, image, tissue, max_pixels)
+        skip, skipped = counting_skip(tissue_mask)
         budget = max_memory or DEFAULT_MAX_MEMORY
-        choice = choose_context(context, reader.height, reader.width, cfg, params, budget)
+        choice = tissue_context(choose_context(context, reader.height, reader.width, cfg, params, budget),
+                                tissue_mask is not None)
         padded = (-(-reader.height // ALIGN) * ALIGN, -(-reader.width // ALIGN) * ALIGN)
         if choice.mode == "whole":  # one tile: the same engine path, no blending
             tile, overlap = max(*padded, 2 * ALIGN), 0
@@ -286,13 +302,16 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                                      Path(out).resolve().parent, mean, std, device, on_tile, pool)
             else:
                 stitcher = run_dense(_model_fn(model, stage_list), reader, grid, strides, channels, names, sink,
-                                     mean=mean, std=std, device=device, blend=blend, on_tile=on_tile)
+                                     mean=mean, std=std, device=device, blend=blend, on_tile=on_tile, skip=skip)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            t_run = time.perf_counter() - start
+            tissue_info = None if tissue_mask is None else tissue_mask.summary(len(grid), skipped[0], t_run)
             meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
                     "strides": ",".join(str(STAGE_STRIDES[int(n[5:]) - 1]) for n in keep),
                     "tile": f"{plan.tile[0]}x{plan.tile[1]}", "overlap": str(plan.overlap), "blend": blend,
                     "context": plan.context,
-                    "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features"}
+                    "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features",
+                    **slide_metadata(reader.mpp, tissue_info)}
             write_features(out, sink, keep, pooled, meta)
             shapes = {n: list(sink.shapes[n]) for n in keep}
     return FeaturesResult(
@@ -300,4 +319,4 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
-        seconds=time.perf_counter() - start, pooled=pooled)
+        seconds=time.perf_counter() - start, pooled=pooled, mpp=reader.mpp, tissue=tissue_info)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,13 +38,17 @@ from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGH
 from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
                       fit_clusters_global, global_features, parse_stages)
 from .context import (CONTEXT_MODES, ContextChoice, ReaderSource, choose_context, default_max_memory, plan_global,
-                      run_global)
+                      run_global, tissue_context)
 from .engine import MapSink, run_dense
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
                        tiff_tile_count, write_json, write_mask, write_overlay)
-from .io.readers import ImageReader, open_image
+from .io.geojson import check_geojson_output, write_geojson
+from .io.slide import level0_scale, open_at_resolution
+from .io.slide import preview as _preview
+from .io.reader_base import ImageReader
+from .tissue import TissueLabels, compute_tissue, counting_skip, with_background
 from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .models import SoftModel
 from .models.linear_head import LinearHeadConfig, LinearSegHead
@@ -298,42 +301,6 @@ def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
     return Path(resolve_weights(spec).path)
 
 
-def _downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band: int = 64) -> np.ndarray:
-    """The whole image as (out_h, out_w, 3), box-averaged in bands (never decoded whole)."""
-    from PIL import Image
-
-    f = max(1, min(reader.height // out_h, reader.width // out_w))
-    rows = []
-    for y in range(0, reader.height, band * f):
-        h = min(band * f, reader.height - y)
-        region = reader.read_region(y, 0, h, reader.width)
-        hh, ww = h // f, reader.width // f
-        if hh == 0:
-            continue
-        rows.append(region[: hh * f, : ww * f].reshape(hh, f, ww, f, 3).mean(axis=(1, 3)))
-    small = np.concatenate(rows)
-    img = Image.fromarray(np.clip(small * 255 + 0.5, 0, 255).astype(np.uint8))
-    if img.size != (out_w, out_h):
-        img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    return np.asarray(img, np.float32) / 255.0
-
-
-def _preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
-    """A downsampled RGB preview of the mask's image and the label subsampling step that matches it."""
-    step = max(1, math.ceil(max(reader.height, reader.width) / max_side))
-    out_h, out_w = -(-reader.height // step), -(-reader.width // step)
-    # A coarser pyramid level, when the file has one at least as large as the preview, is much cheaper to read.
-    levels = getattr(reader, "levels", [(reader.height, reader.width)])
-    best = getattr(reader, "level", 0)
-    for i, (h, w) in enumerate(levels):
-        if i > best and h >= out_h and w >= out_w:
-            best = i
-    if best != getattr(reader, "level", 0):
-        with open_image(path, level=best, max_pixels=max_pixels) as small:
-            return _downsampled_rgb(small, out_h, out_w), step
-    return _downsampled_rgb(reader, out_h, out_w), step
-
-
 def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
         SoftSegmenter | None, SoftModel, list[str], list[list[int]]]:
     """(segmenter or None, backbone, label names, palette) for the head or the clustering mode."""
@@ -361,6 +328,8 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
     check_disk_space(Path(out).resolve().parent, need, f"the {grid.width}x{grid.height} label mask "
                      f"({format_bytes(label_bytes)} of temporary labels" + (" and as much for the .npy)"
                                                                              if need > label_bytes else ")"))
+
+
 def _global_clusters(stack: contextlib.ExitStack, backbone: SoftModel, reader: ImageReader, padded: tuple[int, int],
                      stages: Sequence[int], k: int, budget: int, tile: int | None, mean: Sequence[float],
                      std: Sequence[float], dev: torch.device, folder: Path, seed: int,
@@ -404,18 +373,24 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
             progress: ProgressFn | None = None, context: str = "auto",
-            max_memory: int | None = None) -> dict[str, Any]:
+            max_memory: int | None = None, mpp: float | None = None, magnification: float | None = None,
+            tissue: str | os.PathLike[str] | None = None,
+            geojson: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
     With a segmentation checkpoint and no ``clusters``: the head's classes.
     With ``clusters=K``: k-means on backbone features of any checkpoint (a
     segmentation checkpoint's backbone included). Returns the summary that
-    ``--json`` prints.
+    ``--json`` prints. Whole slides: ``mpp``/``magnification`` pick the resolution
+    (:func:`~softcli.io.slide.open_at_resolution`), ``tissue`` skips tiles without
+    tissue (label 0 ``background``, :mod:`softcli.tissue`), ``geojson`` also writes
+    the labels as polygons in level-0 pixels (:mod:`softcli.io.geojson`).
 
     ``context`` (:mod:`softcli.context`): ``auto`` labels the whole image in one
     pass when it fits ``max_memory`` (default: half the available RAM), else
     ``global``: clusters of the exact whole-image features, streamed (a trained
-    head's GroupNorm needs whole-map statistics, so heads fall back to tiles);
+    head's GroupNorm needs whole-map statistics, so heads fall back to tiles, and
+    so does tissue masking, which global context has nothing to skip in);
     ``tile``: overlapping tiles of ``tile`` pixels (default: the largest that fit).
     """
     from .api import resolve_device
@@ -440,8 +415,10 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise UsageError("global context needs --clusters K: a trained head normalises over the whole map "
                          "(GroupNorm), which tiles cannot reproduce exactly; use --context tile or auto")
     budget = max_memory or default_max_memory()
-
-    with open_image(image, level=level, max_pixels=max_pixels) as reader:
+    if geojson is not None:
+        check_geojson_output(geojson, [image, out])
+    with open_at_resolution(image, level=level, mpp=mpp, magnification=magnification,
+                            max_pixels=max_pixels) as reader:
         try:
             grid = TileGrid(reader.height, reader.width, tile=tile or DEFAULT_TILE, overlap=overlap)
         except ValueError as exc:
@@ -451,6 +428,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         ck = attach_backbone(read_checkpoint(_resolve_spec(weights)), _resolve_spec)
         check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
+        tissue_mask = compute_tissue(reader, image, tissue, max_pixels)
+        if tissue_mask is not None:
+            names, palette = with_background(names, palette)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
         if policy is not None:
@@ -458,7 +438,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         pre = dict(ck.pretrained_cfg)
         mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
         params = sum(p.numel() for p in (model or backbone).parameters())
-        choice = choose_context(context, reader.height, reader.width, backbone.config, params, budget)
+        choice = tissue_context(choose_context(context, reader.height, reader.width, backbone.config, params,
+                                               budget), tissue_mask is not None)
         if choice.mode == "global" and clusters is None:
             choice = ContextChoice("tile", "the whole image does not fit the memory limit and a trained head "
                                    "cannot run in global context: tiles", choice.estimated_whole_bytes)
@@ -475,7 +456,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
         summary: dict[str, Any] = {"input": str(image), "level": reader.level,
                                    "size": [reader.height, reader.width], "device": str(dev),
-                                   "checkpoint": ck.source}
+                                   "checkpoint": ck.source, "mpp": reader.mpp}
         summary["context"] = choice.to_json()
         stack = contextlib.ExitStack()
         fill: Callable[[LabelSink], None] | None = None
@@ -493,7 +474,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         else:
             embedder = StageEmbedder(backbone, stages)
             cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
-                              seed=seed, device=dev, on_tile=report("fit")).to(dev)
+                              seed=seed, device=dev, on_tile=report("fit"),
+                              skip=None if tissue_mask is None else tissue_mask.skip_tile).to(dev)
             fn = lambda x: [cluster_scores(cm, embedder(x))]  # noqa: E731
             k = clusters
             summary["mode"] = "clusters"
@@ -502,13 +484,17 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
 
         folder = Path(out).resolve().parent
-        with stack, LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
-            sink = LabelSink(raster)
+        with stack, LabelRaster(reader.height, reader.width, len(names), folder=folder) as raster:
+            sink = LabelSink(raster if tissue_mask is None else TissueLabels(raster, tissue_mask))  # type: ignore[arg-type]
             if fill is not None:
                 fill(sink)
             else:
+                skip, skipped = counting_skip(tissue_mask)
+                t_run = time.perf_counter()
                 run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
-                          mean=mean, std=std, device=dev, on_tile=report("label"))
+                          mean=mean, std=std, device=dev, on_tile=report("label"), skip=skip)
+                if tissue_mask is not None:
+                    summary["tissue"] = tissue_mask.summary(len(grid), skipped[0], time.perf_counter() - t_run)
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()
@@ -524,8 +510,10 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)
             write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
-                             "mode": summary["mode"], "labels": entries})
+                             "mode": summary["mode"], "mpp": summary["mpp"], "labels": entries})
             summary["legend"] = str(leg)
+            if geojson is not None:
+                summary["geojson"] = write_geojson(raster, geojson, names, palette, level0_scale(reader))
             summary["labels"] = entries
             if overlay is not None:
                 preview, step = _preview(reader, str(image), OVERLAY_MAX_SIDE, max_pixels)

@@ -291,3 +291,19 @@ def test_stages_past_the_deepest_needed_never_run(tiny_model, tmp_path):
         assert sorted(res.maps) == [1, 2]
     extract_features(tiny_model, np.zeros((96, 64, 3), np.float32), tmp_path / "s12.npz", stages="1,2",
                      context="tile", tile=64, overlap=32)
+
+
+def test_tissue_masking_takes_tiles_instead_of_global_context():
+    """Global context computes every token, so with tissue masking ``auto`` falls back to tiles
+    and an explicit ``global`` is a usage error; whole passes and tiles are left as chosen."""
+    from softcli.context import ContextChoice, tissue_context
+    from softcli.errors import UsageError
+
+    auto_global = ContextChoice("global", "one pass would need about 9.0 GB, over the memory limit", 9 * 2**30)
+    assert tissue_context(auto_global, masking=False) is auto_global
+    fallback = tissue_context(auto_global, masking=True)
+    assert fallback.mode == "tile" and "tissue" in fallback.reason
+    whole = ContextChoice("whole", "fits", 2**30)
+    assert tissue_context(whole, masking=True) is whole
+    with pytest.raises(UsageError, match="tissue"):
+        tissue_context(ContextChoice("global", "asked for: exact whole-image context", 2**30), masking=True)

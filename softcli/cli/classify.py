@@ -20,8 +20,8 @@ from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..io.inputs import display_path, expand_inputs
 from ..tiling import parse_memory
 from .app import app, error_line
-from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, model_name,
-                     print_json, progress_bar)
+from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, WeightsOpt, err_console,
+                     load_cli_model, model_name, print_json, progress_bar)
 
 CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input_width", "seconds", "model", "error")
 
@@ -78,6 +78,8 @@ def classify(
     max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N",
                                             help="Refuse images with more pixels than this (a decompression-bomb "
                                                  "guard; 0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    mpp: MppOpt = None,
+    magnification: MagnificationOpt = None,
 ) -> None:
     """Classify images: the top-k classes with their probabilities.
 
@@ -93,6 +95,8 @@ def classify(
       soft classify photos/ 'scans/**/*.tif' --weights ckpt.pth --json > predictions.json
 
       soft classify huge.tif --weights ckpt.pth --full-res --top-k 3 --csv out.csv
+
+      soft classify slide.svs --weights ckpt.pth --full-res --mpp 8   (a slide at 8 µm/px, whole)
     """
     pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
     try:
@@ -122,7 +126,8 @@ def classify(
     with progress_bar(enabled=not (show_tables and out.is_terminal)) as progress:
         task = progress.add_task("classifying", total=len(items))
         for result in classify_paths(net, items, top_k=top_k, batch_size=batch_size, full_res=full_res,
-                                     max_pixels=max_pixels, context=context, max_memory=budget):
+                                     max_pixels=max_pixels, context=context, max_memory=budget, mpp=mpp,
+                                     magnification=magnification):
             results.append(result)
             if result.error is not None:
                 error_line(f"{result.display_name}: {result.error}")

@@ -86,6 +86,19 @@ WeightsOpt = Annotated[Path | None, typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
 
+# Whole-slide options (softcli.io.slide, softcli.tissue) -----------------------------
+
+MppOpt = Annotated[float | None, typer.Option(
+    "--mpp", metavar="FLOAT", help="Resolution in microns per pixel (from the file's metadata): the nearest "
+    "pyramid level at or finer than it, resampled the rest of the way.")]
+MagnificationOpt = Annotated[float | None, typer.Option(
+    "--magnification", metavar="FLOAT", help="Resolution as objective magnification (e.g. 20 for 20x), "
+    "instead of --mpp.")]
+TissueOpt = Annotated[str | None, typer.Option(
+    "--tissue", metavar="auto|none|MASK", help="Skip tiles without tissue: auto (Otsu on saturation of a "
+    "thumbnail), none, or a mask image (non-zero = tissue). Default: auto for slides (a file with microns "
+    "per pixel) above 4096x4096 pixels, else none.")]
+
 
 # Model loading: the one place a command turns --model/--weights into a model -------
 

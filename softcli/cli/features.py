@@ -15,9 +15,8 @@ from ..tiling import parse_memory
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
-from .common import model_name
-from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, parse_landmarks,
-                     print_json, progress_bar, warn)
+from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console,
+                     load_cli_model, model_name, parse_landmarks, print_json, progress_bar, warn)
 
 
 @app.command()
@@ -58,6 +57,9 @@ def features(
                                             "ome.tif.")] = "safetensors",
     overwrite: OverwriteOpt = False,
     max_failures: MaxFailuresOpt = None,
+    mpp: MppOpt = None,
+    magnification: MagnificationOpt = None,
+    tissue: TissueOpt = None,
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
 
@@ -70,6 +72,8 @@ def features(
     Example: soft features slides/ --out-dir feats/ --weights soft_tiny/ --stages 4 --pool
 
     Example: soft features slide.ome.tif --out f.safetensors --context global --stages 1,2,3
+
+    Whole slide at 1 µm/px, tissue only: soft features slide.svs --mpp 1.0 --tissue auto --out feats.safetensors
     """
     try:
         budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
@@ -88,7 +92,9 @@ def features(
             net.set_landmark_policy(policy)
             return features_task(net, model_name=model_name(model, weights), out_format=out_format, stages=stages,
                                  tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
-                                 pool=pool, max_pixels=max_pixels, extra={"context": context})
+                                 pool=pool, max_pixels=max_pixels,
+                                 extra={"context": context, "mpp": mpp, "magnification": magnification,
+                                        "tissue": tissue})
 
         run_cli_cohort(make_task, inputs, list_file, out_dir, device=device, overwrite=overwrite,
                        max_failures=max_failures, json_out=json_out, phases={"tiles": "tiles"})
@@ -109,7 +115,8 @@ def features(
 
         result = extract_features(
             net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
-            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, context=context,
+            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, context=context, mpp=mpp,
+            magnification=magnification, tissue=tissue,
             on_tile=lambda done, total: progress.update(task, completed=done, total=total))
     if json_out:
         print_json(result.to_json())
@@ -119,4 +126,9 @@ def features(
     err_console.print(f"{result.image_size[0]}x{result.image_size[1]} image, {p.tiles} tile(s) of "
                       f"{p.tile[0]}x{p.tile[1]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
     err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
+    if result.tissue is not None:
+        t = result.tissue
+        err_console.print(f"tissue: {t['fraction'] * 100:.1f}% ({t['method']}); {t['tiles_skipped']} of "
+                          f"{t['tiles_total']} tiles skipped (zeros), about {t['seconds_saved_estimate']:.1f} s saved",
+                          highlight=False)
     typer.echo(f"wrote {result.output} ({result.format}): {shapes}")

@@ -12,9 +12,8 @@ from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
-from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, phase_progress, print_json,
-                     progress_bar)
-from .common import model_name
+from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, model_name,
+                     out_console, phase_progress, print_json, progress_bar)
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
            "global": "Global context (exact)"}
@@ -26,7 +25,8 @@ def segment(
         metavar="INPUT...", show_default=False, help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by "
         "tile); with --out-dir also folders and quoted globs.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
-                                             "pyramidal OME-TIFF, for huge images) or .npy.")] = None,
+                                             "pyramidal OME-TIFF, for huge images), .npy or .ome.zarr "
+                                             "(multiscale OME-Zarr folder).")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     clusters: Annotated[int | None, typer.Option("--clusters", "-k", help="No trained head: k-means the "
@@ -60,6 +60,12 @@ def segment(
                                             "npy.")] = "tif",
     overwrite: OverwriteOpt = False,
     max_failures: MaxFailuresOpt = None,
+    mpp: MppOpt = None,
+    magnification: MagnificationOpt = None,
+    tissue: TissueOpt = None,
+    geojson: Annotated[Path | None, typer.Option("--geojson", metavar="FILE", help="Also write the labels as "
+                                                  "GeoJSON polygons (one MultiPolygon per class, level-0 pixel "
+                                                  "coordinates) for QuPath.")] = None,
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -76,6 +82,8 @@ def segment(
     Example: soft segment slides/ --clusters 4 --out-dir masks/
 
     Example: soft segment slide.tif --clusters 3 --context global --out mask.tif
+
+    Whole slide: soft segment slide.svs --clusters 3 --mpp 1.0 --out mask.tif --geojson mask.geojson
     """
     from ..context import default_max_memory
     from ..segment import segment as run_segment
@@ -94,11 +102,15 @@ def segment(
         from ..cohort.tasks import segment_task
 
         check_cohort_options(out_dir, out=out, overlay=overlay)
+        if geojson is not None:
+            raise UsageError("--geojson names one file, for one image; with --out-dir run each slide that needs "
+                             "GeoJSON on its own")
         run_cli_cohort(lambda dev: segment_task(spec, model_name=model_name(model, weights), out_format=out_format,
                                                 clusters=clusters, cluster_stages=cluster_stages, seed=seed,
                                                 level=level, tile=tile, overlap=overlap, landmarks=landmarks,
                                                 device=dev, max_pixels=max_pixels, max_memory=budget,
-                                                extra={"context": context}),
+                                                extra={"context": context, "mpp": mpp,
+                                                       "magnification": magnification, "tissue": tissue}),
                        inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
                        json_out=json_out, phases=_PHASES)
         return
@@ -109,7 +121,8 @@ def segment(
         summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                               level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
                               landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,
-                              context=context, max_memory=budget)
+                              context=context, max_memory=budget, mpp=mpp, magnification=magnification,
+                              tissue=tissue, geojson=geojson)
     if json_out:
         print_json(summary)
         return
@@ -122,5 +135,13 @@ def segment(
     for e in summary["labels"]:
         console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
                           highlight=False)
+    if summary.get("tissue"):
+        t = summary["tissue"]
+        console.print(f"tissue: {t['fraction'] * 100:.1f}% of the image ({t['method']}); {t['tiles_skipped']} of "
+                      f"{t['tiles_total']} tiles skipped, about {t['seconds_saved_estimate']:.1f} s saved",
+                      highlight=False)
+    if summary.get("geojson"):
+        console.print(f"geojson: {summary['geojson']['path']} ({summary['geojson']['features']} classes)",
+                      highlight=False)
     console.print(f"legend: {summary['legend']}" +
                       (f"; overlay: {summary['overlay']['path']}" if "overlay" in summary else ""), highlight=False)

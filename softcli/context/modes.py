@@ -52,6 +52,20 @@ def choose_context(requested: str, height: int, width: int, model_config: Any, p
                                    "exact whole-image context streamed over tiles", est)
 
 
+def tissue_context(choice: ContextChoice, masking: bool) -> ContextChoice:
+    """The context to run when tiles without tissue are skipped: global context computes every token
+    (its sums run over the whole image), so it has nothing to skip; ``auto`` takes tiles instead."""
+    if not masking or choice.mode != "global":
+        return choice
+    if choice.reason.startswith("asked for"):
+        from ..errors import UsageError
+
+        raise UsageError("global context computes every token, so it cannot skip tiles without tissue; "
+                         "turn tissue masking off or use tile context")
+    return ContextChoice("tile", "the whole image does not fit the memory limit in one pass and tissue masking "
+                                 "skips tiles without tissue: tiles", choice.estimated_whole_bytes)
+
+
 def plan_global(height: int, width: int, model_config: Any, params: int, max_memory: int,
                 stage_channels: Sequence[int], tile: int | None = None) -> tuple[int, bool]:
     """(tile side in pixels, spill activations to disk?) for a global run within ``max_memory``.

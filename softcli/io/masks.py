@@ -33,7 +33,7 @@ from ..errors import OutputError, UsageError
 from .atomic import MASK_TEMP_PREFIX, atomic_path, check_output_path, make_temp_dir
 from .inputs import json_safe
 
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+MASK_SUFFIXES = (".png", ".tif", ".tiff", ".npy", ".zarr")
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 #: Largest mask written as PNG (it is encoded from one in-memory array): 2^28 px = 256 MB.
 PNG_MAX_PIXELS = 1 << 28
@@ -51,13 +51,13 @@ def mask_format(out: str | os.PathLike[str]) -> str:
     for suffix in MASK_SUFFIXES:
         if name.endswith(suffix):
             return {".tif": "tiff", ".tiff": "tiff"}.get(suffix, suffix[1:])
-    raise UsageError(f"{out}: cannot tell the mask format from the name; use .png, .tif/.tiff or .npy")
+    raise UsageError(f"{out}: cannot tell the mask format from the name; use .png, .tif/.tiff or .npy (or .ome.zarr)")
 
 
 def legend_path(out: str | os.PathLike[str]) -> Path:
     """``mask.png`` → ``mask.legend.json`` (beside the mask)."""
     p = Path(out)
-    stem = p.name[: -len(".ome.tif")] if p.name.lower().endswith(".ome.tif") else p.stem
+    stem = next((p.name[: -len(s)] for s in (".ome.tif", ".ome.zarr") if p.name.lower().endswith(s)), p.stem)
     return p.with_name(f"{stem}.legend.json")
 
 
@@ -222,6 +222,12 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
     info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width],
                             "dtype": raster.dtype.name}
     try:
+        if fmt == "zarr":  # a folder (softcli.io.zarr_writer), with its own atomic rename
+            from .zarr_writer import write_label_zarr
+
+            info["levels"] = write_label_zarr(raster, out, palette, names, pyramid_shapes(raster.height, raster.width),
+                                              on_chunk=on_tile)
+            return info
         with atomic_path(out) as tmp:
             if fmt == "png":
                 write_png(raster, tmp, palette)

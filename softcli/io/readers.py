@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 
 from ..errors import InputError, UsageError
 from ..resources import format_bytes
-from .image import (DEFAULT_MAX_PIXELS, _fail, _open_checks, _reason, array_to_rgb, check_pixels, is_tiff,
+from .reader_base import ArrayReader, ImageReader
+from .slidemeta import tiff_slide_info
+from .image import (DEFAULT_MAX_PIXELS, PILLOW_MAGIC, _fail, _open_checks, _reason, array_to_rgb, check_pixels, is_tiff,
                     load_image, pixel_limit)
 
 #: Above this many pixels, the value range of non-8/16-bit data is estimated from a sample of tiles.
@@ -54,71 +55,6 @@ MAX_TIFF_INFLATION = 100_000
 TIFF_INFLATION_FLOOR = 64 * 2**20
 
 __all__ = ["ImageReader", "PillowReader", "TiffReader", "ArrayReader", "open_image"]
-
-
-class ImageReader:
-    """Base class: a random-access RGB view of one level of an image."""
-
-    path: str
-    height: int
-    width: int
-    level: int = 0
-    levels: list[tuple[int, int]]
-
-    def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Pixels [y, y+h) x [x, x+w) as float32 RGB (h, w, 3) in [0, 1]; outside the image is edge-replicated."""
-        if h <= 0 or w <= 0:
-            raise ValueError(f"empty region {h}x{w}")
-        y0, y1 = max(0, y), min(self.height, y + h)
-        x0, x1 = max(0, x), min(self.width, x + w)
-        if y0 >= y1 or x0 >= x1:
-            # Entirely outside: the nearest edge pixels, replicated.
-            yc, xc = min(max(y, 0), self.height - 1), min(max(x, 0), self.width - 1)
-            px = self._read(yc, xc, 1, 1)
-            return np.ascontiguousarray(np.broadcast_to(px, (h, w, 3)))
-        inner = self._read(y0, x0, y1 - y0, x1 - x0)
-        pad = ((y0 - y, y + h - y1), (x0 - x, x + w - x1), (0, 0))
-        if any(p for pair in pad for p in pair):
-            inner = np.pad(inner, pad, mode="edge")
-        return inner
-
-    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.height, self.width
-
-    def close(self) -> None:
-        """Release the file; the reader is unusable afterwards."""
-
-    def __enter__(self) -> "ImageReader":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r}, level={self.level}, {self.height}x{self.width})"
-
-
-class ArrayReader(ImageReader):
-    """An in-memory float RGB array (H, W, 3) as a reader (whole-decoded files, tests, the Python API)."""
-
-    def __init__(self, array: np.ndarray, path: str = "<array>") -> None:
-        if array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB array, got {array.shape}")
-        self.array = np.ascontiguousarray(array, dtype=np.float32)
-        self.path = path
-        self.height, self.width = int(array.shape[0]), int(array.shape[1])
-        self.levels = [(self.height, self.width)]
-
-    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        return self.array[y:y + h, x:x + w].copy()
-
-    def close(self) -> None:
-        self.array = np.empty((0, 0, 3), np.float32)
 
 
 class PillowReader(ArrayReader):
@@ -171,6 +107,7 @@ class TiffReader(ImageReader):
                              f"{len(pages)} level(s): " + ", ".join(f"{i}: {w}x{h}" for i, (h, w) in
                                                                       enumerate(self.levels)))
         self.level = level
+        self.slide = tiff_slide_info(self._tif)
         page = pages[level]
         self._page = page
         self.height, self.width = self.levels[level]
@@ -305,9 +242,14 @@ class TiffReader(ImageReader):
         self._tif.close()
 
 
+def _pillow_magic(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(12).startswith(PILLOW_MAGIC)
+
+
 def open_image(path: str | os.PathLike[str], level: int = 0,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageReader:
-    """A reader for ``path``: TIFF-family files region by region, others decoded whole.
+    """A reader for ``path``: TIFF-family and OpenSlide formats region by region, others decoded whole.
 
     ``level`` picks a pyramid level (0 = full resolution); ``max_pixels`` guards
     whole decodes and single region reads against decompression bombs.
@@ -316,8 +258,19 @@ def open_image(path: str | os.PathLike[str], level: int = 0,
     _open_checks(p)
     if level < 0:
         raise UsageError(f"--level must be 0 or more, not {level}")
+    from .openslide_reader import OpenSlideReader, looks_like_slide, missing_extra_error, openslide_claims
+
     if is_tiff(p):
-        return TiffReader(p, level=level, max_pixels=max_pixels)
+        try:
+            return TiffReader(p, level=level, max_pixels=max_pixels)
+        except InputError:
+            if not openslide_claims(p):  # a TIFF variant tifffile cannot read may still be a slide OpenSlide reads
+                raise
+        return OpenSlideReader(p, level=level, max_pixels=max_pixels)
+    if openslide_claims(p):
+        return OpenSlideReader(p, level=level, max_pixels=max_pixels)
+    if looks_like_slide(p) and not _pillow_magic(p):
+        raise missing_extra_error(p)
     if level != 0:
         raise UsageError(f"{p}: --level {level} asked for, but only TIFF pyramids have levels (this file has one)")
     return PillowReader(p, max_pixels=max_pixels)
