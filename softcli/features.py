@@ -271,6 +271,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_at_resolution(
         image, level=level, mpp=mpp, magnification=magnification, max_pixels=max_pixels)
     with reader:
+        if context == "global" and tissue is None:
+            tissue = "none"  # the default masking gives way to an explicit global context
         tissue_mask = None if isinstance(image, np.ndarray) else compute_tissue(reader, image, tissue, max_pixels)
         skip, skipped = counting_skip(tissue_mask)
         budget = max_memory or DEFAULT_MAX_MEMORY

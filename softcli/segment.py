@@ -428,6 +428,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         ck = attach_backbone(read_checkpoint(_resolve_spec(weights)), _resolve_spec)
         check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
+        if context == "global" and tissue is None:
+            tissue = "none"  # the default masking gives way to an explicit global context
         tissue_mask = compute_tissue(reader, image, tissue, max_pixels)
         if tissue_mask is not None:
             names, palette = with_background(names, palette)
