@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
 from .errors import InputError, UsageError
 from .checkpoint import model_files
@@ -191,12 +192,17 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                      tile: int | None = None, overlap: int | None = None, level: int = 0,
                      max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
-                     on_tile: TileCallback | None = None) -> FeaturesResult:
+                     on_tile: TileCallback | None = None, resume: bool = True,
+                     dist: Any = None) -> FeaturesResult:
     """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
 
     Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
-    output cannot be written or cannot hold what was asked.
+    output cannot be written or cannot hold what was asked. With ``resume`` a
+    tiled image keeps its finished bands in ``OUT.partial-state/`` and a rerun
+    continues from them (:mod:`softcli.band_state`). ``dist`` (a
+    :class:`~softcli.cohort.DistContext` under torchrun) splits the tile rows
+    across ranks; rank 0 writes the output.
     """
     stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
     max_pixels = pixel_limit(max_pixels)
@@ -220,20 +226,40 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
                                    image_in_memory=isinstance(reader, ArrayReader))
+        state = None
+        if not isinstance(image, np.ndarray) and (dist is not None or (resume and grid.rows > 1)):
+            plan.sink = "disk"  # the maps are the resumable state
+            state = BandState(out, {"image": file_identity(image), "level": level, "grid": grid_identity(grid),
+                                    "names": names, "channels": channels, "blend": blend, "mean": list(mean),
+                                    "std": list(std), "landmarks": str(getattr(model, "landmark_policy", "")),
+                                    "weights": tensors_digest(model.state_dict().items())}, grid.rows)
         check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out, device)
         if on_plan is not None:
             on_plan(plan)
-        sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
+        dense: dict[str, Any] = {"mean": mean, "std": std, "device": device, "blend": blend, "on_tile": on_tile}
+        fn = _model_fn(model, stage_list)
+        sink: MapSink
+        if state is not None:
+            sink = run_bands(fn, reader, grid, strides, channels, names, state, dist=dist, **dense)
+        else:
+            sink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
         with sink:
-            stitcher = run_dense(_model_fn(model, stage_list), reader, grid, strides, channels, names, sink,
-                                 mean=mean, std=std, device=device, blend=blend, on_tile=on_tile)
-            pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            if state is None:
+                stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
+                pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            else:
+                state.check_complete()
+                cells = sink.shapes["stage4"][1] * sink.shapes["stage4"][2] if pool else 0
+                pooled = state.pooled(names.index("stage4"), cells) if pool else None
             meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
                     "strides": ",".join(str(STAGE_STRIDES[int(n[5:]) - 1]) for n in keep),
                     "tile": f"{plan.tile[0]}x{plan.tile[1]}", "overlap": str(plan.overlap), "blend": blend,
                     "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features"}
-            write_features(out, sink, keep, pooled, meta)
+            if dist is None or dist.is_main:
+                write_features(out, sink, keep, pooled, meta)
             shapes = {n: list(sink.shapes[n]) for n in keep}
+        if state is not None and (dist is None or dist.is_main):
+            state.remove()
     return FeaturesResult(
         input="<array>" if isinstance(image, np.ndarray) else str(image), output=str(out), format=fmt, level=level,
         image_size=(reader.height, reader.width), maps=shapes,

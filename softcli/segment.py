@@ -36,7 +36,8 @@ from .backbone_ref import attach_backbone
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, model_files, read_checkpoint)
 from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
-from .engine import MapSink, run_dense
+from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
+from .engine import MapSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
@@ -365,13 +366,16 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
-            progress: ProgressFn | None = None) -> dict[str, Any]:
+            progress: ProgressFn | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
     With a segmentation checkpoint and no ``clusters``: the head's classes.
     With ``clusters=K``: k-means on backbone features of any checkpoint (a
     segmentation checkpoint's backbone included). Returns the summary that
-    ``--json`` prints.
+    ``--json`` prints. With ``resume`` a tiled image keeps its finished bands
+    of scores in ``OUT.partial-state/`` and a rerun continues from them
+    (:mod:`softcli.band_state`); ``dist`` (a :class:`~softcli.cohort.DistContext`
+    under torchrun) splits the tile rows across ranks and rank 0 writes the mask.
     """
     from .api import resolve_device
 
@@ -422,6 +426,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             embedder = StageEmbedder(backbone, stages)
             cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
                               seed=seed, device=dev, on_tile=report("fit")).to(dev)
+            if dist is not None:  # every rank labels with rank 0's centroids
+                cm = dist.broadcast(cm.to("cpu")).to(dev)
             fn = lambda x: [cluster_scores(cm, embedder(x))]  # noqa: E731
             k = clusters
             summary["mode"] = "clusters"
@@ -429,10 +435,32 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
 
         folder = Path(out).resolve().parent
+        dense: dict[str, Any] = {"mean": mean, "std": std, "device": dev, "on_tile": report("label")}
+        state = None
+        if dist is not None or (resume and grid.rows > 1):
+            weights_of = model if model is not None else backbone
+            state = BandState(out, {"image": file_identity(image), "level": reader.level, "grid": grid_identity(grid),
+                                    "mode": summary["mode"], "classes": k, "mean": list(mean), "std": list(std),
+                                    "landmarks": str(getattr(backbone, "landmark_policy", "")),
+                                    "weights": tensors_digest(weights_of.state_dict().items()),
+                                    "clusters": None if clusters is None else tensors_digest(
+                                        [("mean", cm.mean), ("scale", cm.scale), ("centroids", cm.centroids)])
+                                    }, grid.rows)
+            scores = run_bands(fn, reader, grid, [SCORE_STRIDE], [k], ["scores"], state, dist=dist, **dense)
+            with scores:
+                if dist is not None and not dist.is_main:
+                    summary["rank"] = dist.rank
+                    return summary
+                state.check_complete()
         with LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
             sink = LabelSink(raster)
-            run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
-                      mean=mean, std=std, device=dev, on_tile=report("label"))
+            if state is None:
+                run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
+                          **dense)
+            else:
+                with state.sink() as scores:
+                    scores.allocate("scores", (k, *grid.out_size(SCORE_STRIDE)))
+                    replay_rows(scores, "scores", sink)
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()
@@ -456,5 +484,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 labels = raster.read_rows(0, raster.height, step)
                 size = write_overlay(preview, labels, palette, overlay)
                 summary["overlay"] = {"path": str(overlay), "size": size, "downsample": step}
+    if state is not None:
+        state.remove()
     summary["seconds"] = {"label": round(t_label - t_start, 3), "total": round(time.perf_counter() - t_start, 3)}
     return summary

@@ -12,6 +12,7 @@ from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
+from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
 from .common import model_name
 
@@ -51,6 +52,8 @@ def segment(
                                             "npy.")] = "tif",
     overwrite: OverwriteOpt = False,
     max_failures: MaxFailuresOpt = None,
+    resume: ResumeOpt = True,
+    split: SplitOpt = "inputs",
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -65,6 +68,8 @@ def segment(
     Example: soft segment slide.tif --weights soft_tiny/ --clusters 4 --out mask.tif
 
     Example: soft segment slides/ --clusters 4 --out-dir masks/
+
+    Example: torchrun --nproc-per-node 4 -m softcli segment huge.tif --weights seg/ --out mask.tif --split tiles
     """
     from ..segment import segment as run_segment
 
@@ -72,6 +77,7 @@ def segment(
         raise UsageError("give --model or --weights, not both")
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     spec: Any = weights if weights is not None else model
+    check_split(split, wants_cohort(inputs, out_dir, list_file))
     if wants_cohort(inputs, out_dir, list_file):
         from ..cohort.tasks import segment_task
 
@@ -83,19 +89,27 @@ def segment(
                        inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
                        json_out=json_out, phases=_PHASES)
         return
-    image = single_input(inputs, out)
+    image = single_input(inputs, out, split)
     assert out is not None
-    with progress_bar(not json_out) as bar:
-        tasks: dict[str, Any] = {}
+    dist, device = start_tile_split(split, device)
+    try:
+        with progress_bar(not json_out and (dist is None or dist.is_main)) as bar:
+            tasks: dict[str, Any] = {}
 
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
-            bar.update(tasks[phase], completed=done, total=total)
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(_PHASES.get(phase, phase), total=total)
+                bar.update(tasks[phase], completed=done, total=total)
 
-        summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
-                              level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
-                              landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress)
+            summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
+                                  level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
+                                  landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,
+                                  resume=resume, dist=dist)
+    finally:
+        if dist is not None:
+            dist.stop()
+    if dist is not None and not dist.is_main:
+        return
     if json_out:
         print_json(summary)
         return
