@@ -223,7 +223,8 @@ class Stitcher:
         self.sums = [np.zeros(c, np.float64) for c in channels]
         self.band_sums: list[np.ndarray] = []  # of the last written tile row
         for name, s, c in zip(names, strides, channels):
-            sink.allocate(name, (c, *grid.out_size(s)))
+            if sink.shapes.get(name) != (c, *grid.out_size(s)):  # a sink already holding rows of this map keeps them
+                sink.allocate(name, (c, *grid.out_size(s)))
             self._bands.append(np.zeros((c, grid.tile_h // s, grid.padded[1] // s), np.float32))
 
     def add(self, tile: Tile, outputs: Sequence[np.ndarray]) -> None:

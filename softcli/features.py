@@ -127,6 +127,7 @@ class FeaturesResult:
     device: str
     seconds: float
     pooled: np.ndarray | None = field(default=None, repr=False)
+    resumed_rows: int = 0  # tile rows an interrupted run had finished (see softcli.band_state)
 
     def to_json(self) -> dict[str, Any]:
         plan = asdict(self.plan)
@@ -136,6 +137,7 @@ class FeaturesResult:
             "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
+            "resumed_rows": self.resumed_rows,
         }
 
 
@@ -247,6 +249,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             if state is None:
                 stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            elif dist is not None and not dist.is_main:
+                pooled = None  # rank 0 writes the output (and may already be removing the state)
             else:
                 state.check_complete()
                 cells = sink.shapes["stage4"][1] * sink.shapes["stage4"][2] if pool else 0
@@ -265,4 +269,5 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
-        seconds=time.perf_counter() - start, pooled=pooled)
+        seconds=time.perf_counter() - start, pooled=pooled,
+        resumed_rows=state.resumed_rows if state is not None else 0)

@@ -447,6 +447,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                         [("mean", cm.mean), ("scale", cm.scale), ("centroids", cm.centroids)])
                                     }, grid.rows)
             scores = run_bands(fn, reader, grid, [SCORE_STRIDE], [k], ["scores"], state, dist=dist, **dense)
+            summary["resumed_rows"] = state.resumed_rows  # tile rows a killed run had finished
             with scores:
                 if dist is not None and not dist.is_main:
                     summary["rank"] = dist.rank
