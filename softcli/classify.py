@@ -9,6 +9,7 @@ show progress and stream output.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, InputError
+from .context import TensorSource, choose_context, default_max_memory, plan_global, run_global
+from .errors import CheckpointError, InputError, UsageError
 from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
 from .labels import labels_for
@@ -42,6 +44,7 @@ class ClassifyResult:
     input_size: tuple[int, int] | None = None  # (H, W) of the tensor the model saw
     seconds: float = 0.0  # decode + preprocess + this image's share of its batch's forward pass
     error: str | None = None
+    context: str | None = None  # full-res only: "whole" or "global" (softcli.context), with the reason
 
     @property
     def ok(self) -> bool:
@@ -65,6 +68,8 @@ class ClassifyResult:
         out["model"] = model_name
         out["input_size"] = list(self.input_size) if self.input_size else None
         out["seconds"] = round(self.seconds, 4)
+        if self.context is not None:
+            out["context"] = self.context
         return out
 
 
@@ -89,7 +94,7 @@ def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
 
 
 def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smallest: int,
-             max_pixels: int | None, model: Any) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
+             max_pixels: int | None, model: Any, context: str, budget: int) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
     """Decode and preprocess lazily: one image in memory at a time (plus the batch being filled)."""
     for item in items:
         start = time.perf_counter()
@@ -102,7 +107,10 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
             yield (item.path, time.perf_counter() - start, _reason(exc, item.path)), None
             continue
         if full_res:
-            too_big = full_res_memory_error(model, full_res_size(image.shape[:2], smallest))
+            hw = full_res_size(image.shape[:2], smallest)
+            params = sum(p.numel() for p in model.parameters())
+            streamed = choose_context(context, hw[0], hw[1], model.config, params, budget).mode == "global"
+            too_big = None if streamed else full_res_memory_error(model, hw)  # global context bounds memory
             if too_big is not None:
                 del image
                 yield (item.path, time.perf_counter() - start, too_big), None
@@ -112,19 +120,43 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
         yield (item.path, time.perf_counter() - start, None), tensor
 
 
+def _full_res_logits(model: Any, x: torch.Tensor, context: str, max_memory: int) -> tuple[torch.Tensor, str]:
+    """Logits of one whole image and the context that ran: one pass when it fits, else global (exact)."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters())
+    choice = choose_context(context, int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory)
+    if choice.mode == "whole":
+        return model(x), f"whole: {choice.reason}"
+    tile, spill = plan_global(int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory, cfg.embed_dims)
+    with run_global(model, TensorSource(x), upto=4, keep=(), tile=tile,
+                    spill_dir=tempfile.gettempdir() if spill else None) as res:
+        assert res.cls is not None
+        return model.forward_head(res.cls), f"global: {choice.reason}"
+
+
 def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequence[InputItem], *, top_k: int = 5,
                    batch_size: int = 1, full_res: bool = False,
-                   max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[ClassifyResult]:
+                   max_pixels: int | None = DEFAULT_MAX_PIXELS, context: str = "auto",
+                   max_memory: int | None = None) -> Iterator[ClassifyResult]:
     """Top-``top_k`` predictions for each input (files, folders or globs), in input order.
 
     Preprocessing follows ``model.pretrained_cfg`` (resize + centre crop at the
     model's input size); ``full_res`` feeds every image whole, at its own size,
     one at a time. Same-size tensors are batched ``batch_size`` at a time. The
     model runs on whatever device its parameters are on.
+
+    With ``full_res``, ``context`` says how (:mod:`softcli.context`): ``auto``
+    runs one pass when the image fits ``max_memory`` (default: half the
+    available RAM), else ``global``: the same numbers streamed over tiles, the
+    class token seeing the whole image. There is no tiled classification.
     """
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
     max_pixels = pixel_limit(max_pixels)
+    if context not in ("auto", "global"):
+        raise UsageError(f"classification takes context auto or global, not {context!r}: "
+                         "the class token needs the whole image, so there is no tiled mode")
+    budget = max_memory or default_max_memory()
     items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
     source = getattr(model, "source", "the model")
     if not model.config.num_classes:
@@ -137,16 +169,20 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device
-    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model)  # type: ignore[arg-type]
+    prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model, context, budget)  # type: ignore[arg-type]
     for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
         if batch is None:
             path, seconds, error = keys[0]
             yield ClassifyResult(path, seconds=seconds, error=error)
             continue
         start = time.perf_counter()
+        ran = None
         try:
             with torch.inference_mode():
-                logits = model(batch.to(device))
+                if full_res:
+                    logits, ran = _full_res_logits(model, batch.to(device), context, budget)
+                else:
+                    logits = model(batch.to(device))
                 probs = torch.softmax(logits.float(), dim=-1)
                 top_p, top_i = probs.topk(k, dim=-1)
             top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
@@ -163,7 +199,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
         for (path, seconds, _), ps, idx in zip(keys, top_p, top_i):
             preds = [Prediction(rank=r + 1, index=int(i), label=labels[i], prob=float(p))
                      for r, (p, i) in enumerate(zip(ps, idx))]
-            yield ClassifyResult(path, preds, size, seconds + share)
+            yield ClassifyResult(path, preds, size, seconds + share, context=ran)
 
 
 def classify(model: Any, inputs: Sequence[str | os.PathLike[str]], **kwargs: Any) -> list[ClassifyResult]:

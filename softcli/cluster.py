@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .context import GlobalResult, resized_rows
 from .engine import to_tensor
 from .errors import UsageError
 from .io.readers import ImageReader
@@ -223,12 +224,52 @@ def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k
             chunks.append(f)
             if on_tile is not None:
                 on_tile(done, len(tiles))
-    x = torch.cat(chunks)
+    return fit_samples(torch.cat(chunks), k, embedder.stages, embedder.widths, seed=seed)
+
+
+def fit_samples(x: Tensor, k: int, stages: Sequence[int], widths: Sequence[int], *, seed: int = 0) -> ClusterModel:
+    """Standardisation + k-means on sampled feature vectors (N, D) of the stages ``stages`` (``widths`` channels)."""
     if x.shape[0] < k:
         raise UsageError(f"--clusters {k} is more than the {x.shape[0]} feature vectors the image gives")
     mu = x.mean(0)
     sd = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mu)
-    weight = torch.cat([torch.full((c,), 1.0 / math.sqrt(c)) for c in embedder.widths])
+    weight = torch.cat([torch.full((c,), 1.0 / math.sqrt(c)) for c in widths])
     scale = weight / sd
     centroids, inertia = kmeans((x - mu) * scale, k, seed=seed)
-    return ClusterModel(embedder.stages, mu, scale, centroids, inertia, int(x.shape[0]))
+    return ClusterModel(tuple(stages), mu, scale, centroids, inertia, int(x.shape[0]))
+
+
+# -- global context: features from whole-image maps ------------------------------------------
+
+def global_features(result: GlobalResult, stages: Sequence[int], rows: tuple[int, int], width: int,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """:func:`stage_features` of the whole image for stride-4 rows [a, b), columns [0, width): (1, D, h, width).
+
+    The maps come from a global run (:func:`softcli.context.run_global`); deeper
+    maps are resized to the stage-1 grid exactly as the whole-image resize does.
+    """
+    target = result.sizes[1]
+    parts = [resized_rows(result.maps[s], target, rows, device)[:, :width] for s in stages]
+    return torch.cat(parts, dim=-1).permute(2, 0, 1).unsqueeze(0)
+
+
+def feature_bands(height: int, width: int, channels: int, band_bytes: int = 1 << 25) -> list[tuple[int, int]]:
+    """Row bands of a (channels, height, width) float32 feature map, about ``band_bytes`` each."""
+    band = max(1, band_bytes // max(1, 4 * channels * width))
+    return [(y, min(height, y + band)) for y in range(0, height, band)]
+
+
+def fit_clusters_global(result: GlobalResult, stages: Sequence[int], widths: Sequence[int], k: int,
+                        out_size: tuple[int, int], *, max_samples: int = 50_000, seed: int = 0,
+                        device: torch.device | str = "cpu") -> ClusterModel:
+    """:func:`fit_samples` on ``max_samples`` vectors drawn uniformly (fixed ``seed``) over the whole image."""
+    oh, ow = out_size
+    total = oh * ow
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    chunks = []
+    with torch.inference_mode():
+        for a, b in feature_bands(oh, ow, sum(widths)):
+            f = global_features(result, stages, (a, b), ow, device)[0].flatten(1).T.float().cpu()
+            take = min(f.shape[0], max(1, round(max_samples * f.shape[0] / total)))
+            chunks.append(f[torch.randperm(f.shape[0], generator=gen)[:take]])
+    return fit_samples(torch.cat(chunks), k, stages, widths, seed=seed)

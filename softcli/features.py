@@ -38,6 +38,7 @@ from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .resources import device_memory_available, format_bytes
 from .io.readers import ArrayReader, ImageReader, open_image
 from .io.writers import check_feature_request, write_features
+from .context import CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
 
 #: Default ``--max-memory``: what one run may use for image, activations and maps.
@@ -69,25 +70,39 @@ class FeaturesPlan:
     overlap: int
     rows: int
     cols: int
-    mode: str  # "whole" or "tiled"
+    mode: str  # "whole", "tiled" or "global"
     sink: str  # "memory" or "disk"
     map_bytes: int
     estimated_peak_bytes: int
     max_memory_bytes: int
+    context: str = "tile"  # what ran: "whole", "global" or "tile" (see softcli.context)
+    context_reason: str = ""
+    activations: str | None = None  # global mode: "memory" or "disk" (spilled between layers)
 
     @property
     def tiles(self) -> int:
         return self.rows * self.cols
 
 
+def check_tiling(tile: int | None, overlap: int | None) -> None:
+    """Tile and overlap values every context mode accepts (multiples of 32)."""
+    if overlap is not None and (overlap < 0 or overlap % ALIGN):
+        raise UsageError(f"--overlap must be a multiple of {ALIGN} (0, 32, 64, ...), not {overlap}")
+    if tile is not None and (tile < 2 * ALIGN or tile % ALIGN):
+        raise UsageError(f"--tile must be a multiple of {ALIGN} and at least {2 * ALIGN}, not {tile}")
+
+
 def plan_features(height: int, width: int, channels: Sequence[int], strides: Sequence[int], *,
                   model_config: Any = None, params: int = 0, tile: int | None = None, overlap: int | None = None,
-                  max_memory: int | None = None, image_in_memory: bool = True) -> tuple[TileGrid, FeaturesPlan]:
-    """Choose tile size and sink for an image so the run fits ``max_memory`` (see module docstring)."""
+                  max_memory: int | None = None, image_in_memory: bool = True,
+                  tile_cap: int = DEFAULT_TILE) -> tuple[TileGrid, FeaturesPlan]:
+    """Choose tile size and sink for an image so the run fits ``max_memory`` (see module docstring).
+
+    Without ``tile``, tiles are the largest that fit, at most ``tile_cap`` pixels a side.
+    """
     budget = max_memory or DEFAULT_MAX_MEMORY
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
-    if overlap < 0 or overlap % ALIGN:
-        raise UsageError(f"--overlap must be a multiple of {ALIGN} (0, 32, 64, ...), not {overlap}")
+    check_tiling(tile, overlap)
     map_bytes = sum(4 * c * math.ceil(height / s) * math.ceil(width / s) for c, s in zip(channels, strides))
     image_bytes = 12 * height * width if image_in_memory else 0
     sink = "memory" if map_bytes <= budget // 4 else "disk"
@@ -96,9 +111,7 @@ def plan_features(height: int, width: int, channels: Sequence[int], strides: Seq
         held = image_bytes + (map_bytes if sink == "memory" else 0)
         # Stitcher bands: one tile-high band of every map, at most a DEFAULT_TILE high.
         held += sum(4 * c * (DEFAULT_TILE // s) * (padded_w // s) for c, s in zip(channels, strides))
-        tile = choose_tile_size(budget - held, model_config, params)
-    elif tile < 2 * ALIGN or tile % ALIGN:
-        raise UsageError(f"--tile must be a multiple of {ALIGN} and at least {2 * ALIGN}, not {tile}")
+        tile = choose_tile_size(budget - held, model_config, params, cap=tile_cap)
     if overlap >= tile:
         raise UsageError(f"--overlap ({overlap}) must be smaller than the tile ({tile})")
     grid = TileGrid(height, width, tile, overlap)
@@ -138,6 +151,7 @@ class FeaturesResult:
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "resumed_rows": self.resumed_rows,
+            "context": {"mode": self.plan.context, "reason": self.plan.context_reason},
         }
 
 
@@ -189,13 +203,31 @@ def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.
     return fn
 
 
+def _run_global(model: Any, reader: ImageReader, padded: tuple[int, int], stage_list: Sequence[int],
+                names: Sequence[str], channels: Sequence[int], strides: Sequence[int], sink: MapSink,
+                plan: FeaturesPlan, folder: Path, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                on_tile: TileCallback | None, pool: bool) -> np.ndarray | None:
+    """Exact whole-image maps, streamed (:func:`softcli.context.run_global`), into ``sink``; the pooled stage 4."""
+    source = ReaderSource(reader, padded[0], padded[1], mean, std, device)
+    pooled = None
+    with run_global(model, source, max(stage_list), stage_list, tile=plan.tile[0],
+                    spill_dir=folder if plan.activations == "disk" else None, on_step=on_tile) as res:
+        for name, s, c, stride in zip(names, stage_list, channels, strides):
+            out_hw = (-(-reader.height // stride), -(-reader.width // stride))
+            sink.allocate(name, (c, *out_hw))
+            sums = export_map(res.maps[s], out_hw, lambda y0, block, n=name: sink.write_rows(n, y0, block))
+            if pool and s == 4:
+                pooled = (sums / (out_hw[0] * out_hw[1])).astype(np.float32)
+    return pooled
+
+
 def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.ndarray,
                      out: str | os.PathLike[str], *, stages: str | Sequence[int] = (1, 2, 3, 4),
                      tile: int | None = None, overlap: int | None = None, level: int = 0,
                      max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
                      on_tile: TileCallback | None = None, resume: bool = True,
-                     dist: Any = None) -> FeaturesResult:
+                     dist: Any = None, context: str = "auto") -> FeaturesResult:
     """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
 
     Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
@@ -204,10 +236,19 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     tiled image keeps its finished bands in ``OUT.partial-state/`` and a rerun
     continues from them (:mod:`softcli.band_state`). ``dist`` (a
     :class:`~softcli.cohort.DistContext` under torchrun) splits the tile rows
-    across ranks; rank 0 writes the output.
+    across ranks; rank 0 writes the output. Both apply to ``context="tile"``.
+
+    ``context`` (:mod:`softcli.context`): ``auto`` runs the whole image in one
+    pass when it fits ``max_memory``, else ``global``; ``global`` streams the
+    exact whole-image computation over tiles; ``tile`` runs overlapping tiles
+    (each its own context, blended), the largest that fit ``max_memory``.
+    The image is seen padded to a multiple of 32 by edge replication in every mode.
     """
     stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
     max_pixels = pixel_limit(max_pixels)
+    if context not in CONTEXT_MODES:
+        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}")
+    check_tiling(tile, overlap)
     names = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
         stage_list, names = stage_list + [4], names + ["stage4"]
@@ -225,11 +266,29 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     reader: ImageReader
     reader = ArrayReader(image) if isinstance(image, np.ndarray) else open_image(image, level, max_pixels)
     with reader:
+        budget = max_memory or DEFAULT_MAX_MEMORY
+        choice = choose_context(context, reader.height, reader.width, cfg, params, budget)
+        padded = (-(-reader.height // ALIGN) * ALIGN, -(-reader.width // ALIGN) * ALIGN)
+        if choice.mode == "whole":  # one tile: the same engine path, no blending
+            tile, overlap = max(*padded, 2 * ALIGN), 0
+        elif choice.mode == "global":  # tiles do not overlap: halos are exact
+            overlap = 0
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
-                                   image_in_memory=isinstance(reader, ArrayReader))
+                                   image_in_memory=isinstance(reader, ArrayReader), tile_cap=max(padded))
+        plan.context, plan.context_reason = choice.mode, choice.reason
+        if choice.mode == "global":
+            side, spill = plan_global(reader.height, reader.width, cfg, params, budget, channels, tile)
+            plan.mode, plan.tile, plan.overlap = "global", (side, side), 0
+            plan.activations = "disk" if spill else "memory"
+            plan.rows, plan.cols = -(-padded[0] // side), -(-padded[1] // side)
+            plan.estimated_peak_bytes = (estimate_memory(side * side, cfg, params)
+                                         + (plan.map_bytes if plan.sink == "memory" else 0))
+        if dist is not None and choice.mode != "tile":
+            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
         state = None
-        if not isinstance(image, np.ndarray) and (dist is not None or (resume and grid.rows > 1)):
+        if not isinstance(image, np.ndarray) and choice.mode == "tile" and (
+                dist is not None or (resume and grid.rows > 1)):
             plan.sink = "disk"  # the maps are the resumable state
             state = BandState(out, {"image": file_identity(image), "level": level, "grid": grid_identity(grid),
                                     "names": names, "channels": channels, "blend": blend, "mean": list(mean),
@@ -246,7 +305,10 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         else:
             sink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
         with sink:
-            if state is None:
+            if choice.mode == "global":
+                pooled = _run_global(model, reader, padded, stage_list, names, channels, strides, sink, plan,
+                                     Path(out).resolve().parent, mean, std, device, on_tile, pool)
+            elif state is None:
                 stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
             elif dist is not None and not dist.is_main:
@@ -258,6 +320,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
                     "strides": ",".join(str(STAGE_STRIDES[int(n[5:]) - 1]) for n in keep),
                     "tile": f"{plan.tile[0]}x{plan.tile[1]}", "overlap": str(plan.overlap), "blend": blend,
+                    "context": plan.context,
                     "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features"}
             if dist is None or dist.is_main:
                 write_features(out, sink, keep, pooled, meta)

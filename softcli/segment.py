@@ -18,6 +18,7 @@ adds ``task: "segmentation"``, the head config, class names and a palette
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,10 @@ from .api import landmark_policy
 from .backbone_ref import attach_backbone
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, model_files, read_checkpoint)
-from .cluster import StageEmbedder, cluster_scores, fit_clusters, parse_stages
+from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
+                      fit_clusters_global, global_features, parse_stages)
+from .context import (CONTEXT_MODES, ContextChoice, ReaderSource, choose_context, default_max_memory, plan_global,
+                      run_global)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from .engine import MapSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
@@ -48,7 +52,7 @@ from .models import SoftModel
 from .models.linear_head import LinearHeadConfig, LinearSegHead
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
 from .resources import available_memory, format_bytes
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
+from .tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size
 
 TASK = "segmentation"
 HEAD_TYPE = "semantic_fpn"
@@ -358,15 +362,50 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
     check_disk_space(Path(out).resolve().parent, need, f"the {grid.width}x{grid.height} label mask "
                      f"({format_bytes(label_bytes)} of temporary labels" + (" and as much for the .npy)"
                                                                              if need > label_bytes else ")"))
+def _global_clusters(stack: contextlib.ExitStack, backbone: SoftModel, reader: ImageReader, padded: tuple[int, int],
+                     stages: Sequence[int], k: int, budget: int, tile: int | None, mean: Sequence[float],
+                     std: Sequence[float], dev: torch.device, folder: Path, seed: int,
+                     report: Callable[[str], Callable[[int, int], None] | None]) -> tuple[ClusterModel,
+                                                                                          Callable[[LabelSink], None]]:
+    """Run the backbone in global context (kept open on ``stack``), fit clusters on the whole image's
+    features, and return them with the function that fills a :class:`LabelSink` band by band."""
+    cfg = backbone.config
+    upto = max(stages)
+    params = sum(p.numel() for p in backbone.parameters())
+    side, spill = plan_global(reader.height, reader.width, cfg, params, budget, cfg.embed_dims[:upto], tile)
+    source = ReaderSource(reader, padded[0], padded[1], mean, std, dev)
+    res = stack.enter_context(run_global(backbone, source, upto, stages, tile=side,
+                                         spill_dir=folder if spill else None, on_step=report("global")))
+    out_hw = (-(-reader.height // SCORE_STRIDE), -(-reader.width // SCORE_STRIDE))
+    widths = [cfg.embed_dims[s - 1] for s in stages]
+    try:
+        cm = fit_clusters_global(res, stages, widths, k, out_hw, seed=seed, device=dev).to(dev)
+    except BaseException:
+        stack.close()
+        raise
+
+    def fill(sink: LabelSink) -> None:
+        sink.allocate("scores", (k, *out_hw))
+        bands = feature_bands(out_hw[0], out_hw[1], sum(widths))
+        with torch.inference_mode():
+            for i, rows in enumerate(bands, 1):
+                scores = cluster_scores(cm, global_features(res, stages, rows, out_hw[1], dev))
+                sink.write_rows("scores", rows[0], scores[0].float().cpu().numpy())
+                on_band = report("label")
+                if on_band is not None:
+                    on_band(i, len(bands))
+
+    return cm, fill
 
 
 def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             weights: str | os.PathLike[str] | None = None, clusters: int | None = None,
-            cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int = DEFAULT_TILE,
+            cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int | None = None,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
-            progress: ProgressFn | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
+            progress: ProgressFn | None = None, context: str = "auto",
+            max_memory: int | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
     With a segmentation checkpoint and no ``clusters``: the head's classes.
@@ -376,6 +415,13 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     of scores in ``OUT.partial-state/`` and a rerun continues from them
     (:mod:`softcli.band_state`); ``dist`` (a :class:`~softcli.cohort.DistContext`
     under torchrun) splits the tile rows across ranks and rank 0 writes the mask.
+    Both apply to tile context.
+
+    ``context`` (:mod:`softcli.context`): ``auto`` labels the whole image in one
+    pass when it fits ``max_memory`` (default: half the available RAM), else
+    ``global``: clusters of the exact whole-image features, streamed (a trained
+    head's GroupNorm needs whole-map statistics, so heads fall back to tiles);
+    ``tile``: overlapping tiles of ``tile`` pixels (default: the largest that fit).
     """
     from .api import resolve_device
 
@@ -393,9 +439,16 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     max_pixels = pixel_limit(max_pixels)
     dev = resolve_device(device)
 
+    if context not in CONTEXT_MODES:
+        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}")
+    if context == "global" and clusters is None:
+        raise UsageError("global context needs --clusters K: a trained head normalises over the whole map "
+                         "(GroupNorm), which tiles cannot reproduce exactly; use --context tile or auto")
+    budget = max_memory or default_max_memory()
+
     with open_image(image, level=level, max_pixels=max_pixels) as reader:
         try:
-            grid = TileGrid(reader.height, reader.width, tile=tile, overlap=overlap)
+            grid = TileGrid(reader.height, reader.width, tile=tile or DEFAULT_TILE, overlap=overlap)
         except ValueError as exc:
             raise UsageError(f"--tile/--overlap: {exc}") from None
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
@@ -405,11 +458,24 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         model, backbone, names, palette = _models_for(ck, clusters, dev)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
-        _check_resources(image, out, grid, len(names))
         if policy is not None:
             backbone.set_landmark_policy(policy)
         pre = dict(ck.pretrained_cfg)
         mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
+        params = sum(p.numel() for p in (model or backbone).parameters())
+        choice = choose_context(context, reader.height, reader.width, backbone.config, params, budget)
+        if choice.mode == "global" and clusters is None:
+            choice = ContextChoice("tile", "the whole image does not fit the memory limit and a trained head "
+                                   "cannot run in global context: tiles", choice.estimated_whole_bytes)
+        padded = (-(-reader.height // ALIGN) * ALIGN, -(-reader.width // ALIGN) * ALIGN)
+        if choice.mode == "whole":
+            grid = TileGrid(reader.height, reader.width, tile=max(*padded, 2 * ALIGN), overlap=0)
+        elif choice.mode == "tile" and tile is None:
+            side = choose_tile_size(budget, backbone.config, params, cap=max(*padded, 2 * ALIGN))
+            grid = TileGrid(reader.height, reader.width, tile=side, overlap=min(overlap, side - ALIGN))
+        if dist is not None and choice.mode != "tile":
+            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
+        _check_resources(image, out, grid, len(names))
 
         def report(phase: str) -> Callable[[int, int], None] | None:
             return None if progress is None else (lambda done, total: progress(phase, done, total))
@@ -417,11 +483,20 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         summary: dict[str, Any] = {"input": str(image), "level": reader.level,
                                    "size": [reader.height, reader.width], "device": str(dev),
                                    "checkpoint": ck.source}
+        summary["context"] = choice.to_json()
+        stack = contextlib.ExitStack()
+        fill: Callable[[LabelSink], None] | None = None
         if clusters is None:
             assert model is not None
             fn: Callable[[Tensor], list[Tensor]] = lambda x: [model.forward_logits(x)]  # noqa: E731
             k = model.num_classes
             summary["mode"] = "head"
+        elif choice.mode == "global":
+            glob, fill = _global_clusters(stack, backbone, reader, padded, stages, clusters, budget, tile, mean, std,
+                                          dev, Path(out).resolve().parent, seed, report)
+            k = clusters
+            summary["mode"] = "clusters"
+            summary["clusters"] = glob.summary() | {"seed": seed}
         else:
             embedder = StageEmbedder(backbone, stages)
             cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
@@ -432,12 +507,13 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             k = clusters
             summary["mode"] = "clusters"
             summary["clusters"] = cm.summary() | {"seed": seed}
-        summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
+        if fill is None:
+            summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
 
         folder = Path(out).resolve().parent
         dense: dict[str, Any] = {"mean": mean, "std": std, "device": dev, "on_tile": report("label")}
         state = None
-        if dist is not None or (resume and grid.rows > 1):
+        if fill is None and (dist is not None or (resume and grid.rows > 1)):
             weights_of = model if model is not None else backbone
             state = BandState(out, {"image": file_identity(image), "level": reader.level, "grid": grid_identity(grid),
                                     "mode": summary["mode"], "classes": k, "mean": list(mean), "std": list(std),
@@ -453,9 +529,11 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     summary["rank"] = dist.rank
                     return summary
                 state.check_complete()
-        with LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
+        with stack, LabelRaster(reader.height, reader.width, k, folder=folder) as raster:
             sink = LabelSink(raster)
-            if state is None:
+            if fill is not None:
+                fill(sink)
+            elif state is None:
                 run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
                           **dense)
             else:

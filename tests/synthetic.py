@@ -126,3 +126,18 @@ def single_thread():
 
 #: For CLI subprocesses, the same as :func:`single_thread`.
 ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def flat_scene(h: int = 1536, w: int = 1536) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32 (h, w, 3), labels (h, w)): a flat grey-blue background (0), a flat orange
+    rectangle (1) and a flat green disc (2), no texture at all, placed so that tile seams cross them.
+
+    Flat regions are where tiled context fails: every tile normalises its own
+    global term, so the same colour gets different features in different tiles.
+    """
+    yy, xx = np.mgrid[0:h, 0:w]
+    gt = np.zeros((h, w), np.int64)
+    gt[(yy >= h * 0.15) & (yy < h * 0.55) & (xx >= w * 0.1) & (xx < w * 0.75)] = 1
+    gt[(yy - h * 0.72) ** 2 + (xx - w * 0.6) ** 2 < (0.2 * min(h, w)) ** 2] = 2
+    colours = np.array([[0.45, 0.5, 0.6], [0.9, 0.55, 0.15], [0.2, 0.65, 0.3]], np.float32)
+    return colours[gt], gt

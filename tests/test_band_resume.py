@@ -126,7 +126,7 @@ def _segment_killed_then_resumed(weights: Path, tmp_path: Path, side: int, tile:
     """SIGKILL ``soft segment`` after ``kill_after`` bands, rerun: the mask equals a --no-resume run, byte for byte."""
     image = blocky_tiff(tmp_path / "big.tif", side)
     common = ["segment", str(image), "--weights", str(weights), "--clusters", "3", "--device", "cpu",
-              "--tile", str(tile), "--overlap", "64", "--json"]
+              "--tile", str(tile), "--overlap", "64", "--context", "tile", "--json"]
     (tmp_path / "clean").mkdir()
     (tmp_path / "run").mkdir()
     clean = run_soft(*common, "--out", tmp_path / "clean" / "mask.png", "--no-resume", env=ONE_THREAD_ENV)
@@ -157,7 +157,7 @@ def test_segment_8192_killed_then_resumed_equals_clean_run(weights, tmp_path):
 def test_features_killed_then_resumed_equals_clean_run(weights, tmp_path):
     image = blocky_tiff(tmp_path / "big.tif", 2048, seed=2)
     common = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "3,4", "--pool",
-              "--tile", "256", "--overlap", "64", "--json"]
+              "--tile", "256", "--overlap", "64", "--context", "tile", "--json"]
     clean = run_soft(*common, "--out", tmp_path / "clean.safetensors", "--no-resume", env=ONE_THREAD_ENV)
     assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "f.safetensors"
@@ -179,7 +179,7 @@ def test_changed_settings_start_afresh(weights, tmp_path):
     """A state left by a run with other settings (here another --seed) is not reused."""
     image = blocky_tiff(tmp_path / "img.tif", 1024, seed=4)
     common = ["segment", str(image), "--weights", str(weights), "--clusters", "2", "--device", "cpu",
-              "--tile", "256", "--json"]
+              "--tile", "256", "--context", "tile", "--json"]
     out = tmp_path / "m.png"
     folder = state_folder(out)
     (folder / "done").mkdir(parents=True)
@@ -203,9 +203,9 @@ def test_split_tiles_two_ranks_equal_one_process(weights, tmp_path):
     """``torchrun --nproc-per-node 2 -m softcli segment|features IMG --out F --split tiles`` on gloo, 4096²."""
     image = blocky_tiff(tmp_path / "big.tif", 4096, seed=5)
     seg = ["segment", str(image), "--weights", str(weights), "--clusters", "3", "--device", "cpu",
-           "--tile", "512", "--overlap", "64"]
+           "--tile", "512", "--overlap", "64", "--context", "tile"]
     feats = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "4", "--pool",
-             "--tile", "512", "--overlap", "64"]
+             "--tile", "512", "--overlap", "64", "--context", "tile"]
     for args, name in ((seg, "mask.png"), (feats, "f.safetensors")):
         one = run_soft(*args, "--out", tmp_path / f"one-{name}", env=ONE_THREAD_ENV)
         assert one.returncode == 0, one.stderr.decode()

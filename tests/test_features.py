@@ -53,11 +53,11 @@ def test_whole_image_matches_forward_features(tiny_model, tmp_path):
 
 def test_formats_agree_and_disk_sink_matches_memory(tiny_model, tmp_path):
     img = _image(160, 224, seed=1)
-    kw = dict(stages="2,4", tile=96, overlap=32)
+    kw = dict(stages="2,4", tile=96, overlap=32, context="tile")
     mem = extract_features(tiny_model, img, tmp_path / "m.npz", **kw)
     disk = extract_features(tiny_model, img, tmp_path / "d.safetensors", max_memory=64 * 1024, **kw)
     extract_features(tiny_model, img, tmp_path / "t.ome.tif", max_memory=64 * 1024, **kw)
-    extract_features(tiny_model, img, tmp_path / "s4.npy", tile=96, overlap=32, stages="4")
+    extract_features(tiny_model, img, tmp_path / "s4.npy", tile=96, overlap=32, stages="4", context="tile")
     assert mem.plan.sink == "memory" and disk.plan.sink == "disk" and mem.plan.mode == "tiled"
     assert mem.plan.tiles > 1
     npz = np.load(tmp_path / "m.npz")

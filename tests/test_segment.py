@@ -191,7 +191,7 @@ def test_clusters_consistent_across_tiles(golden, tmp_path):
     src = tmp_path / "in.png"
     Image.fromarray(np.round(img * 255).astype(np.uint8)).save(src)
     summary = segment(src, tmp_path / "mask.npy", weights=golden / "mini_plain.weights.safetensors", clusters=3,
-                      tile=128, overlap=64)
+                      tile=128, overlap=64, context="tile")
     assert summary["tiles"]["count"] >= 16
     assert best_match_miou(np.load(tmp_path / "mask.npy"), gt, 3) >= 0.9
 

@@ -13,9 +13,12 @@ from rich.table import Table
 
 from ..checkpoint import model_files
 from ..classify import ClassifyResult, classify_paths
+from ..context import default_max_memory
+from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from ..io.inputs import display_path, expand_inputs
+from ..tiling import parse_memory
 from .app import app, error_line
 from .common import (DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, err_console, load_cli_model, model_name,
                      print_json, progress_bar)
@@ -26,7 +29,8 @@ CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input
 def _table(result: ClassifyResult) -> Table:
     h, w = result.input_size or (0, 0)
     table = Table(title=result.display_name, title_justify="left",
-                  caption=f"input {h}×{w} · {result.seconds:.3f} s", caption_justify="left")
+                  caption=f"input {h}×{w} · {result.seconds:.3f} s"
+                          + (f" · context {result.context}" if result.context else ""), caption_justify="left")
     table.add_column("#", justify="right")
     table.add_column("label")
     table.add_column("class", justify="right")
@@ -66,6 +70,11 @@ def classify(
                                                   help="Also write every prediction to FILE as CSV.")] = None,
     full_res: Annotated[bool, typer.Option("--full-res", help="Classify the whole image at its native resolution "
                                                               "instead of a centre crop at the model's input size.")] = False,
+    context: Annotated[str, typer.Option("--context", help="With --full-res: auto (one pass when the image fits "
+                                         "--max-memory, else global) or global (exact, streamed over tiles; "
+                                         "the class token sees the whole image).")] = "auto",
+    max_memory: Annotated[str, typer.Option("--max-memory", help="With --full-res: memory budget that picks "
+                                            "the context; auto = half the RAM available now.")] = "auto",
     max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N",
                                             help="Refuse images with more pixels than this (a decompression-bomb "
                                                  "guard; 0 = no limit).")] = DEFAULT_MAX_PIXELS,
@@ -86,6 +95,15 @@ def classify(
       soft classify huge.tif --weights ckpt.pth --full-res --top-k 3 --csv out.csv
     """
     pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
+    try:
+        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if context not in ("auto", "global"):
+        raise UsageError(f"--context for classify is auto or global, not {context!r}: the class token needs "
+                         "the whole image, so there is no tiled mode")
+    if context != "auto" and not full_res:
+        raise UsageError("--context applies to --full-res (a centre crop is always one pass)")
     items = expand_inputs(inputs)
     if csv_file is not None:
         check_output_path(csv_file, [i.path for i in items])
@@ -104,7 +122,7 @@ def classify(
     with progress_bar(enabled=not (show_tables and out.is_terminal)) as progress:
         task = progress.add_task("classifying", total=len(items))
         for result in classify_paths(net, items, top_k=top_k, batch_size=batch_size, full_res=full_res,
-                                     max_pixels=max_pixels):
+                                     max_pixels=max_pixels, context=context, max_memory=budget):
             results.append(result)
             if result.error is not None:
                 error_line(f"{result.display_name}: {result.error}")

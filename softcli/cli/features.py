@@ -10,6 +10,7 @@ import typer
 from ..errors import UsageError
 from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..context import default_max_memory
 from ..tiling import parse_memory
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
@@ -30,14 +31,20 @@ def features(
                                                                   ".ome.tif (tiled BigTIFF).", show_default=False)] = None,
     stages: Annotated[str, typer.Option("--stages", help="Stages to write, e.g. 1,2,3,4 or 4 "
                                                           "(strides 4, 8, 16, 32).")] = "1,2,3,4",
-    tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (multiple of 32); "
-                                                            "default: from --max-memory, at most 1024.")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", help="Tile side in pixels (multiple of 32) of --context "
+                                                            "global or tile; default: the largest that fits "
+                                                            "--max-memory.")] = None,
     overlap: Annotated[int | None, typer.Option("--overlap", help="Pixels shared by neighbouring tiles "
                                                                   "(multiple of 32).")] = None,
     level: Annotated[int, typer.Option("--level", help="Pyramid level of a TIFF pyramid (0 = full size).")] = 0,
     landmarks: Annotated[str, typer.Option("--landmarks", help="auto, official or a landmark budget N.")] = "auto",
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory budget that picks tile size and "
-                                                                 "whether maps stay in memory.")] = "2GB",
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory budget that picks the context mode, tile "
+                                                                 "size and whether maps stay in memory; auto = "
+                                                                 "half the RAM available now.")] = "auto",
+    context: Annotated[str, typer.Option("--context", help="auto (whole image in one pass when it fits "
+                                                           "--max-memory, else global), global (exact whole-image "
+                                                           "attention streamed over tiles) or tile (each tile its "
+                                                           "own context, blended).")] = "auto",
     blend: Annotated[str, typer.Option("--blend", help="Tile blending: linear or gaussian.")] = "linear",
     pool: Annotated[bool, typer.Option("--pool", help="Also store the mean of the stage-4 map as 'pooled'.")] = False,
     model: ModelOpt = None,
@@ -64,9 +71,11 @@ def features(
     Example: soft features slide.ome.tif --out feats.safetensors --weights soft_tiny/ --stages 3,4
 
     Example: soft features slides/ --out-dir feats/ --weights soft_tiny/ --stages 4 --pool
+
+    Example: soft features slide.ome.tif --out f.safetensors --context global --stages 1,2,3
     """
     try:
-        budget = parse_memory(max_memory)
+        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     policy = parse_landmarks(landmarks)
@@ -83,7 +92,7 @@ def features(
             net.set_landmark_policy(policy)
             return features_task(net, model_name=model_name(model, weights), out_format=out_format, stages=stages,
                                  tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
-                                 pool=pool, max_pixels=max_pixels)
+                                 pool=pool, max_pixels=max_pixels, extra={"context": context})
 
         run_cli_cohort(make_task, inputs, list_file, out_dir, device=device, overwrite=overwrite,
                        max_failures=max_failures, json_out=json_out, phases={"tiles": "tiles"})
@@ -106,7 +115,7 @@ def features(
 
             result = extract_features(
                 net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
-                blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan,
+                blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, context=context,
                 on_tile=lambda done, total: progress.update(task, completed=done, total=total), resume=resume,
                 dist=dist)
     finally:
@@ -121,4 +130,5 @@ def features(
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.maps.items())
     err_console.print(f"{result.image_size[0]}x{result.image_size[1]} image, {p.tiles} tile(s) of "
                       f"{p.tile[0]}x{p.tile[1]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
+    err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
     typer.echo(f"wrote {result.output} ({result.format}): {shapes}")

@@ -16,7 +16,8 @@ from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
 from .common import DeviceOpt, JsonOpt, ModelOpt, WeightsOpt, out_console, print_json, progress_bar
 from .common import model_name
 
-_PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask"}
+_PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
+           "global": "Global context (exact)"}
 
 
 @app.command()
@@ -35,7 +36,14 @@ def segment(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the k-means sampling and init.")] = 0,
     level: Annotated[int, typer.Option("--level", help="Pyramid level of the input to label (0 = full "
                                        "resolution); the mask has that level's size.")] = 0,
-    tile: Annotated[int, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32).")] = 1024,
+    tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32); "
+                                             "default: the largest that fits --max-memory.")] = None,
+    context: Annotated[str, typer.Option("--context", help="auto (whole image in one pass when it fits "
+                                         "--max-memory, else global), global (exact whole-image attention "
+                                         "streamed over tiles; --clusters only) or tile (each tile its own "
+                                         "context, blended).")] = "auto",
+    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory budget that picks the context mode "
+                                            "and tile size; auto = half the RAM available now.")] = "auto",
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels; scores are "
                                          "blended across it before the argmax.")] = 64,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Also write a blended preview of image and "
@@ -69,9 +77,17 @@ def segment(
 
     Example: soft segment slides/ --clusters 4 --out-dir masks/
 
+    Example: soft segment slide.tif --clusters 3 --context global --out mask.tif
     Example: torchrun --nproc-per-node 4 -m softcli segment huge.tif --weights seg/ --out mask.tif --split tiles
     """
+    from ..context import default_max_memory
     from ..segment import segment as run_segment
+    from ..tiling import parse_memory
+
+    try:
+        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     if model is not None and weights is not None:
         raise UsageError("give --model or --weights, not both")
@@ -85,7 +101,8 @@ def segment(
         run_cli_cohort(lambda dev: segment_task(spec, model_name=model_name(model, weights), out_format=out_format,
                                                 clusters=clusters, cluster_stages=cluster_stages, seed=seed,
                                                 level=level, tile=tile, overlap=overlap, landmarks=landmarks,
-                                                device=dev, max_pixels=max_pixels),
+                                                device=dev, max_pixels=max_pixels, max_memory=budget,
+                                                extra={"context": context}),
                        inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
                        json_out=json_out, phases=_PHASES)
         return
@@ -104,7 +121,7 @@ def segment(
             summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                                   level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
                                   landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,
-                                  resume=resume, dist=dist)
+                                  context=context, max_memory=budget, resume=resume, dist=dist)
     finally:
         if dist is not None:
             dist.stop()
@@ -115,9 +132,10 @@ def segment(
         return
     h, w = summary["size"]
     console = out_console()
+    tiles = f"{summary['tiles']['count']} tiles, " if "tiles" in summary else ""
     console.print(f"{summary['mask']['path']}: {w}x{h} mask, {len(summary['labels'])} labels "
-                      f"({summary['mode']}), {summary['tiles']['count']} tiles, "
-                      f"{summary['seconds']['total']:.1f} s", highlight=False)
+                      f"({summary['mode']}), {tiles}{summary['seconds']['total']:.1f} s", highlight=False)
+    console.print(f"context {summary['context']['mode']}: {summary['context']['reason']}", highlight=False)
     for e in summary["labels"]:
         console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
                           highlight=False)

@@ -41,7 +41,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif", clusters: int | None = None,
                  cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0, tile: int = 1024,
                  overlap: int = 64, landmarks: str | None = None, device: str | torch.device = "cpu",
-                 max_pixels: int | None = None, extra: Mapping[str, Any] | None = None) -> CohortTask:
+                 max_pixels: int | None = None, max_memory: int | None = None,
+                 extra: Mapping[str, Any] | None = None) -> CohortTask:
     """``soft segment`` per input: a mask ``NAME.<format>`` and its ``NAME.legend.json``.
 
     ``extra``: further keyword arguments of :func:`~softcli.segment.segment` that change the output
@@ -70,7 +71,7 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     def run_one(path: str, out: Path, progress: TileProgress) -> JobResult:
         summary = segment(path, out, weights=resolved, clusters=clusters, cluster_stages=cluster_stages,
                           level=level, tile=tile, overlap=overlap, device=device, landmarks=landmarks, seed=seed,
-                          max_pixels=max_pixels, progress=progress, **dict(extra or {}))
+                          max_pixels=max_pixels, max_memory=max_memory, progress=progress, **dict(extra or {}))
         return JobResult([out, legend_path(out)], tuple(summary["size"]))
 
     settings: dict[str, Any] = {"format": out_format, "clusters": clusters, "cluster_stages": stages if clusters

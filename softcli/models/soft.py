@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .landmarks import LandmarkPolicy, spread_indices
+from .positions import resize_pos_embed
 
 __all__ = [
     "VARIANTS",
@@ -136,16 +137,6 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def resize_pos_embed(pos: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of a (1, gh·gw, C) grid to (1, H·W, C); identity at the trained size."""
-    if tuple(size) == tuple(grid):
-        return pos
-    c = pos.shape[-1]
-    g = pos.reshape(1, grid[0], grid[1], c).permute(0, 3, 1, 2)
-    g = F.interpolate(g, size=size, mode="bilinear", align_corners=False)
-    return g.flatten(2).transpose(1, 2)
-
-
 def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
     """exp(-|a_i - b_j|² / 2) for rows of ``a`` (..., n, d) and ``b`` (..., m, d).
 
@@ -234,6 +225,21 @@ class SoftAttention(nn.Module):
         # does: same numbers, O(N·m²) cost. Kept as the baseline for benchmarks.
         self.official_order = False
 
+    def landmark_index(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Token rows and columns of the landmark patches the policy keeps on an H x W map.
+
+        Each kept patch contributes its r consecutive rows (columns); the lists
+        are ascending, so patches come out in row-major landmark order. The
+        choice depends only on the whole map's size, never on a tile.
+        """
+        r = self.sr_ratio
+        full = (hw[0] // r, hw[1] // r)
+        grid = self.landmark_policy.grid(*full)
+        offsets = torch.arange(r)
+        rows = (spread_indices(full[0], grid[0])[:, None] * r + offsets).flatten()
+        cols = (spread_indices(full[1], grid[1])[:, None] * r + offsets).flatten()
+        return rows, cols
+
     def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
         """Landmarks L (B, h, m, d) from the scaled queries (B, h, N, d).
 
@@ -246,41 +252,77 @@ class SoftAttention(nn.Module):
         r = self.sr_ratio
         qmap = q.transpose(2, 3).reshape(b * h, d, hw[0], hw[1])
         full = (hw[0] // r, hw[1] // r)
-        grid = self.landmark_policy.grid(*full)
-        if grid != full:
-            offsets = torch.arange(r, device=q.device)
-            rows = (spread_indices(full[0], grid[0], q.device)[:, None] * r + offsets).flatten()
-            cols = (spread_indices(full[1], grid[1], q.device)[:, None] * r + offsets).flatten()
-            qmap = qmap.index_select(2, rows).index_select(3, cols)
+        if self.landmark_policy.grid(*full) != full:
+            rows, cols = self.landmark_index(hw)
+            qmap = qmap.index_select(2, rows.to(q.device)).index_select(3, cols.to(q.device))
+        return self.landmarks_from_patches(qmap, b)
+
+    def landmarks_from_patches(self, qmap: Tensor, batch: int) -> Tensor:
+        """(B·h, d, rows, cols) map of kept patches (whole r x r patches) → landmarks (B, h, m, d).
+
+        The r x r conv has stride r and drops a remainder; LayerNorm and GELU
+        are per landmark, so a band of patch rows gives exactly its landmarks.
+        """
+        d = self.head_dim
         lm = self.landmark_conv(qmap)  # (B·h, d, grid rows, grid cols)
-        lm = lm.flatten(2).transpose(1, 2).reshape(b, h, -1, d)
+        lm = lm.flatten(2).transpose(1, 2).reshape(batch, self.num_heads, -1, d)
         return F.gelu(self.landmark_norm(lm))
 
-    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
-        """K1·(A⁺·(K1ᵀ·V)) in float32, chunked over tokens so K1 is never whole."""
-        out_dtype = v.dtype
+    def queries_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (B, N, C) → scaled queries and values, (B, h, N, d) each."""
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
+        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        return q, v
+
+    def landmark_pinv(self, lm: Tensor) -> Tensor:
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
+        with torch.autocast(device_type=lm.device.type, enabled=False):
+            a = gaussian_kernel(lm.float(), lm.float())
+            return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
+
+    def _chunk(self, q: Tensor, lm: Tensor) -> int:
+        return self.chunk_tokens or self.landmark_policy.chunk_tokens(q.shape[-2], lm.shape[-2],
+                                                                      q.shape[0] * q.shape[1])
+
+    def kernel_values(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1ᵀ·V (B, h, m, d) in float32 over the given tokens; sums over tiles add up exactly."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, v, lm = q.float(), v.float(), lm.float()
-            a = gaussian_kernel(lm, lm)
-            a_pinv = newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
-            n, m = q.shape[-2], lm.shape[-2]
-            if self.official_order:
-                k1 = gaussian_kernel(q, lm)
-                return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
-            chunk = self.chunk_tokens or self.landmark_policy.chunk_tokens(n, m, q.shape[0] * q.shape[1])
-            if chunk >= n:
-                k1 = gaussian_kernel(q, lm)
-                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
-            ktv = None
+            n, chunk = q.shape[-2], self._chunk(q, lm)
+            ktv: Tensor | None = None
             for s in range(0, n, chunk):
                 k1 = gaussian_kernel(q[:, :, s:s + chunk], lm)
                 part = k1.transpose(-1, -2) @ v[:, :, s:s + chunk]
                 ktv = part if ktv is None else ktv.add_(part)
-            w = a_pinv @ ktv  # (B, h, m, d)
-            out = torch.empty(v.shape, dtype=out_dtype, device=v.device)
+            assert ktv is not None
+            return ktv
+
+    def kernel_apply(self, q: Tensor, lm: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, lm = q.float(), lm.float()
+            n, chunk = q.shape[-2], self._chunk(q, lm)
+            out = torch.empty((*q.shape[:-1], w.shape[-1]), dtype=out_dtype, device=q.device)
             for s in range(0, n, chunk):
                 out[:, :, s:s + chunk] = gaussian_kernel(q[:, :, s:s + chunk], lm) @ w
             return out
+
+    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1·(A⁺·(K1ᵀ·V)) in float32, chunked over tokens so K1 is never whole."""
+        out_dtype = v.dtype
+        a_pinv = self.landmark_pinv(lm)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            n = q.shape[-2]
+            if self.official_order:
+                k1 = gaussian_kernel(q, lm)
+                return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
+            if self._chunk(q, lm) >= n:
+                k1 = gaussian_kernel(q, lm)
+                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
+            return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
 
     def local_term(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
         """``attn.conv``: one k x k filter per head, shared by the head's d channels.
@@ -297,14 +339,16 @@ class SoftAttention(nn.Module):
         out = F.conv2d(vmap, weight, padding=k // 2, groups=h * d)
         return out.reshape(b, h, d, n).transpose(2, 3)
 
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(B, h, N, d) → ``ff`` of the merged (B, N, C) tokens."""
+        b, h, n, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        b, n, c = x.shape
-        h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
-        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        q, v = self.queries_values(x)
         out = self.global_term(q, v, self.landmarks(q, hw))
         out = out + self.local_term(v, hw)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.merge_heads(out)
 
 
 class Mlp(nn.Module):
@@ -329,7 +373,11 @@ class SoftBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        x = self.norm1(x + self.attn(x, hw))
+        return self.finish(x, self.attn(x, hw))
+
+    def finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        """Everything after attention (residual, norms, MLP): per token, so any tile of tokens works."""
+        x = self.norm1(x + attn_out)
         return self.norm2(x + self.mlp(x))
 
 
@@ -395,20 +443,27 @@ class SoftStage(nn.Module):
         """Map (B, C_in, H, W) → map (B, C, H', W'); stage 4 also returns the class token."""
         x = self.patch_embed(x)
         b, c, hh, ww = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = x.flatten(2).transpose(1, 2) + resize_pos_embed(self.grid_pos_embed, self.grid, (hh, ww))
         if cls_token is None:
-            tokens = tokens + resize_pos_embed(self.pos_embed, self.grid, (hh, ww))
             for blk in self.blocks:
                 tokens = blk(tokens, (hh, ww))
             cls_out = None
         else:
-            pos = self.pos_embed
-            grid_pos = resize_pos_embed(pos[:, 1:], self.grid, (hh, ww))
-            tokens = torch.cat([cls_token.expand(b, -1, -1) + pos[:, :1], tokens + grid_pos], dim=1)
-            for blk in self.blocks:
-                tokens = blk(tokens)
-            cls_out, tokens = tokens[:, 0], tokens[:, 1:]
+            tokens, cls_out = self.attend_with_class(tokens, cls_token)
         return tokens.transpose(1, 2).reshape(b, c, hh, ww), cls_out
+
+    @property
+    def grid_pos_embed(self) -> Tensor:
+        """The positional grid (1, gh·gw, C) without stage 4's class-token row."""
+        return self.pos_embed[:, 1:] if self.index == 3 else self.pos_embed
+
+    def attend_with_class(self, tokens: Tensor, cls_token: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage 4's softmax blocks over the class token + all grid tokens (positions already added)."""
+        b = tokens.shape[0]
+        tokens = torch.cat([cls_token.expand(b, -1, -1) + self.pos_embed[:, :1], tokens], dim=1)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return tokens[:, 1:], tokens[:, 0]
 
 
 class SoftModel(nn.Module):

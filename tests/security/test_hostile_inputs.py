@@ -219,7 +219,7 @@ def test_whole_decode_beyond_memory_refused_without_pixel_limit(work, tmp_path):
 
 
 def test_extreme_aspect_ratio_classify(work, tmp_path):
-    """3x100000: the default crop works in bounded memory; --full-res is refused by its memory estimate."""
+    """3x100000: the default crop works in bounded memory; --full-res streams it (global context) or is refused."""
     rng = np.random.default_rng(1)
     Image.fromarray(_noise(rng, 3, 100_000, 3)).save(tmp_path / "line.png")
     Image.fromarray(_noise(rng, 100_000, 3, 3)).save(tmp_path / "column.png")
@@ -229,8 +229,17 @@ def test_extreme_aspect_ratio_classify(work, tmp_path):
     doc = json.loads(proc.stdout)
     assert [d["input_size"] for d in doc] == [[224, 224]] * 3 and all(d["predictions"] for d in doc)
 
+    # --full-res: 32x1066667 after the minimum-side resize. One pass would need ~4 GB, so the default
+    # context streams it exactly (global) within the cap...
     proc = soft_capped("classify", "line.png", work / "good.png", "--weights", work / "ckpt", "--json",
                        "--full-res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(proc.stdout)
+    assert doc[0]["input_size"] == [32, 1066667] and doc[0]["context"].startswith("global")
+    assert doc[0]["predictions"] and doc[1]["predictions"]
+    # ...and a budget that asks for one pass anyway is refused by the estimate, that image only.
+    proc = soft_capped("classify", "line.png", work / "good.png", "--weights", work / "ckpt", "--json",
+                       "--full-res", "--max-memory", "100GB", cwd=tmp_path)
     assert_clean_failure(proc, "line.png", "at full resolution", "more than the")
     doc = json.loads(proc.stdout)
     assert "error" in doc[0] and doc[1]["predictions"]
