@@ -181,7 +181,7 @@ class PersistentSink(DiskSink):
     Several processes (ranks) may write disjoint rows of the same files.
     """
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:  # noqa: D107 - no temporary folder here
+    def __init__(self, folder: str | os.PathLike[str]) -> None:  # a named folder, not a temporary one
         MapSink.__init__(self)
         self.folder = Path(folder)
         self._fds = {}

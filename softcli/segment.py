@@ -537,9 +537,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
                           **dense)
             else:
-                with state.sink() as scores:
-                    scores.allocate("scores", (k, *grid.out_size(SCORE_STRIDE)))
-                    replay_rows(scores, "scores", sink)
+                with state.sink() as saved:
+                    saved.allocate("scores", (k, *grid.out_size(SCORE_STRIDE)))
+                    replay_rows(saved, "scores", sink)
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -63,12 +64,12 @@ def test_rows_in_pieces_equal_one_pass(tile, overlap):
     def fn(x):
         return [F.avg_pool2d(x, 4) * 2 - 1, F.avg_pool2d(x.mean(1, keepdim=True), 8)]
 
-    args = dict(strides=[4, 8], channels=[3, 1], names=["a", "b"])
+    args = {"strides": [4, 8], "channels": [3, 1], "names": ["a", "b"]}
     whole = MemorySink()
     stitcher = run_dense(fn, ArrayReader(img), grid, sink=whole, **args)
     pieces, bands = MemorySink(), {}
     cuts = [0, 1, 2, grid.rows // 2, grid.rows]
-    for r0, r1 in reversed(list(zip(cuts, cuts[1:]))):  # any order: each piece warms up on its own
+    for r0, r1 in reversed(list(itertools.pairwise(cuts))):  # any order: each piece warms up on its own
         run_dense(fn, ArrayReader(img), grid, sink=pieces, rows=range(r0, r1),
                   on_band=lambda row, sums: bands.setdefault(row, [s.copy() for s in sums]), **args)
     for name in ("a", "b"):
