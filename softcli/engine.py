@@ -20,6 +20,12 @@ API (stable; ``soft segment`` builds on it)::
   with ``pwrite`` (no memory map, so finished rows do not count towards the
   process's resident memory) and reads them back with ``pread`` for the writers.
 - Whole-image mode is the one-tile grid: same code, no blending.
+- ``run_dense(..., rows=[...])`` writes only some tile rows (a resumed run's
+  unfinished bands, one rank's share under ``--split tiles``): each contiguous
+  run of them starts by recomputing the earlier tile rows that overlap its first
+  row (:func:`warmup_row`), so the blended values equal those of a whole run.
+  :class:`PersistentSink` keeps the maps in named raw files that outlive the
+  process (see :mod:`softcli.band_state`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +45,9 @@ from .tiling import Tile, TileGrid
 DenseFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 #: ``on_tile(done, total)`` after each tile, for progress bars.
 TileCallback = Callable[[int, int], None]
+#: ``on_band(tile_row, sums)`` once the output rows of a tile row are in the sink; ``sums``: per output, the
+#: float64 sum over those rows of each channel (what :meth:`Stitcher.pooled` adds up).
+BandCallback = Callable[[int, list[np.ndarray]], None]
 
 
 class MapSink:
@@ -64,6 +74,10 @@ class MapSink:
     def array(self, name: str) -> np.ndarray:
         """The whole map (C, H, W); for a disk sink this reads it into memory."""
         raise NotImplementedError
+
+    def read_block(self, name: str, y0: int, y1: int) -> np.ndarray:
+        """Rows [y0, y1) of all channels as a (C, y1 - y0, W) float32 array."""
+        return np.stack([self.read_rows(name, c, y0, y1) for c in range(self.shapes[name][0])])
 
     def nbytes(self, name: str) -> int:
         c, h, w = self.shapes[name]
@@ -149,11 +163,44 @@ class DiskSink(MapSink):
         c, h, w = self.shapes[name]
         return np.frombuffer(b"".join(self.iter_bytes(name)), "<f4").reshape(c, h, w)
 
+    def sync(self) -> None:
+        """Flush written rows to the disk (before a band is recorded as finished)."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PersistentSink(DiskSink):
+    """A :class:`DiskSink` in a named folder whose files are kept: reopening finds the rows already written.
+
+    Several processes (ranks) may write disjoint rows of the same files.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:  # a named folder, not a temporary one
+        MapSink.__init__(self)
+        self.folder = Path(folder)
+        self._fds = {}
+
+    def allocate(self, name: str, shape: tuple[int, int, int]) -> None:
+        if name in self._fds:
+            if tuple(shape) != self.shapes[name]:
+                raise ValueError(f"{name}: allocated as {self.shapes[name]}, now {tuple(shape)}")
+            return
+        MapSink.allocate(self, name, shape)
+        fd = os.open(self.folder / f"{name}.f32", os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(fd).st_size != self.nbytes(name):
+            os.ftruncate(fd, self.nbytes(name))
+        self._fds[name] = fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class Stitcher:
@@ -165,15 +212,19 @@ class Stitcher:
     """
 
     def __init__(self, grid: TileGrid, strides: Sequence[int], channels: Sequence[int], names: Sequence[str],
-                 sink: MapSink, blend: str = "linear") -> None:
+                 sink: MapSink, blend: str = "linear", *, first_row: int = 0, write_from: int = 0) -> None:
+        """``first_row``: the first tile row that will be added; rows before ``write_from`` only warm the bands up."""
         if not (len(strides) == len(channels) == len(names)):
             raise ValueError("strides, channels and names must have the same length")
         self.grid, self.strides, self.names, self.sink, self.blend = grid, list(strides), list(names), sink, blend
-        self._row = 0  # the tile row the bands hold
+        self._row = first_row  # the tile row the bands hold
+        self._write_from = write_from
         self._bands: list[np.ndarray] = []
         self.sums = [np.zeros(c, np.float64) for c in channels]
+        self.band_sums: list[np.ndarray] = []  # of the last written tile row
         for name, s, c in zip(names, strides, channels):
-            sink.allocate(name, (c, *grid.out_size(s)))
+            if sink.shapes.get(name) != (c, *grid.out_size(s)):  # a sink already holding rows of this map keeps them
+                sink.allocate(name, (c, *grid.out_size(s)))
             self._bands.append(np.zeros((c, grid.tile_h // s, grid.padded[1] // s), np.float32))
 
     def add(self, tile: Tile, outputs: Sequence[np.ndarray]) -> None:
@@ -192,9 +243,9 @@ class Stitcher:
             x0 = tile.x // s
             band[:, :, x0:x0 + out.shape[2]] += out * wy[None, :, None] * wx[None, None, :]
 
-    def finish(self) -> None:
-        """Flush the remaining rows; every map in the sink is then complete."""
-        while self._row < self.grid.rows:
+    def finish(self, until: int | None = None) -> None:
+        """Flush the tile rows before ``until`` (default: all; every map in the sink is then complete)."""
+        while self._row < (self.grid.rows if until is None else until):
             self._flush_row()
 
     def pooled(self, index: int) -> np.ndarray:
@@ -204,15 +255,17 @@ class Stitcher:
 
     def _flush_row(self) -> None:
         r = self._row
+        self.band_sums = [np.zeros_like(s) for s in self.sums]
         for k, (name, s) in enumerate(zip(self.names, self.strides)):
             band = self._bands[k]
             start = self.grid.ys[r] // s
             _, out_h, out_w = self.sink.shapes[name]
             end = min(self.grid.final_rows(r, s), out_h)
-            if end > start:
+            if end > start and r >= self._write_from:
                 rows = band[:, : end - start, :out_w]
                 self.sink.write_rows(name, start, rows)
-                self.sums[k] += rows.sum(axis=(1, 2), dtype=np.float64)
+                self.band_sums[k] = rows.sum(axis=(1, 2), dtype=np.float64)
+                self.sums[k] += self.band_sums[k]
             if r + 1 < self.grid.rows:
                 shift = self.grid.ys[r + 1] // s - start
                 keep = band.shape[1] - shift
@@ -230,33 +283,84 @@ def to_tensor(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
     return ((x - m) / s).to(device)
 
 
+def warmup_row(grid: TileGrid, row: int) -> int:
+    """The first tile row whose tiles reach into tile row ``row`` (blending needs them all)."""
+    first = row
+    while first > 0 and grid.ys[first - 1] + grid.tile_h > grid.ys[row]:
+        first -= 1
+    return first
+
+
+def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted tile rows → [start, stop) runs of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for r in sorted(set(rows)):
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
 def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequence[int], channels: Sequence[int],
               names: Sequence[str], sink: MapSink, *, mean: Sequence[float] = (0.0, 0.0, 0.0),
               std: Sequence[float] = (1.0, 1.0, 1.0), device: torch.device | str = "cpu", blend: str = "linear",
-              on_tile: TileCallback | None = None, skip: Callable[[Tile], bool] | None = None) -> Stitcher:
+              on_tile: TileCallback | None = None, skip: Callable[[Tile], bool] | None = None,
+              rows: Sequence[int] | None = None, on_band: BandCallback | None = None) -> Stitcher:
     """Run ``fn`` on every tile of ``grid`` over ``reader`` and blend its maps into ``sink``.
 
-    Returns the finished :class:`Stitcher` (for :meth:`Stitcher.pooled`). The
-    grid must describe the reader's size. Tiles for which ``skip`` is true (no
-    tissue, say) are neither read nor run: they add zeros to the blend.
+    Returns the last :class:`Stitcher` (for :meth:`Stitcher.pooled`, meaningful
+    when all rows ran at once). The grid must describe the reader's size. Tiles
+    for which ``skip`` is true (no tissue, say) are neither read nor run: they add
+    zeros to the blend.
+    ``rows``: write only these tile rows (the earlier rows overlapping each
+    contiguous run are recomputed, not written); ``on_band`` is called after each
+    written tile row.
     """
     if (grid.height, grid.width) != (reader.height, reader.width):
         raise ValueError(f"grid is for {grid.height}x{grid.width}, image is {reader.height}x{reader.width}")
-    stitcher = Stitcher(grid, strides, channels, names, sink, blend)
-    total = len(grid)
+    runs = [(0, grid.rows)] if rows is None else contiguous_runs(rows)
+    if any(r0 < 0 or r1 > grid.rows for r0, r1 in runs):
+        raise ValueError(f"tile rows out of range 0..{grid.rows - 1}")
+    plan = [(warmup_row(grid, r0), r0, r1) for r0, r1 in runs]
+    total = sum(grid.cols * (r1 - w0) for w0, _, r1 in plan)
+    done = 0
+    if not plan:  # nothing left to compute: the maps are still allocated in the sink
+        return Stitcher(grid, strides, channels, names, sink, blend, first_row=grid.rows)
     with torch.inference_mode():
-        for done, tile in enumerate(grid, 1):
-            if skip is not None and skip(tile):
+        for w0, r0, r1 in plan:
+            stitcher = Stitcher(grid, strides, channels, names, sink, blend, first_row=w0, write_from=r0)
+            for tile in grid:
+                if not w0 <= tile.row < r1:
+                    continue
+                while tile.row > stitcher._row:
+                    _flush(stitcher, on_band)
+                if skip is None or not skip(tile):
+                    x = to_tensor(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
+                    maps = fn(x)
+                    del x
+                    outs = [m[0].float().cpu().numpy() for m in maps]
+                    del maps
+                    stitcher.add(tile, outs)
+                done += 1
                 if on_tile is not None:
                     on_tile(done, total)
-                continue
-            x = to_tensor(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
-            maps = fn(x)
-            del x
-            outs = [m[0].float().cpu().numpy() for m in maps]
-            del maps
-            stitcher.add(tile, outs)
-            if on_tile is not None:
-                on_tile(done, total)
-    stitcher.finish()
+            while stitcher._row < r1:
+                _flush(stitcher, on_band)
     return stitcher
+
+
+def _flush(stitcher: Stitcher, on_band: BandCallback | None) -> None:
+    """Flush the stitcher's current tile row and report it when it was written (not a warm-up row)."""
+    row = stitcher._row
+    stitcher.finish(row + 1)
+    if on_band is not None and row >= stitcher._write_from:
+        on_band(row, stitcher.band_sums)
+
+
+def replay_rows(source: MapSink, name: str, target: MapSink, rows_per_block: int = 64) -> None:
+    """Feed a finished map of ``source`` into ``target`` in row order (e.g. saved scores into a label sink)."""
+    c, h, w = source.shapes[name]
+    target.allocate(name, (c, h, w))
+    for y0 in range(0, h, rows_per_block):
+        target.write_rows(name, y0, source.read_block(name, y0, min(h, y0 + rows_per_block)))

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
 from .errors import InputError, UsageError
 from .checkpoint import model_files
@@ -144,6 +145,7 @@ class FeaturesResult:
     pooled: np.ndarray | None = field(default=None, repr=False)
     mpp: float | None = None  # µm per pixel the maps' input had (None: the file does not say)
     tissue: dict[str, Any] | None = None  # tissue masking summary (softcli.tissue); None: no masking
+    resumed_rows: int = 0  # tile rows an interrupted run had finished (see softcli.band_state)
 
     def to_json(self) -> dict[str, Any]:
         plan = asdict(self.plan)
@@ -153,6 +155,7 @@ class FeaturesResult:
             "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
+            "resumed_rows": self.resumed_rows,
             "context": {"mode": self.plan.context, "reason": self.plan.context_reason},
             "mpp": self.mpp, "tissue": self.tissue,
         }
@@ -230,8 +233,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                      max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                      max_pixels: int | None = DEFAULT_MAX_PIXELS, on_plan: Callable[[FeaturesPlan], None] | None = None,
                      on_tile: TileCallback | None = None, context: str = "auto", mpp: float | None = None,
-                     magnification: float | None = None,
-                     tissue: str | os.PathLike[str] | None = None) -> FeaturesResult:
+                     magnification: float | None = None, tissue: str | os.PathLike[str] | None = None,
+                     resume: bool = True, dist: Any = None) -> FeaturesResult:
     """Write the chosen stage maps of ``image`` (a path or an (H, W, 3) float array) to ``out``.
 
     Maps are (C_i, ⌈H/s_i⌉, ⌈W/s_i⌉) float32 at strides 4, 8, 16, 32; ``pool``
@@ -239,6 +242,11 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     output cannot be written or cannot hold what was asked. ``mpp``/``magnification``
     pick the resolution of a slide; ``tissue`` leaves tiles without tissue as zeros
     (:mod:`softcli.tissue`; the metadata records both).
+    output cannot be written or cannot hold what was asked. With ``resume`` a
+    tiled image keeps its finished bands in ``OUT.partial-state/`` and a rerun
+    continues from them (:mod:`softcli.band_state`). ``dist`` (a
+    :class:`~softcli.cohort.DistContext` under torchrun) splits the tile rows
+    across ranks; rank 0 writes the output. Both apply to ``context="tile"``.
 
     ``context`` (:mod:`softcli.context`): ``auto`` runs the whole image in one
     pass when it fits ``max_memory``, else ``global``; ``global`` streams the
@@ -294,18 +302,42 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             plan.rows, plan.cols = -(-padded[0] // side), -(-padded[1] // side)
             plan.estimated_peak_bytes = (estimate_memory(side * side, cfg, params)
                                          + (plan.map_bytes if plan.sink == "memory" else 0))
+        if dist is not None and choice.mode != "tile":
+            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
+        state = None
+        if not isinstance(image, np.ndarray) and choice.mode == "tile" and (
+                dist is not None or (resume and grid.rows > 1)):
+            plan.sink = "disk"  # the maps are the resumable state
+            state = BandState(out, {"image": file_identity(image), "level": level, "grid": grid_identity(grid),
+                                    "names": names, "channels": channels, "blend": blend, "mean": list(mean),
+                                    "std": list(std), "landmarks": str(getattr(model, "landmark_policy", "")),
+                                    "weights": tensors_digest(model.state_dict().items()),
+                                    "mpp": reader.mpp, "tissue": None if tissue_mask is None else str(tissue)},
+                              grid.rows)
         check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out, device)
         if on_plan is not None:
             on_plan(plan)
-        sink: MapSink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
+        dense: dict[str, Any] = {"mean": mean, "std": std, "device": device, "blend": blend, "on_tile": on_tile,
+                                 "skip": skip}
+        fn = _model_fn(model, stage_list)
+        sink: MapSink
+        if state is not None:
+            sink = run_bands(fn, reader, grid, strides, channels, names, state, dist=dist, **dense)
+        else:
+            sink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
         with sink:
             if choice.mode == "global":
                 pooled = _run_global(model, reader, padded, stage_list, names, channels, strides, sink, plan,
                                      Path(out).resolve().parent, mean, std, device, on_tile, pool)
-            else:
-                stitcher = run_dense(_model_fn(model, stage_list), reader, grid, strides, channels, names, sink,
-                                     mean=mean, std=std, device=device, blend=blend, on_tile=on_tile, skip=skip)
+            elif state is None:
+                stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
+            elif dist is not None and not dist.is_main:
+                pooled = None  # rank 0 writes the output (and may already be removing the state)
+            else:
+                state.check_complete()
+                cells = sink.shapes["stage4"][1] * sink.shapes["stage4"][2] if pool else 0
+                pooled = state.pooled(names.index("stage4"), cells) if pool else None
             t_run = time.perf_counter() - start
             tissue_info = None if tissue_mask is None else tissue_mask.summary(len(grid), skipped[0], t_run)
             meta = {"image_size": f"{reader.height}x{reader.width}", "level": str(level),
@@ -314,11 +346,15 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                     "context": plan.context,
                     "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features",
                     **slide_metadata(reader.mpp, tissue_info)}
-            write_features(out, sink, keep, pooled, meta)
+            if dist is None or dist.is_main:
+                write_features(out, sink, keep, pooled, meta)
             shapes = {n: list(sink.shapes[n]) for n in keep}
+        if state is not None and (dist is None or dist.is_main):
+            state.remove()
     return FeaturesResult(
         input="<array>" if isinstance(image, np.ndarray) else str(image), output=str(out), format=fmt, level=level,
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
-        seconds=time.perf_counter() - start, pooled=pooled, mpp=reader.mpp, tissue=tissue_info)
+        seconds=time.perf_counter() - start, pooled=pooled, mpp=reader.mpp, tissue=tissue_info,
+        resumed_rows=state.resumed_rows if state is not None else 0)

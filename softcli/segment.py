@@ -39,7 +39,8 @@ from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands
                       fit_clusters_global, global_features, parse_stages)
 from .context import (CONTEXT_MODES, ContextChoice, ReaderSource, choose_context, default_max_memory, plan_global,
                       run_global, tissue_context)
-from .engine import MapSink, run_dense
+from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
+from .engine import MapSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
@@ -375,7 +376,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             progress: ProgressFn | None = None, context: str = "auto",
             max_memory: int | None = None, mpp: float | None = None, magnification: float | None = None,
             tissue: str | os.PathLike[str] | None = None,
-            geojson: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+            geojson: str | os.PathLike[str] | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
     With a segmentation checkpoint and no ``clusters``: the head's classes.
@@ -385,6 +386,11 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     (:func:`~softcli.io.slide.open_at_resolution`), ``tissue`` skips tiles without
     tissue (label 0 ``background``, :mod:`softcli.tissue`), ``geojson`` also writes
     the labels as polygons in level-0 pixels (:mod:`softcli.io.geojson`).
+    ``--json`` prints. With ``resume`` a tiled image keeps its finished bands
+    of scores in ``OUT.partial-state/`` and a rerun continues from them
+    (:mod:`softcli.band_state`); ``dist`` (a :class:`~softcli.cohort.DistContext`
+    under torchrun) splits the tile rows across ranks and rank 0 writes the mask.
+    Both apply to tile context.
 
     ``context`` (:mod:`softcli.context`): ``auto`` labels the whole image in one
     pass when it fits ``max_memory`` (default: half the available RAM), else
@@ -451,6 +457,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         elif choice.mode == "tile" and tile is None:
             side = choose_tile_size(budget, backbone.config, params, cap=max(*padded, 2 * ALIGN))
             grid = TileGrid(reader.height, reader.width, tile=side, overlap=min(overlap, side - ALIGN))
+        if dist is not None and choice.mode != "tile":
+            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
         _check_resources(image, out, grid, len(names))
 
         def report(phase: str) -> Callable[[int, int], None] | None:
@@ -478,6 +486,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             cm = fit_clusters(reader, grid, embedder, clusters, mean=mean, std=std, max_tiles=cluster_tiles,
                               seed=seed, device=dev, on_tile=report("fit"),
                               skip=None if tissue_mask is None else tissue_mask.skip_tile).to(dev)
+            if dist is not None:  # every rank labels with rank 0's centroids
+                cm = dist.broadcast(cm.to("cpu")).to(dev)
             fn = lambda x: [cluster_scores(cm, embedder(x))]  # noqa: E731
             k = clusters
             summary["mode"] = "clusters"
@@ -486,17 +496,40 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             summary["tiles"] = {"count": len(grid), "size": list(grid.tile_size), "overlap": grid.overlap}
 
         folder = Path(out).resolve().parent
+        skip, skipped = counting_skip(tissue_mask)
+        dense: dict[str, Any] = {"mean": mean, "std": std, "device": dev, "on_tile": report("label"), "skip": skip}
+        state = None
+        t_run = time.perf_counter()
+        if fill is None and (dist is not None or (resume and grid.rows > 1)):
+            weights_of = model if model is not None else backbone
+            state = BandState(out, {"image": file_identity(image), "level": reader.level, "grid": grid_identity(grid),
+                                    "mode": summary["mode"], "classes": k, "mean": list(mean), "std": list(std),
+                                    "landmarks": str(getattr(backbone, "landmark_policy", "")),
+                                    "weights": tensors_digest(weights_of.state_dict().items()),
+                                    "clusters": None if clusters is None else tensors_digest(
+                                        [("mean", cm.mean), ("scale", cm.scale), ("centroids", cm.centroids)]),
+                                    "mpp": reader.mpp, "tissue": None if tissue_mask is None else str(tissue),
+                                    }, grid.rows)
+            scores = run_bands(fn, reader, grid, [SCORE_STRIDE], [k], ["scores"], state, dist=dist, **dense)
+            summary["resumed_rows"] = state.resumed_rows  # tile rows a killed run had finished
+            with scores:
+                if dist is not None and not dist.is_main:
+                    summary["rank"] = dist.rank
+                    return summary
+                state.check_complete()
         with stack, LabelRaster(reader.height, reader.width, len(names), folder=folder) as raster:
             sink = LabelSink(raster if tissue_mask is None else TissueLabels(raster, tissue_mask))  # type: ignore[arg-type]
             if fill is not None:
                 fill(sink)
-            else:
-                skip, skipped = counting_skip(tissue_mask)
-                t_run = time.perf_counter()
+            elif state is None:
                 run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
-                          mean=mean, std=std, device=dev, on_tile=report("label"), skip=skip)
-                if tissue_mask is not None:
-                    summary["tissue"] = tissue_mask.summary(len(grid), skipped[0], time.perf_counter() - t_run)
+                          **dense)
+            else:
+                with state.sink() as saved:
+                    saved.allocate("scores", (k, *grid.out_size(SCORE_STRIDE)))
+                    replay_rows(saved, "scores", sink)
+            if tissue_mask is not None and fill is None:
+                summary["tissue"] = tissue_mask.summary(len(grid), skipped[0], time.perf_counter() - t_run)
             if raster.rows_written != raster.height:
                 raise RuntimeError(f"labelled {raster.rows_written} of {raster.height} rows")
             t_label = time.perf_counter()
@@ -522,5 +555,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 labels = raster.read_rows(0, raster.height, step)
                 size = write_overlay(preview, labels, palette, overlay)
                 summary["overlay"] = {"path": str(overlay), "size": size, "downsample": step}
+    if state is not None:
+        state.remove()
     summary["seconds"] = {"label": round(t_label - t_start, 3), "total": round(time.perf_counter() - t_start, 3)}
     return summary

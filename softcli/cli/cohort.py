@@ -31,6 +31,13 @@ OverwriteOpt = Annotated[bool, typer.Option(
 MaxFailuresOpt = Annotated[int | None, typer.Option(
     "--max-failures", metavar="N", min=1, help="With --out-dir: stop starting new inputs once N have failed.")]
 
+SplitOpt = Annotated[str, typer.Option(
+    "--split", help="Under torchrun: inputs (ranks share the inputs of --out-dir) or tiles (ranks share the tile "
+    "rows of one image; rank 0 writes --out).")]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume/--no-resume", help="Keep finished bands of tile rows in OUT.partial-state/ so that a killed run "
+    "continues where it stopped (removed once OUT is written).")]
+
 #: Seconds a torch.distributed collective may wait (the end-of-run gather waits for the slowest rank).
 TIMEOUT_ENV = "SOFTCLI_DIST_TIMEOUT"
 
@@ -49,18 +56,38 @@ def check_cohort_options(out_dir: Path | None, **one_file_options: object) -> No
                          "each input gets NAME.<format>")
 
 
-def single_input(inputs: list[str] | None, out: Path | None) -> Path:
+def single_input(inputs: list[str] | None, out: Path | None, split: str = "inputs") -> Path:
     """The one image of a single-image run (``--out FILE``), or a usage error saying what to give."""
     if not inputs:
         raise UsageError("give an input image (or several with --out-dir DIR)")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise UsageError("under torchrun give --out-dir DIR: ranks split many inputs (one image split across "
-                         "ranks, --split tiles, is not implemented)")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and split != "tiles":
+        raise UsageError("under torchrun give --out-dir DIR (ranks split many inputs) or --split tiles (ranks "
+                         "split the tile rows of one image)")
     if Path(inputs[0]).is_dir():
         raise UsageError(f"{inputs[0]}: is a folder; give --out-dir DIR to process the images in it")
     if out is None:
         raise UsageError("give --out FILE for one image, or --out-dir DIR for many")
     return Path(inputs[0])
+
+
+def check_split(split: str, cohort: bool) -> None:
+    if split not in ("inputs", "tiles"):
+        raise UsageError(f"--split takes inputs or tiles, not {split!r}")
+    if split == "tiles" and cohort:
+        raise UsageError("--split tiles splits one image (--out FILE) across ranks; with --out-dir the ranks "
+                         "split the inputs")
+
+
+def start_tile_split(split: str, device: str) -> tuple[Any, str]:
+    """``--split tiles`` under torchrun: join the process group; (DistContext or None, this rank's device)."""
+    if split != "tiles" or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None, device
+    from ..cohort import DistContext
+
+    dist = DistContext.from_env()
+    rank_device = dist.device(device)
+    dist.start(rank_device, _timeout())
+    return dist, rank_device
 
 
 def _timeout() -> float:

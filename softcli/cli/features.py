@@ -15,6 +15,7 @@ from ..tiling import parse_memory
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
+from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
 from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console,
                      load_cli_model, model_name, parse_landmarks, print_json, progress_bar, warn)
 
@@ -60,6 +61,8 @@ def features(
     mpp: MppOpt = None,
     magnification: MagnificationOpt = None,
     tissue: TissueOpt = None,
+    resume: ResumeOpt = True,
+    split: SplitOpt = "inputs",
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
 
@@ -81,6 +84,7 @@ def features(
         raise UsageError(str(exc)) from None
     policy = parse_landmarks(landmarks)
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
+    check_split(split, wants_cohort(inputs, out_dir, list_file))
     if wants_cohort(inputs, out_dir, list_file):
         from ..cohort.tasks import check_features_options, features_task
 
@@ -99,25 +103,33 @@ def features(
         run_cli_cohort(make_task, inputs, list_file, out_dir, device=device, overwrite=overwrite,
                        max_failures=max_failures, json_out=json_out, phases={"tiles": "tiles"})
         return
-    input = single_input(inputs, out)
+    input = single_input(inputs, out, split)
     assert out is not None
     check_request(input, out, stages, pool, blend)  # fail before loading a model
-    net = load_cli_model(model, weights, device)
-    net.set_landmark_policy(policy)
-    with progress_bar(not json_out) as progress:
-        task = progress.add_task(f"features {input.name}", total=None)
+    dist, device = start_tile_split(split, device)
+    try:
+        net = load_cli_model(model, weights, device)
+        net.set_landmark_policy(policy)
+        with progress_bar(not json_out and (dist is None or dist.is_main)) as progress:
+            task = progress.add_task(f"features {input.name}", total=None)
 
-        def on_plan(plan: FeaturesPlan) -> None:
-            progress.update(task, total=plan.tiles)
-            if plan.estimated_peak_bytes > plan.max_memory_bytes:
-                warn(f"{plan.tile[0]}x{plan.tile[1]} tiles need about {plan.estimated_peak_bytes / 2**30:.1f} GB, "
-                     f"above --max-memory {max_memory}; use a smaller --tile")
+            def on_plan(plan: FeaturesPlan) -> None:
+                if plan.estimated_peak_bytes > plan.max_memory_bytes:
+                    warn(f"{plan.tile[0]}x{plan.tile[1]} tiles need about "
+                         f"{plan.estimated_peak_bytes / 2**30:.1f} GB, above --max-memory {max_memory}; "
+                         "use a smaller --tile")
 
-        result = extract_features(
-            net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
-            blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, context=context, mpp=mpp,
-            magnification=magnification, tissue=tissue,
-            on_tile=lambda done, total: progress.update(task, completed=done, total=total))
+            result = extract_features(
+                net, input, out, stages=stages, tile=tile, overlap=overlap, level=level, max_memory=budget,
+                blend=blend, pool=pool, max_pixels=max_pixels, on_plan=on_plan, context=context, mpp=mpp,
+                magnification=magnification, tissue=tissue,
+                on_tile=lambda done, total: progress.update(task, completed=done, total=total), resume=resume,
+                dist=dist)
+    finally:
+        if dist is not None:
+            dist.stop()
+    if dist is not None and not dist.is_main:
+        return
     if json_out:
         print_json(result.to_json())
         return

@@ -12,6 +12,7 @@ from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
+from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
 from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, model_name,
                      out_console, phase_progress, print_json, progress_bar)
 
@@ -66,6 +67,8 @@ def segment(
     geojson: Annotated[Path | None, typer.Option("--geojson", metavar="FILE", help="Also write the labels as "
                                                   "GeoJSON polygons (one MultiPolygon per class, level-0 pixel "
                                                   "coordinates) for QuPath.")] = None,
+    resume: ResumeOpt = True,
+    split: SplitOpt = "inputs",
 ) -> None:
     """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -84,6 +87,8 @@ def segment(
     Example: soft segment slide.tif --clusters 3 --context global --out mask.tif
 
     Whole slide: soft segment slide.svs --clusters 3 --mpp 1.0 --out mask.tif --geojson mask.geojson
+
+    Example: torchrun --nproc-per-node 4 -m softcli segment huge.tif --weights seg/ --out mask.tif --split tiles
     """
     from ..context import default_max_memory
     from ..segment import segment as run_segment
@@ -98,6 +103,7 @@ def segment(
         raise UsageError("give --model or --weights, not both")
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     spec: Any = weights if weights is not None else model
+    check_split(split, wants_cohort(inputs, out_dir, list_file))
     if wants_cohort(inputs, out_dir, list_file):
         from ..cohort.tasks import segment_task
 
@@ -114,15 +120,22 @@ def segment(
                        inputs, list_file, out_dir, device=device, overwrite=overwrite, max_failures=max_failures,
                        json_out=json_out, phases=_PHASES)
         return
-    image = single_input(inputs, out)
+    image = single_input(inputs, out, split)
     assert out is not None
-    with progress_bar(not json_out) as bar:
-        progress = phase_progress(bar, _PHASES)
-        summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
-                              level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
-                              landmarks=landmarks, seed=seed, max_pixels=max_pixels, progress=progress,
-                              context=context, max_memory=budget, mpp=mpp, magnification=magnification,
-                              tissue=tissue, geojson=geojson)
+    dist, device = start_tile_split(split, device)
+    try:
+        with progress_bar(not json_out and (dist is None or dist.is_main)) as bar:
+            summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
+                                  level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
+                                  landmarks=landmarks, seed=seed, max_pixels=max_pixels,
+                                  progress=phase_progress(bar, _PHASES), context=context, max_memory=budget,
+                                  mpp=mpp, magnification=magnification, tissue=tissue, geojson=geojson,
+                                  resume=resume, dist=dist)
+    finally:
+        if dist is not None:
+            dist.stop()
+    if dist is not None and not dist.is_main:
+        return
     if json_out:
         print_json(summary)
         return

@@ -386,7 +386,8 @@ def test_sigterm_removes_spill_files(work, tmp_path):
     rng = np.random.default_rng(3)
     Image.fromarray(_noise(rng, 2048, 2048, 3)).save(tmp_path / "big.png")
     proc = start_capped("features", "big.png", "--out", "f.safetensors", "--weights", str(work / "ckpt"),
-                        "--max-memory", "64MB", "--tile", "128", "--overlap", "32", cwd=tmp_path)  # ~500 tiles
+                        "--max-memory", "64MB", "--tile", "128", "--overlap", "32", "--no-resume",
+                        cwd=tmp_path)  # ~500 tiles; --no-resume: spill to a PID-named folder, not a kept state
     try:
         deadline = time.monotonic() + 90
         while not any(n.startswith(".soft-maps-") for n in _temporaries(tmp_path)):
