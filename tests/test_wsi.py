@@ -226,3 +226,13 @@ def test_segment_to_ome_zarr_multiscale(svs, tiny, tmp_path) -> None:
     summary = segment(svs, out, weights=tiny, clusters=2, level=2)
     assert summary["mask"]["format"] == "zarr" and (tmp_path / "slide.legend.json").exists()
     assert zarr.open_group(str(out), mode="r")["0"].shape == (64, 96)
+
+
+def test_cohort_manifest_records_the_mpp_each_slide_ran_at(svs, tiny, tmp_path) -> None:
+    """Many slides into --out-dir: each manifest line says at which microns per pixel it was computed."""
+    out_dir = tmp_path / "masks"
+    r = run_soft("segment", svs, "--weights", tiny, "--clusters", "2", "--mpp", "1.0", "--out-dir", out_dir,
+                 "--out-format", "png", env=ONE_THREAD_ENV)
+    assert r.returncode == 0, r.stderr.decode()
+    records = [json.loads(line) for line in (out_dir / "manifest.jsonl").read_text().splitlines()]
+    assert [rec["status"] for rec in records] == ["done"] and records[0]["mpp"] == 1.0
