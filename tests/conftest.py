@@ -62,6 +62,19 @@ def tiny_model():
     return softcli.create_model(TINY_CONFIG, num_classes=10)
 
 
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A softcli folder of a random TINY_CONFIG backbone (no classes), made once per session."""
+    import torch
+
+    import softcli
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-backbone") / "tiny"
+    softcli.save_pretrained(softcli.create_model(TINY_CONFIG, num_classes=0), folder)
+    return folder
+
+
 def run_soft(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300,
              input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m softcli ARGS`` as a user would, capturing output."""

@@ -13,27 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 
-import softcli
 from softcli.band_state import BandState, state_folder
-from softcli.checkpoint import save_pretrained
 from softcli.engine import MemorySink, run_dense
 from softcli.io.atomic import remove_stale_temporaries
 from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
 
-from .conftest import REPO, TINY_CONFIG, run_soft
+from .conftest import REPO, run_soft
 from .synthetic import ONE_THREAD_ENV
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("band-w") / "tiny"
-    save_pretrained(softcli.create_model(TINY_CONFIG, num_classes=0), folder)
-    return folder
+def weights(tiny_backbone: Path) -> Path:
+    return tiny_backbone
 
 
 def blocky_tiff(path: Path, side: int, seed: int = 0) -> Path:

@@ -12,27 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import softcli
-from softcli.checkpoint import save_pretrained
 from softcli.cohort import Manifest, output_names, split_by_pixels
 from softcli.cohort.inputs import gather_inputs, read_list_file
 from softcli.cohort.manifest import append_line, part_path, read_lines
 
-from .conftest import REPO, TINY_CONFIG, run_soft
+from .conftest import REPO, run_soft
 from .synthetic import ONE_THREAD_ENV
 
 SIZES = [(96, 128), (160, 96), (128, 128), (64, 200), (100, 100), (200, 64)]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("cohort-w") / "tiny"
-    save_pretrained(softcli.create_model(TINY_CONFIG, num_classes=0), folder)
-    return folder
+def weights(tiny_backbone: Path) -> Path:
+    return tiny_backbone
 
 
 def make_images(folder: Path, sizes=SIZES, seed: int = 0) -> list[Path]:
