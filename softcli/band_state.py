@@ -25,7 +25,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def settings_digest(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Syncable(Protocol):
+    def sync(self) -> None: ...
 
 
 class BandState:
@@ -112,7 +116,7 @@ class BandState:
         done = self.finished()
         return [r for r in rows if r not in done]
 
-    def mark_done(self, sink: PersistentSink, row: int, sums: Sequence[np.ndarray]) -> None:
+    def mark_done(self, sink: Syncable, row: int, sums: Sequence[np.ndarray]) -> None:
         """Record tile row ``row`` as finished, after its map rows are on disk."""
         sink.sync()
         _write_json(self.done_dir / f"{row:05d}.json", {"sums": [[float(v) for v in s] for s in sums]})

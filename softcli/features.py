@@ -40,7 +40,8 @@ from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
 from .io.writers import check_feature_request, write_features
-from .context import (CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global,
+from .context import (CONTEXT_MODES, LayerCheckpoints, ReaderSource, choose_context, export_map,
+                      open_checkpoints, plan_global, run_global,
                       tissue_context)
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
 
@@ -146,6 +147,7 @@ class FeaturesResult:
     mpp: float | None = None  # µm per pixel the maps' input had (None: the file does not say)
     tissue: dict[str, Any] | None = None  # tissue masking summary (softcli.tissue); None: no masking
     resumed_rows: int = 0  # tile rows an interrupted run had finished (see softcli.band_state)
+    resumed_passes: int = 0  # layer passes an interrupted global run had finished (softcli.context.resume)
 
     def to_json(self) -> dict[str, Any]:
         plan = asdict(self.plan)
@@ -156,6 +158,7 @@ class FeaturesResult:
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "resumed_rows": self.resumed_rows,
+            "resumed_passes": self.resumed_passes,
             "context": {"mode": self.plan.context, "reason": self.plan.context_reason},
             "mpp": self.mpp, "tissue": self.tissue,
         }
@@ -212,12 +215,18 @@ def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.
 def _run_global(model: Any, reader: ImageReader, padded: tuple[int, int], stage_list: Sequence[int],
                 names: Sequence[str], channels: Sequence[int], strides: Sequence[int], sink: MapSink,
                 plan: FeaturesPlan, folder: Path, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                on_tile: TileCallback | None, pool: bool) -> np.ndarray | None:
-    """Exact whole-image maps, streamed (:func:`softcli.context.run_global`), into ``sink``; the pooled stage 4."""
+                on_tile: TileCallback | None, pool: bool, checkpoints: LayerCheckpoints | None = None,
+                dist: Any = None) -> np.ndarray | None:
+    """Exact whole-image maps, streamed (:func:`softcli.context.run_global`), into ``sink``; the pooled stage 4.
+
+    Under ``dist`` every rank computes its share of each pass and rank 0 alone fills ``sink``."""
     source = ReaderSource(reader, padded[0], padded[1], mean, std, device)
     pooled = None
     with run_global(model, source, max(stage_list), stage_list, tile=plan.tile[0],
-                    spill_dir=folder if plan.activations == "disk" else None, on_step=on_tile) as res:
+                    spill_dir=folder if plan.activations == "disk" else None, on_step=on_tile,
+                    checkpoints=checkpoints, dist=dist) as res:
+        if dist is not None and not dist.is_main:
+            return None
         for name, s, c, stride in zip(names, stage_list, channels, strides):
             out_hw = (-(-reader.height // stride), -(-reader.width // stride))
             sink.allocate(name, (c, *out_hw))
@@ -302,21 +311,28 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             plan.rows, plan.cols = -(-padded[0] // side), -(-padded[1] // side)
             plan.estimated_peak_bytes = (estimate_memory(side * side, cfg, params)
                                          + (plan.map_bytes if plan.sink == "memory" else 0))
-        if dist is not None and choice.mode != "tile":
-            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
+        if dist is not None and choice.mode == "whole":
+            raise UsageError("splitting the tiles across ranks needs --context tile or global "
+                             "(this run: the whole image in one pass)")
         state = None
-        if not isinstance(image, np.ndarray) and choice.mode == "tile" and (
-                dist is not None or (resume and grid.rows > 1)):
+        checkpoints = None
+        resumable = not isinstance(image, np.ndarray) and (dist is not None or resume)
+        if resumable:  # everything the maps depend on (a change starts afresh)
+            key = {"image": file_identity(image), "level": level, "names": names, "channels": channels,  # type: ignore[arg-type]
+                   "mean": list(mean), "std": list(std), "landmarks": str(getattr(model, "landmark_policy", "")),
+                   "weights": tensors_digest(model.state_dict().items()), "mpp": reader.mpp}
+        if resumable and choice.mode == "tile" and (dist is not None or grid.rows > 1):
             plan.sink = "disk"  # the maps are the resumable state
-            state = BandState(out, {"image": file_identity(image), "level": level, "grid": grid_identity(grid),
-                                    "names": names, "channels": channels, "blend": blend, "mean": list(mean),
-                                    "std": list(std), "landmarks": str(getattr(model, "landmark_policy", "")),
-                                    "weights": tensors_digest(model.state_dict().items()),
-                                    "mpp": reader.mpp, "tissue": None if tissue_mask is None else str(tissue)},
-                              grid.rows)
+            state = BandState(out, {**key, "grid": grid_identity(grid), "blend": blend,
+                                    "tissue": None if tissue_mask is None else str(tissue)}, grid.rows)
+        elif resumable and choice.mode == "global":
+            plan.activations = "disk"  # kept beside the output: the resumable state, shared by ranks
         check_resources(plan, str(image) if not isinstance(image, np.ndarray) else "<array>", out, device)
         if on_plan is not None:
             on_plan(plan)
+        if resumable and choice.mode == "global":
+            checkpoints = open_checkpoints(out, {**key, "tile": plan.tile[0], "padded": padded}, model,
+                                           max(stage_list), dist)
         dense: dict[str, Any] = {"mean": mean, "std": std, "device": device, "blend": blend, "on_tile": on_tile,
                                  "skip": skip}
         fn = _model_fn(model, stage_list)
@@ -328,7 +344,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         with sink:
             if choice.mode == "global":
                 pooled = _run_global(model, reader, padded, stage_list, names, channels, strides, sink, plan,
-                                     Path(out).resolve().parent, mean, std, device, on_tile, pool)
+                                     Path(out).resolve().parent, mean, std, device, on_tile, pool, checkpoints, dist)
             elif state is None:
                 stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
@@ -348,13 +364,16 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                     **slide_metadata(reader.mpp, tissue_info)}
             if dist is None or dist.is_main:
                 write_features(out, sink, keep, pooled, meta)
-            shapes = {n: list(sink.shapes[n]) for n in keep}
-        if state is not None and (dist is None or dist.is_main):
-            state.remove()
+            shapes = {n: list(sink.shapes[n]) for n in keep if n in sink.shapes}  # rank 0's under dist
+        if dist is None or dist.is_main:
+            for finished in (state, checkpoints.state if checkpoints else None):
+                if finished is not None:
+                    finished.remove()
     return FeaturesResult(
         input="<array>" if isinstance(image, np.ndarray) else str(image), output=str(out), format=fmt, level=level,
         image_size=(reader.height, reader.width), maps=shapes,
         strides={n: STAGE_STRIDES[int(n[5:]) - 1] for n in keep}, plan=plan,
         landmarks=str(getattr(model, "landmark_policy", "")), device=str(device),
         seconds=time.perf_counter() - start, pooled=pooled, mpp=reader.mpp, tissue=tissue_info,
-        resumed_rows=state.resumed_rows if state is not None else 0)
+        resumed_rows=state.resumed_rows if state is not None else 0,
+        resumed_passes=checkpoints.resumed if checkpoints is not None else 0)

@@ -37,8 +37,8 @@ from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGH
                          build_model, model_files, read_checkpoint)
 from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
                       fit_clusters_global, global_features, parse_stages)
-from .context import (CONTEXT_MODES, ContextChoice, ReaderSource, choose_context, default_max_memory, plan_global,
-                      run_global, tissue_context)
+from .context import (CONTEXT_MODES, ContextChoice, LayerCheckpoints, ReaderSource, choose_context,
+                      default_max_memory, open_checkpoints, plan_global, run_global, tissue_context)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from .engine import MapSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
@@ -334,17 +334,25 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
 def _global_clusters(stack: contextlib.ExitStack, backbone: SoftModel, reader: ImageReader, padded: tuple[int, int],
                      stages: Sequence[int], k: int, budget: int, tile: int | None, mean: Sequence[float],
                      std: Sequence[float], dev: torch.device, folder: Path, seed: int,
-                     report: Callable[[str], Callable[[int, int], None] | None]) -> tuple[ClusterModel,
-                                                                                          Callable[[LabelSink], None]]:
+                     report: Callable[[str], Callable[[int, int], None] | None],
+                     resume: Callable[[int], LayerCheckpoints] | None = None, dist: Any = None
+                     ) -> tuple[ClusterModel | None, Callable[[LabelSink], None] | None, LayerCheckpoints | None]:
     """Run the backbone in global context (kept open on ``stack``), fit clusters on the whole image's
-    features, and return them with the function that fills a :class:`LabelSink` band by band."""
+    features, and return them with the function that fills a :class:`LabelSink` band by band.
+
+    ``resume(tile side)``: the layer checkpoints to keep the run's passes in (also how ranks share maps).
+    Under ``dist`` only rank 0 fits and labels: the other ranks get (None, None, checkpoints)."""
     cfg = backbone.config
     upto = max(stages)
     params = sum(p.numel() for p in backbone.parameters())
     side, spill = plan_global(reader.height, reader.width, cfg, params, budget, cfg.embed_dims[:upto], tile)
     source = ReaderSource(reader, padded[0], padded[1], mean, std, dev)
+    checkpoints = resume(side) if resume is not None else None
     res = stack.enter_context(run_global(backbone, source, upto, stages, tile=side,
-                                         spill_dir=folder if spill else None, on_step=report("global")))
+                                         spill_dir=folder if spill else None, on_step=report("global"),
+                                         checkpoints=checkpoints, dist=dist))
+    if dist is not None and not dist.is_main:
+        return None, None, checkpoints
     out_hw = (-(-reader.height // SCORE_STRIDE), -(-reader.width // SCORE_STRIDE))
     widths = [cfg.embed_dims[s - 1] for s in stages]
     try:
@@ -364,7 +372,7 @@ def _global_clusters(stack: contextlib.ExitStack, backbone: SoftModel, reader: I
                 if on_band is not None:
                     on_band(i, len(bands))
 
-    return cm, fill
+    return cm, fill, checkpoints
 
 
 def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -457,8 +465,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         elif choice.mode == "tile" and tile is None:
             side = choose_tile_size(budget, backbone.config, params, cap=max(*padded, 2 * ALIGN))
             grid = TileGrid(reader.height, reader.width, tile=side, overlap=min(overlap, side - ALIGN))
-        if dist is not None and choice.mode != "tile":
-            raise UsageError(f"splitting the tile rows across ranks needs --context tile (this run: {choice.mode})")
+        if dist is not None and choice.mode == "whole":
+            raise UsageError("splitting the tiles across ranks needs --context tile or global "
+                             "(this run: the whole image in one pass)")
         _check_resources(image, out, grid, len(names))
 
         def report(phase: str) -> Callable[[int, int], None] | None:
@@ -470,14 +479,29 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         summary["context"] = choice.to_json()
         stack = contextlib.ExitStack()
         fill: Callable[[LabelSink], None] | None = None
+        checkpoints: LayerCheckpoints | None = None
         if clusters is None:
             assert model is not None
             fn: Callable[[Tensor], list[Tensor]] = lambda x: [model.forward_logits(x)]  # noqa: E731
             k = model.num_classes
             summary["mode"] = "head"
         elif choice.mode == "global":
-            glob, fill = _global_clusters(stack, backbone, reader, padded, stages, clusters, budget, tile, mean, std,
-                                          dev, Path(out).resolve().parent, seed, report)
+            def checkpoints_for(side: int) -> LayerCheckpoints:
+                return open_checkpoints(out, {"image": file_identity(image), "level": reader.level, "padded": padded,
+                                              "tile": side, "stages": list(stages), "mean": list(mean),
+                                              "std": list(std), "mpp": reader.mpp,
+                                              "landmarks": str(getattr(backbone, "landmark_policy", "")),
+                                              "weights": tensors_digest(backbone.state_dict().items())},
+                                        backbone, max(stages), dist)
+
+            glob, fill, checkpoints = _global_clusters(
+                stack, backbone, reader, padded, stages, clusters, budget, tile, mean, std, dev,
+                Path(out).resolve().parent, seed, report, checkpoints_for if resume or dist is not None else None, dist)
+            summary["resumed_passes"] = checkpoints.resumed if checkpoints is not None else 0
+            if glob is None:  # not rank 0: rank 0 clusters and writes the mask
+                stack.close()
+                summary["rank"] = dist.rank
+                return summary
             k = clusters
             summary["mode"] = "clusters"
             summary["clusters"] = glob.summary() | {"seed": seed}
@@ -555,7 +579,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 labels = raster.read_rows(0, raster.height, step)
                 size = write_overlay(preview, labels, palette, overlay)
                 summary["overlay"] = {"path": str(overlay), "size": size, "downsample": step}
-    if state is not None:
-        state.remove()
+    for finished in (state, checkpoints.state if checkpoints else None):
+        if finished is not None:
+            finished.remove()
     summary["seconds"] = {"label": round(t_label - t_start, 3), "total": round(time.perf_counter() - t_start, 3)}
     return summary

@@ -32,6 +32,7 @@ API::
 
 from .modes import (CONTEXT_MODES, GLOBAL_TILE_CAP, ContextChoice, choose_context, tissue_context,
                     default_max_memory, plan_global)
+from .resume import LayerCheckpoints, count_passes, open_checkpoints
 from .run import GlobalResult, StepCallback, count_steps, run_global, stage_sizes
 from .sources import ImageSource, ReaderSource, TensorSource, embed_region, embed_sizes
 from .stores import (ActivationStore, FileStore, MemoryStore, StoreFactory, export_map, resized_rows,
@@ -39,7 +40,7 @@ from .stores import (ActivationStore, FileStore, MemoryStore, StoreFactory, expo
 
 __all__ = [
     "CONTEXT_MODES", "GLOBAL_TILE_CAP", "ActivationStore", "ContextChoice", "FileStore", "GlobalResult",
-    "ImageSource", "MemoryStore", "ReaderSource", "StepCallback", "StoreFactory", "TensorSource",
-    "choose_context", "tissue_context", "count_steps", "default_max_memory", "embed_region", "embed_sizes",
-    "export_map", "plan_global", "resized_rows", "run_global", "stage_sizes", "store_rows",
+    "ImageSource", "LayerCheckpoints", "MemoryStore", "ReaderSource", "StepCallback", "StoreFactory", "TensorSource",
+    "choose_context", "tissue_context", "count_passes", "count_steps", "default_max_memory", "embed_region", "embed_sizes",
+    "export_map", "open_checkpoints", "plan_global", "resized_rows", "run_global", "stage_sizes", "store_rows",
 ]

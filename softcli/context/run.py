@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
 from ..models.positions import pos_embed_region
 from ..models.soft import SoftBlock, SoftModel, SoftStage
+from .resume import LayerCheckpoints
 from .sources import ImageSource, embed_region, embed_sizes
-from .stores import ActivationStore, StoreFactory, _to_numpy, _to_tensor
+from .stores import ActivationStore, FileStore, StoreFactory, _to_numpy, _to_tensor
 
 #: ``on_step(done, total)``: one step = one tile of one pass.
 StepCallback = Callable[[int, int], None]
@@ -51,70 +52,128 @@ class GlobalResult:
 
 class _Runner:
     def __init__(self, model: SoftModel, factory: StoreFactory, tile: int, on_step: StepCallback | None,
-                 total: int) -> None:
+                 total: int, checkpoints: LayerCheckpoints | None = None, dist: Any = None) -> None:
         self.model, self.factory, self.tile = model, factory, tile
         self.device = next(model.parameters()).device
         self.on_step, self.done, self.total = on_step, 0, total
+        self.checkpoints, self.dist = checkpoints, dist
+        self.rank: int = dist.rank if dist is not None else 0
+        self.world: int = dist.world_size if dist is not None else 1
+        self.passes = 0  # index of the next pass
 
-    def step(self) -> None:
-        self.done += 1
+    def step(self, n: int = 1) -> None:
+        self.done += n
         if self.on_step is not None:
             self.on_step(self.done, self.total)
 
-    def tiles(self, hw: tuple[int, int], stride: int) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    def tiles(self, hw: tuple[int, int], stride: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         side = max(1, self.tile // stride)
-        for rows in blocks_1d(hw[0], side):
-            for cols in blocks_1d(hw[1], side):
-                yield rows, cols
+        return [(rows, cols) for rows in blocks_1d(hw[0], side) for cols in blocks_1d(hw[1], side)]
+
+    def my_tiles(self, hw: tuple[int, int], stride: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """This rank's share of the tiles (every tile in a lone process); the others count as done steps."""
+        tiles = self.tiles(hw, stride)
+        mine = tiles[len(tiles) * self.rank // self.world:len(tiles) * (self.rank + 1) // self.world]
+        if len(mine) < len(tiles):
+            self.step(len(tiles) - len(mine))
+        return mine
+
+    def _next_pass(self) -> tuple[int, bool]:
+        index, self.passes = self.passes, self.passes + 1
+        return index, self.checkpoints is not None and self.checkpoints.is_done(index)
+
+    def _new_map(self, index: int, shape: tuple[int, int, int], existing: bool = False) -> ActivationStore:
+        return self.factory.new(shape, f"pass{index:03d}.f32" if self.checkpoints is not None else None, existing)
+
+    def _finish(self, index: int, stores: Sequence[ActivationStore] = (), **arrays: Tensor) -> None:
+        """Every rank's tiles of pass ``index`` are written (and recorded, when resumable)."""
+        if self.dist is not None:
+            for store in stores:
+                if isinstance(store, FileStore):
+                    store.sync()
+            self.dist.barrier()
+        if self.checkpoints is not None and self.rank == 0:
+            self.checkpoints.mark(index, stores, **arrays)
+        if self.dist is not None:
+            self.dist.barrier()
+
+    def layer(self, shape: tuple[int, int, int], hw: tuple[int, int], stride: int,
+              compute: Callable[[ActivationStore, tuple[int, int], tuple[int, int]], None]) -> ActivationStore:
+        """A pass writing a new map tile by tile (``compute(out, rows, cols)``); reopened when already done."""
+        index, done = self._next_pass()
+        if done:
+            self.step(len(self.tiles(hw, stride)))
+            return self._new_map(index, shape, existing=True)
+        out = self._new_map(index, shape)
+        for rows, cols in self.my_tiles(hw, stride):
+            compute(out, rows, cols)
+            self.step()
+        self._finish(index, [out])
+        return out
 
     def embed(self, index: int, fetch: Callable[[int, int, int, int], Tensor], in_size: tuple[int, int],
               out_size: tuple[int, int]) -> ActivationStore:
         """Patch embedding + positional embedding of stage ``index`` into a new store."""
         stage = _stage(self.model, index)
         c = self.model.config.embed_dims[index]
-        store = self.factory.new((out_size[0], out_size[1], c))
-        for rows, cols in self.tiles(out_size, 4 * 2 ** index):
+
+        def tile(store: ActivationStore, rows: tuple[int, int], cols: tuple[int, int]) -> None:
             m = embed_region(stage, fetch, in_size, rows, cols)  # (1, C, h, w)
             tokens = m[0].permute(1, 2, 0) + pos_embed_region(
                 stage.grid_pos_embed, stage.grid, out_size, rows, cols).view(m.shape[2], m.shape[3], c)
             store.write(rows[0], cols[0], _to_numpy(tokens))
-            self.step()
-        return store
 
-    def block(self, blk: SoftBlock, x: ActivationStore, hw: tuple[int, int], stride: int) -> ActivationStore:
-        """One SOFT block over the whole map: landmarks, pass A (K1ᵀV), pass B (outputs)."""
+        return self.layer((out_size[0], out_size[1], c), out_size, 4 * 2 ** index, tile)
+
+    def global_sums(self, blk: SoftBlock, x: ActivationStore, hw: tuple[int, int], stride: int
+                    ) -> tuple[Tensor, Tensor]:
+        """Landmarks and pass A: K1ᵀ·V summed over every tile, in tile order (whatever the ranks)."""
         attn = blk.attn
         dev = self.device
-        h, w = hw
-        # Landmarks from the kept patch rows, band by band (r rows at a time).
+        index, done = self._next_pass()
+        if done:
+            assert self.checkpoints is not None
+            self.step(len(self.tiles(hw, stride)))
+            return self.checkpoints.load(index, "landmarks", dev), self.checkpoints.load(index, "ktv", dev)
+        # Landmarks from the kept patch rows, band by band (r rows at a time); every rank computes them.
         rows_idx, cols_idx = attn.landmark_index(hw)
         r = attn.sr_ratio
         cols_dev = cols_idx.to(dev)
         parts = []
         for p in range(0, len(rows_idx), r):
             y0 = int(rows_idx[p])
-            band = _to_tensor(x.read(y0, y0 + r, 0, w), dev).index_select(1, cols_dev)  # (r, cols, C)
+            band = _to_tensor(x.read(y0, y0 + r, 0, hw[1]), dev).index_select(1, cols_dev)  # (r, cols, C)
             q, _ = attn.queries_values(band.reshape(1, -1, band.shape[-1]))
             qmap = q.transpose(2, 3).reshape(attn.num_heads, attn.head_dim, r, band.shape[1])
             parts.append(attn.landmarks_from_patches(qmap, 1))
         lm = torch.cat(parts, dim=2)
-        # Pass A: K1ᵀ·V over every token.
-        ktv: Tensor | None = None
-        for rows, cols in self.tiles(hw, stride):
+        tile_sums = []
+        for rows, cols in self.my_tiles(hw, stride):
             xt = _to_tensor(x.read(rows[0], rows[1], cols[0], cols[1]), dev)
             q, v = attn.queries_values(xt.reshape(1, -1, xt.shape[-1]))
-            part = attn.kernel_values(q, v, lm)
-            ktv = part if ktv is None else ktv.add_(part)
+            tile_sums.append(attn.kernel_values(q, v, lm))
             self.step()
-        assert ktv is not None
+        if self.dist is not None:  # the same additions in the same order as one process: equal numbers
+            tile_sums = [t.to(dev) for share in self.dist.all_gather([t.cpu() for t in tile_sums]) for t in share]
+        ktv = tile_sums[0]
+        for part in tile_sums[1:]:
+            ktv = ktv.add_(part)
+        self._finish(index, landmarks=lm, ktv=ktv)
+        return lm, ktv
+
+    def block(self, blk: SoftBlock, x: ActivationStore, hw: tuple[int, int], stride: int) -> ActivationStore:
+        """One SOFT block over the whole map: landmarks, pass A (K1ᵀV), pass B (outputs)."""
+        attn = blk.attn
+        h, w = hw
+        lm, ktv = self.global_sums(blk, x, hw, stride)
         weights = attn.landmark_pinv(lm) @ ktv
         # Pass B: outputs, with a halo for the local k x k term.
         halo = attn.local_conv.kernel_size[0] // 2  # type: ignore[index]
-        out = self.factory.new(x.shape)  # type: ignore[arg-type]
-        for rows, cols in self.tiles(hw, stride):
+
+        def tile(out: ActivationStore, rows: tuple[int, int], cols: tuple[int, int]) -> None:
             ry = (max(0, rows[0] - halo), min(h, rows[1] + halo))
             rx = (max(0, cols[0] - halo), min(w, cols[1] + halo))
-            xr = _to_tensor(x.read(ry[0], ry[1], rx[0], rx[1]), dev)  # (rh, rw, C)
+            xr = _to_tensor(x.read(ry[0], ry[1], rx[0], rx[1]), self.device)  # (rh, rw, C)
             rh, rw, c = xr.shape
             q, v = attn.queries_values(xr.reshape(1, -1, c))
             local = attn.local_term(v, (rh, rw))
@@ -129,18 +188,28 @@ class _Runner:
             xt = xr[rows[0] - ry[0]:rows[1] - ry[0], cols[0] - rx[0]:cols[1] - rx[0]].reshape(1, -1, c)
             y = blk.finish(xt, y)
             out.write(rows[0], cols[0], _to_numpy(y.view(rows[1] - rows[0], cols[1] - cols[0], c)))
-            self.step()
-        return out
+
+        return self.layer(x.shape, hw, stride, tile)  # type: ignore[arg-type]
 
     def stage4(self, x: ActivationStore, hw: tuple[int, int]) -> tuple[ActivationStore, Tensor]:
-        """Softmax blocks over all stage-4 tokens at once (exact; see module docstring)."""
+        """Softmax blocks over all stage-4 tokens at once (exact; see module docstring); rank 0 runs them."""
         stage = _stage(self.model, 3)
-        c = x.shape[2]
-        tokens = _to_tensor(x.read(0, hw[0], 0, hw[1]), self.device).reshape(1, -1, c)
-        tokens, cls_out = stage.attend_with_class(tokens, cast(Tensor, self.model.cls_token))
-        out = self.factory.new(x.shape)  # type: ignore[arg-type]
-        out.write(0, 0, _to_numpy(tokens.view(hw[0], hw[1], c)))
+        index, done = self._next_pass()
+        out = self._new_map(index, x.shape, existing=done)  # type: ignore[arg-type]
+        if done:
+            assert self.checkpoints is not None
+            self.step()
+            return out, self.checkpoints.load(index, "cls", self.device)
+        cls_out = torch.zeros(0)
+        if self.rank == 0:
+            c = x.shape[2]
+            tokens = _to_tensor(x.read(0, hw[0], 0, hw[1]), self.device).reshape(1, -1, c)
+            tokens, cls_out = stage.attend_with_class(tokens, cast(Tensor, self.model.cls_token))
+            out.write(0, 0, _to_numpy(tokens.view(hw[0], hw[1], c)))
+        if self.dist is not None:
+            cls_out = self.dist.broadcast(cls_out.cpu()).to(self.device)
         self.step()
+        self._finish(index, [out], cls=cls_out)
         return out, cls_out
 
 
@@ -165,18 +234,26 @@ def count_steps(model: SoftModel, size: tuple[int, int], upto: int, tile: int) -
 
 def run_global(model: SoftModel, source: ImageSource, upto: int = 3, keep: Sequence[int] = (1, 2, 3), *,
                tile: int = 1024, spill_dir: str | os.PathLike[str] | None = None,
-               on_step: StepCallback | None = None) -> GlobalResult:
+               on_step: StepCallback | None = None, checkpoints: LayerCheckpoints | None = None,
+               dist: Any = None) -> GlobalResult:
     """Stages 1..``upto`` over the whole image, exactly, tile by tile (see module docstring).
 
     ``keep``: the stages (1-based) whose maps the result holds. ``tile``: tile
     side in input pixels (stage i tiles are tile / 2^(i+1) tokens a side).
     ``spill_dir``: where to put activations as files (None: in memory). The
     result must be closed (it is a context manager) to free them.
+    ``checkpoints``: keep the activations in its folder and record every finished
+    pass there; passes a killed run finished are skipped (:mod:`.resume`).
+    ``dist`` (a :class:`~softcli.cohort.DistContext`): split every pass's tiles
+    across ranks, which share the maps through the checkpoint folder (required).
     """
     if not 1 <= upto <= 4:
         raise ValueError("upto must be 1-4")
-    factory = StoreFactory(spill_dir)
-    runner = _Runner(model, factory, tile, on_step, count_steps(model, (source.height, source.width), upto, tile))
+    if dist is not None and checkpoints is None:
+        raise ValueError("ranks share the maps through the checkpoint folder: pass checkpoints with dist")
+    factory = StoreFactory(keep_folder=checkpoints.folder) if checkpoints is not None else StoreFactory(spill_dir)
+    runner = _Runner(model, factory, tile, on_step, count_steps(model, (source.height, source.width), upto, tile),
+                     checkpoints, dist)
     maps: dict[int, ActivationStore] = {}
     sizes: dict[int, tuple[int, int]] = {}
     cls_out: Tensor | None = None

@@ -56,11 +56,32 @@ class MemoryStore(ActivationStore):
 class FileStore(ActivationStore):
     """A raw file accessed with pread/pwrite (no memory map: stored rows are not resident memory)."""
 
-    def __init__(self, shape: tuple[int, int, int], path: Path) -> None:
+    def __init__(self, shape: tuple[int, int, int], path: Path, existing: bool = False) -> None:
+        """``existing``: a map a finished layer pass left (resume), opened on first use and never resized."""
         super().__init__(shape)
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, self.nbytes)
+        self._fd = -1
+        self._existing = existing
+        if not existing:  # no O_TRUNC: every cell is written again, and other ranks may already be writing
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(self._fd, self.nbytes)
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0 and self._existing:
+            self._existing = False
+            try:
+                self._fd = os.open(self.path, os.O_RDWR)
+            except OSError as exc:
+                raise OSError(f"the resumable activation file {self.path} is missing ({exc.strerror})") from exc
+            if os.fstat(self._fd).st_size != self.nbytes:
+                raise OSError(f"the resumable activation file {self.path} has the wrong size")
+        return self._fd
+
+    def sync(self) -> None:
+        """Flush written rows to the disk (before a layer pass is recorded as finished)."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         _, w, c = self.shape
@@ -76,7 +97,7 @@ class FileStore(ActivationStore):
         view = out.data.cast("B")
         done = 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], offset + done)
+            n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
                 raise OSError(f"short read from the temporary activation file {self.path}")
             done += n
@@ -94,20 +115,33 @@ class FileStore(ActivationStore):
         view = block.data.cast("B")
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
+            done += os.pwrite(self.fd, view[done:], offset + done)
 
     def close(self) -> None:
+        """Close and delete the file."""
+        self.detach()
+        self.path.unlink(missing_ok=True)
+
+    def detach(self) -> None:
+        """Close the file and keep it (a resumable run's state)."""
+        self._existing = False
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self.path.unlink(missing_ok=True)
 
 
 class StoreFactory:
     """Makes activation stores: in memory, or as files in one temporary folder when ``spill_dir`` is set."""
 
-    def __init__(self, spill_dir: str | os.PathLike[str] | None = None) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix=".soft-context-", dir=spill_dir)) if spill_dir else None
+    def __init__(self, spill_dir: str | os.PathLike[str] | None = None, *,
+                 keep_folder: str | os.PathLike[str] | None = None) -> None:
+        """``keep_folder``: put the files there and leave the folder (and the files not released) on close:
+        the activations of a resumable run (:mod:`softcli.context.resume`)."""
+        self.kept = keep_folder is not None
+        if keep_folder is not None:
+            self.folder: Path | None = Path(keep_folder)
+        else:
+            self.folder = Path(tempfile.mkdtemp(prefix=".soft-context-", dir=spill_dir)) if spill_dir else None
         self._count = 0
         self.peak_files_bytes = 0
         self._live: list[ActivationStore] = []
@@ -116,13 +150,14 @@ class StoreFactory:
     def on_disk(self) -> bool:
         return self.folder is not None
 
-    def new(self, shape: tuple[int, int, int]) -> ActivationStore:
+    def new(self, shape: tuple[int, int, int], name: str | None = None, existing: bool = False) -> ActivationStore:
+        """A new store; ``name``: its file name (on disk only), ``existing``: reopen that file as it is."""
         self._count += 1
         store: ActivationStore
         if self.folder is None:
             store = MemoryStore(shape)
         else:
-            store = FileStore(shape, self.folder / f"act{self._count}.f32")
+            store = FileStore(shape, self.folder / (name or f"act{self._count}.f32"), existing)
         self._live.append(store)
         return store
 
@@ -133,9 +168,12 @@ class StoreFactory:
 
     def close(self) -> None:
         for store in self._live:
-            store.close()
+            if self.kept and isinstance(store, FileStore):
+                store.detach()
+            else:
+                store.close()
         self._live.clear()
-        if self.folder is not None:
+        if self.folder is not None and not self.kept:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
