@@ -164,3 +164,29 @@ def test_split_tiles_global_two_ranks_equal_one_process(weights, tmp_path):
     a, b = load_file(tmp_path / "one-f.safetensors"), load_file(tmp_path / "two-f.safetensors")
     for key in ("stage1", "stage4", "pooled"):
         np.testing.assert_array_equal(b[key], a[key])
+
+
+def test_cohort_resumes_the_image_in_progress_at_its_last_pass(weights, tmp_path):
+    """A killed ``--out-dir`` run: the rerun skips the finished image and resumes the other at its last pass."""
+    from softcli.cohort.manifest import read_lines
+
+    src = tmp_path / "in"
+    src.mkdir()
+    blocky_tiff(src / "a.tif", 768, seed=9)
+    blocky_tiff(src / "b.tif", 512, seed=10)
+    common = ["segment", str(src), "--weights", str(weights), "--clusters", "3", "--device", "cpu", "--tile", "128",
+              "--context", "global", "--out-format", "png"]
+    clean = run_soft(*common, "--out-dir", tmp_path / "clean", env=ONE_THREAD_ENV)
+    assert clean.returncode == 0, clean.stderr.decode()
+    out = tmp_path / "run"
+    # Largest first: a.tif runs, then b.tif; kill b.tif's run after 4 of its passes.
+    _kill_after_passes([*common, "--out-dir", str(out)], state_folder(out / "b.png"), 4, tmp_path)
+    assert (out / "a.png").is_file() and not (out / "b.png").exists()
+    again = run_soft(*common, "--out-dir", out, env=ONE_THREAD_ENV)
+    assert again.returncode == 0, again.stderr.decode()
+    records = {Path(r["input"]).name: r for r in read_lines(out / "manifest.jsonl")}
+    assert records["a.tif"]["status"] == "skipped" and records["b.tif"]["status"] == "done"
+    assert records["b.tif"]["resumed"] >= 4
+    for name in ("a.png", "b.png", "b.legend.json"):
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert not state_folder(out / "b.png").exists()

@@ -35,7 +35,8 @@ SplitOpt = Annotated[str, typer.Option(
     "--split", help="Under torchrun: inputs (ranks share the inputs of --out-dir) or tiles (ranks share the tile "
     "rows of one image; rank 0 writes --out).")]
 ResumeOpt = Annotated[bool, typer.Option(
-    "--resume/--no-resume", help="Keep finished bands of tile rows in OUT.partial-state/ so that a killed run "
+    "--resume/--no-resume", help="Keep finished bands of tile rows (tile context) or finished layer passes "
+    "(global context) in OUT.partial-state/ so that a killed run "
     "continues where it stopped (removed once OUT is written).")]
 
 #: Seconds a torch.distributed collective may wait (the end-of-run gather waits for the slowest rank).

@@ -43,6 +43,7 @@ class JobResult:
     outputs: list[Path]
     size: tuple[int, int] | None = None
     mpp: float | None = None
+    resumed: int = 0  # tile rows or layer passes a killed run had left in OUT.partial-state (softcli.band_state)
 
 
 @dataclass
@@ -228,6 +229,8 @@ def _run(items: Sequence[InputItem], out: Path, task: CohortTask, overwrite: boo
             rec |= {"status": "done", "outputs": [{"path": str(Path(os.path.abspath(p))), "bytes": p.stat().st_size}
                                                   for p in result.outputs],
                     "size": list(result.size) if result.size else None, "mpp": result.mpp}
+            if result.resumed:
+                rec["resumed"] = result.resumed
         rec |= {"seconds": round(time.perf_counter() - t0, 3), "finished_at": _now()}
         record(i, rec)
     not_started = 0 if stopped_at is None else len(todo) - stopped_at

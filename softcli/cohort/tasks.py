@@ -73,7 +73,8 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
         summary = segment(path, out, weights=resolved, clusters=clusters, cluster_stages=cluster_stages,
                           level=level, tile=tile, overlap=overlap, device=device, landmarks=landmarks, seed=seed,
                           max_pixels=max_pixels, max_memory=max_memory, progress=progress, **dict(extra or {}))
-        return JobResult([out, legend_path(out)], tuple(summary["size"]), summary.get("mpp"))
+        return JobResult([out, legend_path(out)], tuple(summary["size"]), summary.get("mpp"),
+                         summary.get("resumed_rows", 0) + summary.get("resumed_passes", 0))
 
     settings: dict[str, Any] = {"format": out_format, "clusters": clusters, "cluster_stages": stages if clusters
                                 else None, "seed": seed, "level": level, "tile": tile, "overlap": overlap,
@@ -114,7 +115,7 @@ def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = 
         result = extract_features(model, path, out, stages=stage_list, tile=tile, overlap=overlap, level=level,
                                   max_memory=max_memory, blend=blend, pool=pool, max_pixels=max_pixels,
                                   on_tile=lambda done, total: progress("tiles", done, total), **dict(extra or {}))
-        return JobResult([out], result.image_size, result.mpp)
+        return JobResult([out], result.image_size, result.mpp, result.resumed_rows + result.resumed_passes)
 
     settings = {"format": out_format, "stages": stage_list, "tile": tile, "overlap": overlap, "level": level,
                 "max_memory": max_memory, "blend": blend, "pool": pool,
