@@ -15,6 +15,8 @@ folder is removed once the output is complete. Its name has no PID in it, so
 :func:`~softcli.io.atomic.remove_stale_temporaries` never sweeps it.
 Under ``--split tiles`` every rank writes its own rows into the same files
 (the folder must then be on a file system all ranks share).
+A global-context run keeps its finished layer passes in the same kind of folder,
+with the same keying (:mod:`softcli.context.resume`: one "row" per pass).
 """
 
 from __future__ import annotations

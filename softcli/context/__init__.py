@@ -16,7 +16,9 @@ Activations between layers live in :class:`ActivationStore` objects: numpy
 arrays when they fit the budget, raw files written with ``pwrite`` and read
 with ``pread`` in a temporary ``.soft-context-*`` folder when they don't (so
 stored rows never count towards resident memory); the folder is removed when
-the run ends, also on an exception or Ctrl-C.
+the run ends, also on an exception or Ctrl-C. A resumable run
+(:mod:`.resume`) keeps them instead in ``OUT.partial-state/`` with a record of
+every finished pass, and can split each pass's tiles across torchrun ranks.
 
 Stage 4 (softmax attention with a class token) has no such decomposition: it
 runs once over all stage-4 tokens (N/1024 of them) held in memory, through the

@@ -49,11 +49,7 @@ class LayerCheckpoints:
         self.state = state
         self.folder: Path = state.folder
         self.finished = set(state.finished())
-
-    @property
-    def resumed(self) -> int:
-        """Passes a killed run had finished."""
-        return len(self.finished)
+        self.resumed = len(self.finished)  # passes a killed run had finished
 
     def is_done(self, index: int) -> bool:
         return index in self.finished
