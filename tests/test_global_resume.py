@@ -15,6 +15,7 @@ import torch
 
 from softcli.band_state import BandState, state_folder
 from softcli.context import LayerCheckpoints, TensorSource, count_passes, run_global
+from softcli.errors import OutputError
 
 from .conftest import run_soft
 from .synthetic import ONE_THREAD_ENV
@@ -80,7 +81,7 @@ def test_missing_map_of_a_finished_pass_is_an_error_not_zeros(tiny_model, tmp_pa
     for p in band.folder.glob("pass*.f32"):
         p.unlink()
     with run_global(tiny_model, TensorSource(x), upto=2, keep=(2,), tile=64,
-                    checkpoints=LayerCheckpoints(band)) as res, pytest.raises(OSError, match="resumable activation"):
+                    checkpoints=LayerCheckpoints(band)) as res, pytest.raises(OutputError, match="resumable activation"):
         res.maps[2].read(0, 1, 0, 1)
 
 

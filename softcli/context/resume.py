@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..band_state import BandState
+from ..errors import OutputError
 from ..models.soft import SoftModel, SoftStage
 from .stores import ActivationStore, FileStore
 
@@ -75,7 +76,8 @@ class LayerCheckpoints:
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise OSError(f"the resumable state {path} cannot be read ({exc})") from exc
+            raise OutputError(f"{path}: the resumable state cannot be read ({exc}); "
+                              f"remove {self.folder} to start afresh") from exc
         return torch.from_numpy(array).to(device)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import OutputError
 from ..models.positions import resize_region
 
 
@@ -73,9 +74,11 @@ class FileStore(ActivationStore):
             try:
                 self._fd = os.open(self.path, os.O_RDWR)
             except OSError as exc:
-                raise OSError(f"the resumable activation file {self.path} is missing ({exc.strerror})") from exc
+                raise OutputError(f"{self.path}: the resumable activation file is missing ({exc.strerror}); "
+                                  f"remove {self.path.parent} to start afresh") from exc
             if os.fstat(self._fd).st_size != self.nbytes:
-                raise OSError(f"the resumable activation file {self.path} has the wrong size")
+                raise OutputError(f"{self.path}: the resumable activation file has the wrong size; "
+                                  f"remove {self.path.parent} to start afresh")
         return self._fd
 
     def sync(self) -> None:
