@@ -48,6 +48,16 @@ FEATURE_CHUNK_CHANNELS = 16
 FEATURE_BAND_BYTES = 64 * 2**20
 
 
+def _zlib_level1(data: bytes) -> bytes:
+    """A zlib stream (what Zarr's ``zlib`` codec reads): libdeflate through imagecodecs, about 2.5x faster than zlib."""
+    try:
+        import imagecodecs
+
+        return bytes(imagecodecs.deflate_encode(data, level=1))
+    except (ImportError, AttributeError):  # imagecodecs without libdeflate
+        return zlib.compress(data, 1)
+
+
 def is_zarr(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().rstrip("/").endswith(ZARR_SUFFIXES)
 
@@ -73,7 +83,7 @@ class _ZarrArray:
         block[tuple(slice(0, n) for n in part.shape)] = part
         key = self.folder.joinpath(*(str(i) for i in index))
         key.parent.mkdir(parents=True, exist_ok=True)
-        key.write_bytes(zlib.compress(block.tobytes(), 1))
+        key.write_bytes(_zlib_level1(block.tobytes()))
 
 
 def write_label_zarr(raster: Any, path: str | os.PathLike[str], palette: Sequence[Sequence[int]],
