@@ -18,8 +18,8 @@ complete (:func:`~softcli.io.atomic.atomic_dir`).
   input's µm per pixel is known, else in input pixels (no unit); a translation puts
   each cell's centre over the centre of the input pixels it covers. ``pooled``
   (``--pool``) is the 1-D array ``pooled`` at the root. Written band by band from
-  the map sink: memory holds at most about :data:`FEATURE_BAND_BYTES` of one band
-  per pyramid level.
+  the map sink: memory holds a few bands (level-0 rows, their halves, the row
+  buffers of each level), each at most about :data:`FEATURE_BAND_BYTES`, never the map.
 
 Both record the run's metadata (model, weights sha256, softcli version, mpp, …)
 under the ``softcli`` key of the root ``.zattrs``.
