@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softcli.engine import DiskSink  # noqa: E402
-from softcli.io.writers import write_features  # noqa: E402
+from softcli.engine import DiskSink
+from softcli.io.writers import write_features
 
 
 def fill(sink: DiskSink, name: str, c: int, side: int, band: int = 256) -> None:

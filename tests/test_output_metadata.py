@@ -15,8 +15,8 @@ from softcli.checkpoint import model_files
 from softcli.engine import MemorySink
 from softcli.errors import OutputError
 from softcli.features import extract_features
-from softcli.io.atomic import check_output_path
 from softcli.io import zarr_writer
+from softcli.io.atomic import check_output_path
 from softcli.io.hashing import weights_sha256
 from softcli.io.writers import write_features
 from softcli.io.zarr_writer import halve
@@ -85,7 +85,7 @@ def test_zarr_pyramid_is_the_2x2_mean_in_channel_groups(tmp_path, monkeypatch) -
 
 
 def test_feature_outputs_agree_and_record_model_and_mpp(slide, backbone, tiny_backbone, tmp_path) -> None:
-    kw = dict(stages="1,4", tile=96, overlap=32, context="tile")
+    kw = {"stages": "1,4", "tile": 96, "overlap": 32, "context": "tile"}
     extract_features(backbone, slide, tmp_path / "f.npz", pool=True, **kw)
     res = extract_features(backbone, slide, tmp_path / "f.ome.zarr", pool=True, **kw)
     extract_features(backbone, slide, tmp_path / "f.safetensors", **kw)
@@ -140,7 +140,7 @@ def test_mask_outputs_record_the_model(slide, tiny_backbone, tmp_path) -> None:
     from softcli.segment import segment
 
     made_by = _expected(tiny_backbone)
-    kw = dict(weights=tiny_backbone, clusters=2, tissue="none")
+    kw = {"weights": tiny_backbone, "clusters": 2, "tissue": "none"}
     segment(slide, tmp_path / "m.ome.tif", geojson=tmp_path / "m.geojson", **kw)
     legend = json.loads((tmp_path / "m.legend.json").read_text())
     assert legend.items() >= made_by.items()

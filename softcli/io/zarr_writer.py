@@ -162,8 +162,9 @@ class _Pyramid:
 
     def finish(self) -> None:
         for level in range(len(self.arrays)):
-            if self.buffers[level] is not None:
-                self.push(level, self.buffers[level][:, :0], final=True)
+            buf = self.buffers[level]
+            if buf is not None:
+                self.push(level, buf[:, :0], final=True)
 
 
 def _feature_axes(mpp: float | None) -> list[dict[str, str]]:
