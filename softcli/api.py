@@ -63,11 +63,13 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     from .errors import CheckpointError
     from .hub import resolve_weights
 
-    ck = read_checkpoint(resolve_weights(path).path, use_ema=use_ema)
+    resolved = resolve_weights(path)
+    ck = read_checkpoint(resolved.path, use_ema=use_ema)
     if ck.extra.get("task") == SEGMENTATION:
         raise CheckpointError(f"{ck.source}: a segmentation checkpoint; label pixels with 'soft segment --model'")
     ck = attach_backbone(ck, lambda spec: Path(resolve_weights(spec).path))
     model = build_model(ck, resolve_device(device))
+    model.spec = resolved.spec  # type: ignore[assignment]  # how it was asked for: outputs record it (softcli.io.provenance)
     if landmarks is not None:
         model.set_landmark_policy(landmark_policy(landmarks))
     return model

@@ -39,7 +39,8 @@ from .resources import device_memory_available, format_bytes
 from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
-from .io.writers import check_feature_request, write_features
+from .io.provenance import Provenance, provenance
+from .io.writers import check_feature_request, feature_outputs, write_features
 from .context import (CONTEXT_MODES, LayerCheckpoints, ReaderSource, choose_context, export_map,
                       open_checkpoints, plan_global, run_global,
                       tissue_context)
@@ -174,8 +175,9 @@ def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.Path
     stage_list = parse_stages(stages)
     if not isinstance(image, np.ndarray) and not Path(image).is_file():
         raise InputError(f"{image}: no such file" if not Path(image).exists() else f"{image}: not a file")
-    check_output_path(out, [] if isinstance(image, np.ndarray) else [image], model_files(model_source))
     fmt = check_feature_request(out, len(stage_list), pool)
+    for path in feature_outputs(out):
+        check_output_path(path, [] if isinstance(image, np.ndarray) else [image], model_files(model_source))
     if blend not in ("linear", "gaussian"):
         raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
     return stage_list, fmt
@@ -193,6 +195,12 @@ def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
     check_disk_space(Path(out).resolve().parent, spill + plan.map_bytes,
                      f"the feature maps ({format_bytes(plan.map_bytes)}" + (", written twice: spill files and output)"
                                                                             if spill else ")"))
+
+
+def model_provenance(model: torch.nn.Module) -> Provenance:
+    """:class:`~softcli.io.provenance.Provenance` of a loaded model (its spec and files, set by the loader)."""
+    source = getattr(model, "source", None)
+    return provenance(getattr(model, "spec", None), model_files(source))
 
 
 def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
@@ -363,7 +371,9 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                     "landmarks": str(getattr(model, "landmark_policy", "")), "format": "softcli-features",
                     **slide_metadata(reader.mpp, tissue_info)}
             if dist is None or dist.is_main:
-                write_features(out, sink, keep, pooled, meta)
+                meta.update(model_provenance(model).to_strings())
+                write_features(out, sink, keep, pooled, meta, strides=[STAGE_STRIDES[int(n[5:]) - 1] for n in keep],
+                               mpp=reader.mpp)
             shapes = {n: list(sink.shapes[n]) for n in keep if n in sink.shapes}  # rank 0's under dist
         if dist is None or dist.is_main:
             for finished in (state, checkpoints.state if checkpoints else None):

@@ -46,6 +46,7 @@ from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
                        tiff_tile_count, write_json, write_mask, write_overlay)
 from .io.geojson import check_geojson_output, write_geojson
+from .io.provenance import provenance
 from .io.slide import level0_scale, open_at_resolution
 from .io.slide import preview as _preview
 from .io.reader_base import ImageReader
@@ -300,6 +301,13 @@ def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
     from .hub import resolve_weights
 
     return Path(resolve_weights(spec).path)
+
+
+def _default_spec() -> str:
+    """The registry's default model name (what a run without weights clusters the features of)."""
+    from .registry import load_registry
+
+    return load_registry().default
 
 
 def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
@@ -565,14 +573,16 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 if progress is not None:
                     progress("write", written[0], total_tiles)
 
-            summary["mask"] = write_mask(raster, out, palette, names, on_tile=on_write)
+            made_by = provenance(weights if weights is not None else _default_spec(),
+                                 model_files(ck.source)).to_strings()
+            summary["mask"] = write_mask(raster, out, palette, names, on_tile=on_write, metadata=made_by)
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)
             write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
-                             "mode": summary["mode"], "mpp": summary["mpp"], "labels": entries})
+                             "mode": summary["mode"], "mpp": summary["mpp"], **made_by, "labels": entries})
             summary["legend"] = str(leg)
             if geojson is not None:
-                summary["geojson"] = write_geojson(raster, geojson, names, palette, level0_scale(reader))
+                summary["geojson"] = write_geojson(raster, geojson, names, palette, level0_scale(reader), made_by)
             summary["labels"] = entries
             if overlay is not None:
                 preview, step = _preview(reader, str(image), OVERLAY_MAX_SIDE, max_pixels)

@@ -3,7 +3,7 @@
 Written by tifffile + imagecodecs the way scanners lay them out: an Aperio-style
 SVS (JPEG tiles, ``Aperio Image Library`` description with MPP and AppMag,
 level 0, a thumbnail page, then the lower levels) and an OME-TIFF with
-PhysicalSizeX and SubIFD levels. Pixels are a function of level-0 coordinates,
+PhysicalSizeX and SubIFD levels; a Hamamatsu-style NDPI (:func:`write_ndpi`). Pixels are a function of level-0 coordinates,
 generated tile by tile, so a 40000x30000 slide is written with bounded memory.
 """
 
@@ -86,6 +86,65 @@ def write_ome(path: str | Path, height: int, width: int, mpp: float = 0.5, level
             lh, lw = height // 2**i, width // 2**i
             tw.write(_tiles(height, width, lh, lw, tile), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile),
                      photometric="rgb", compression=compression, subfiletype=1, metadata=None)
+    return path
+
+
+def _ndpi_jpeg(rgb: np.ndarray) -> bytes:
+    """One baseline JPEG of a whole level, 4:4:4, a restart marker after every row of 8x8 blocks (as NDPI has)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95, subsampling=0, restart_marker_blocks=rgb.shape[1] // 8)
+    return buf.getvalue()
+
+
+def write_ndpi(path: str | Path, height: int, width: int, mpp: float = 0.23, magnification: float = 40,
+               levels: int = 2) -> Path:
+    """A Hamamatsu-style NDPI: one JPEG strip per level (÷2 each), NDPI tags, NDPI's 64-bit header and IFDs.
+
+    tifffile has no NDPI writer, and a classic TIFF named ``.ndpi`` is misread by tifffile
+    (the suffix makes it expect NDPI's layout: "invalid offset to first page"), so the
+    file is laid out by hand as tifffile and OpenSlide read NDPI: an 8-byte first-IFD
+    offset in the header, and after each IFD's 12-byte entries an 8-byte next-IFD offset
+    followed by the high 32 bits of every entry's value (all zero below 4 GB). Tags:
+    FileFormat 65420 = 1, SourceLens 65421 = magnification, offsets from the slide centre
+    65422-65424, resolution in pixels per centimetre (the mpp).
+    """
+    import struct
+
+    path = Path(path)
+    out = bytearray(b"II*\0" + bytes(8))
+    link = 4  # where the offset of the next IFD goes
+    for i in range(levels):
+        lh, lw = height // 2**i, width // 2**i
+        data = _ndpi_jpeg(slide_pixels(0, 0, lh, lw, height, width, 2**i))
+        strip = len(out)
+        out += data + bytes(len(data) % 2)
+        ppcm = round(1e4 / (mpp * 2**i) * 1000)
+        tags = [(256, 4, struct.pack("<I", lw)), (257, 4, struct.pack("<I", lh)), (258, 3, struct.pack("<3H", 8, 8, 8)),
+                (259, 3, struct.pack("<H", 7)), (262, 3, struct.pack("<H", 6)), (271, 2, b"Hamamatsu\0"),
+                (272, 2, b"C13220\0"), (273, 4, struct.pack("<I", strip)), (277, 3, struct.pack("<H", 3)),
+                (278, 4, struct.pack("<I", lh)), (279, 4, struct.pack("<I", len(data))),
+                (282, 5, struct.pack("<II", ppcm, 1000)), (283, 5, struct.pack("<II", ppcm, 1000)),
+                (296, 3, struct.pack("<H", 3)), (305, 2, b"NDP.scan\0"), (65420, 4, struct.pack("<I", 1)),
+                (65421, 11, struct.pack("<f", magnification / 2**i)), (65422, 9, bytes(4)), (65423, 9, bytes(4)),
+                (65424, 9, bytes(4))]
+        sizes = {2: 1, 3: 2, 4: 4, 5: 8, 9: 4, 11: 4}
+        entries = bytearray()
+        for code, kind, raw in tags:
+            field = raw.ljust(4, b"\0")
+            if len(raw) > 4:  # the value lives outside the IFD
+                field = struct.pack("<I", len(out))
+                out += raw + bytes(len(raw) % 2)
+            entries += struct.pack("<HHI", code, kind, len(raw) // sizes[kind]) + field
+        ifd = len(out)
+        out += struct.pack("<H", len(tags)) + entries
+        out[link:link + 8] = struct.pack("<Q", ifd)
+        link = len(out)
+        out += bytes(8) + bytes(4 * len(tags))  # next-IFD offset (64-bit), high bits of every entry
+    path.write_bytes(bytes(out))
     return path
 
 

@@ -47,7 +47,7 @@ def test_whole_image_matches_forward_features(tiny_model, tmp_path):
     # Early stages only: the model stops after stage 2, same numbers.
     extract_features(tiny_model, img, tmp_path / "early.npz", stages="1,2")
     early = np.load(tmp_path / "early.npz")
-    assert sorted(early.keys()) == ["stage1", "stage2"]
+    assert sorted(early.keys()) == ["metadata", "stage1", "stage2"]  # metadata: softcli.io.provenance
     np.testing.assert_allclose(early["stage2"], ref[1], atol=1e-4)
 
 
@@ -62,7 +62,7 @@ def test_formats_agree_and_disk_sink_matches_memory(tiny_model, tmp_path):
     assert mem.plan.tiles > 1
     npz = np.load(tmp_path / "m.npz")
     st = load_file(tmp_path / "d.safetensors")
-    assert sorted(npz.keys()) == ["stage2", "stage4"]
+    assert sorted(npz.keys()) == ["metadata", "stage2", "stage4"]
     assert sorted(st) == ["stage2", "stage4"]
     with tifffile.TiffFile(tmp_path / "t.ome.tif") as tf:
         assert tf.is_bigtiff and tf.is_ome and [s.name for s in tf.series] == ["stage2", "stage4"]

@@ -26,8 +26,10 @@ def features(
         metavar="INPUT...", show_default=False, help="Image: TIFF/BigTIFF/OME-TIFF/SVS-like (read region by "
         "region) or any Pillow format; with --out-dir also folders and quoted globs.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output: .safetensors (keys stage1..stage4, "
-                                                                  "(C, H, W) float32), .npy (one stage), .npz, or "
-                                                                  ".ome.tif (tiled BigTIFF).", show_default=False)] = None,
+                                                                  "(C, H, W) float32), .npy (one stage), .npz, "
+                                                                  ".ome.tif (tiled BigTIFF) or .ome.zarr (multiscale "
+                                                                  "OME-Zarr, one image per stage).",
+                                          show_default=False)] = None,
     stages: Annotated[str, typer.Option("--stages", help="Stages to write, e.g. 1,2,3,4 or 4 "
                                                           "(strides 4, 8, 16, 32).")] = "1,2,3,4",
     tile: Annotated[int | None, typer.Option("--tile", help="Tile side in pixels (multiple of 32) of --context "
@@ -75,6 +77,8 @@ def features(
     Example: soft features slides/ --out-dir feats/ --weights soft_tiny/ --stages 4 --pool
 
     Example: soft features slide.ome.tif --out f.safetensors --context global --stages 1,2,3
+
+    Example: soft features slide.svs --mpp 1.0 --out maps.ome.zarr --stages 2,3  (open maps.ome.zarr/stage3 in napari)
 
     Whole slide at 1 µm/px, tissue only: soft features slide.svs --mpp 1.0 --tissue auto --out feats.safetensors
     """

@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import OutputError
 from ..io.atomic import atomic_path
-from ..io.hashing import sha256_file
+from ..io.hashing import weights_sha256  # noqa: F401  (re-exported: softcli.cohort.weights_sha256)
 from ..io.inputs import json_safe
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -39,17 +39,6 @@ REUSABLE = ("done", "skipped")
 
 def part_path(out_dir: Path, rank: int) -> Path:
     return out_dir / f".manifest.rank-{rank}.jsonl"
-
-
-def weights_sha256(files: Iterable[str | os.PathLike[str]]) -> str:
-    """SHA-256 of a model's files: of the file itself for one file, else over (name, file SHA-256) pairs."""
-    paths = sorted({Path(f) for f in files if Path(f).is_file()}, key=lambda p: p.name)
-    if len(paths) == 1:
-        return sha256_file(paths[0])
-    digest = hashlib.sha256()
-    for p in paths:
-        digest.update(f"{p.name}\0{sha256_file(p)}\n".encode())
-    return digest.hexdigest()
 
 
 def settings_key(command: str, settings: Mapping[str, Any], weights_hash: str) -> str:

@@ -107,6 +107,7 @@ def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = 
     output (JSON values); passed on and recorded in the settings.
     """
     from ..features import extract_features
+    from ..io.writers import feature_outputs
 
     suffix, stage_list = check_features_options(out_format, stages, pool, blend)
     source = getattr(model, "source", None)
@@ -115,7 +116,8 @@ def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = 
         result = extract_features(model, path, out, stages=stage_list, tile=tile, overlap=overlap, level=level,
                                   max_memory=max_memory, blend=blend, pool=pool, max_pixels=max_pixels,
                                   on_tile=lambda done, total: progress("tiles", done, total), **dict(extra or {}))
-        return JobResult([out], result.image_size, result.mpp, result.resumed_rows + result.resumed_passes)
+        return JobResult(feature_outputs(out), result.image_size, result.mpp,  # .npy: + its metadata sidecar
+                         result.resumed_rows + result.resumed_passes)
 
     settings = {"format": out_format, "stages": stage_list, "tile": tile, "overlap": overlap, "level": level,
                 "max_memory": max_memory, "blend": blend, "pool": pool,

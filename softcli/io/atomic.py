@@ -143,12 +143,17 @@ def _probe_writable(out_path: Path, parent: Path) -> None:
         os.unlink(probe)
 
 
+def _is_zarr_output(path: Path) -> bool:
+    """A Zarr folder output (``.zarr``/``.ome.zarr`` holding a ``.zgroup``): replaced whole on success, like a file."""
+    return path.name.lower().endswith(".zarr") and (path / ".zgroup").is_file()
+
+
 def check_output_path(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = (),
                       models: Sequence[str | os.PathLike[str]] = ()) -> Path:
     """Fail early (before any compute) when ``out`` cannot be written, is an input or a file of the model in use."""
     out_path = Path(out)
     parent = out_path.parent if str(out_path.parent) else Path(".")
-    if out_path.is_dir():
+    if out_path.is_dir() and not _is_zarr_output(out_path):
         raise OutputError(f"{out_path}: is a folder; give a file name")
     if not parent.is_dir():
         raise OutputError(f"{out_path}: folder {parent} does not exist")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +173,13 @@ def mask_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
 
 
 def labels_geojson(labels: np.ndarray, names: Sequence[str], palette: Sequence[Sequence[int]],
-                   scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
-    """A GeoJSON FeatureCollection of a label grid; ``scale`` = (y, x) grid pixels → level-0 pixels."""
+                   scale: tuple[float, float] = (1.0, 1.0), metadata: Mapping[str, str] | None = None
+                   ) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of a label grid; ``scale`` = (y, x) grid pixels → level-0 pixels.
+
+    ``metadata`` (string pairs: which model made it) goes into every feature's
+    ``properties.metadata`` (QuPath keeps it as the object's metadata) and the collection's ``softcli`` member.
+    """
     sy, sx = scale
     features = []
     for index in np.unique(labels):
@@ -194,16 +199,21 @@ def labels_geojson(labels: np.ndarray, names: Sequence[str], palette: Sequence[S
         color = [int(c) for c in palette[index]] if index < len(palette) else [128, 128, 128]
         features.append({"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": coords},
                          "properties": {"objectType": "annotation", "name": name, "label": index,
-                                        "classification": {"name": name, "color": color}}})
-    return {"type": "FeatureCollection", "features": features}
+                                        "classification": {"name": name, "color": color},
+                                        **({"metadata": dict(metadata)} if metadata else {})}})
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if metadata:
+        doc["softcli"] = dict(metadata)
+    return doc
 
 
 def write_geojson(raster: Any, path: str | os.PathLike[str], names: Sequence[str],
-                  palette: Sequence[Sequence[int]], scale: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:
+                  palette: Sequence[Sequence[int]], scale: tuple[float, float] = (1.0, 1.0),
+                  metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Trace a :class:`~softcli.io.masks.LabelRaster` and write ``path``; returns a summary for ``--json``."""
     step = max(1, math.ceil(max(raster.height, raster.width) / MAX_GRID_SIDE))
     labels = raster.read_rows(0, raster.height, step)
-    doc = labels_geojson(labels, names, palette, (scale[0] * step, scale[1] * step))
+    doc = labels_geojson(labels, names, palette, (scale[0] * step, scale[1] * step), metadata)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, separators=(",", ":"))
     return {"path": str(path), "features": len(doc["features"]), "step": step, "coordinates": "level-0 pixels"}

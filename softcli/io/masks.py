@@ -15,6 +15,8 @@ memory. The writers then read it back in pieces:
 
 The legend (label → name, colour, pixel count and fraction) is written as JSON
 beside the mask; :func:`write_overlay` makes a downsampled blended preview.
+Which model made the mask (:mod:`softcli.io.provenance`) goes into the legend,
+the OME-TIFF description (JSON), PNG text chunks and the OME-Zarr attributes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +145,11 @@ def _palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
     return flat + [0] * (3 * PALETTE_MAX - len(flat))
 
 
-def write_png(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]) -> None:
+def write_png(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]],
+              metadata: Mapping[str, str] | None = None) -> None:
+    """A palette PNG; ``metadata`` as text chunks (``tEXt``, ``iTXt`` when not Latin-1)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     if raster.height * raster.width > PNG_MAX_PIXELS:
         raise UsageError(f"{path}: mask too large for PNG; write .tif instead")
@@ -152,7 +157,10 @@ def write_png(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]])
         raise UsageError(f"{path}: {raster.num_labels} classes do not fit a PNG palette; write .tif or .npy")
     img = Image.fromarray(raster.array())  # mode "L": the label values themselves
     img.putpalette(_palette_bytes(palette))  # L → P, keeping every value as its palette index
-    img.save(path, format="PNG", optimize=False, compress_level=6)
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_itxt(str(key), str(value))
+    img.save(path, format="PNG", optimize=False, compress_level=6, pnginfo=info)
 
 
 def write_npy(raster: LabelRaster, path: Path, chunk_rows: int = 1024) -> None:
@@ -182,7 +190,8 @@ def _level_tiles(raster: LabelRaster, factor: int, tile: int) -> Iterator[np.nda
 
 
 def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]], names: Sequence[str],
-               tile: int = TIFF_TILE, on_tile: Callable[[], None] | None = None) -> int:
+               tile: int = TIFF_TILE, on_tile: Callable[[], None] | None = None,
+               metadata: Mapping[str, str] | None = None) -> int:
     """Tiled pyramidal OME-TIFF (SubIFDs), deflate, tile by tile. Returns the number of levels."""
     import tifffile
 
@@ -202,7 +211,7 @@ def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]
 
     # BigTIFF when the pyramid (4/3 of level 0), uncompressed, could pass 2 GB: a margin below 4 GB offsets.
     with tifffile.TiffWriter(path, bigtiff=raster.nbytes * 4 // 3 > 2**31, ome=True) as tif:
-        meta = {"axes": "YX", "Name": "labels", "Description": json.dumps({"labels": list(names)})}
+        meta = {"axes": "YX", "Name": "labels", "Description": json.dumps({**dict(metadata or {}), "labels": list(names)})}
         tif.write(counted(_level_tiles(raster, 1, tile)), shape=shapes[0], subifds=len(shapes) - 1,
                   metadata=meta, **common)
         for level, shape in enumerate(shapes[1:], 1):
@@ -216,8 +225,12 @@ def tiff_tile_count(height: int, width: int, tile: int = TIFF_TILE) -> int:
 
 
 def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequence[Sequence[int]],
-               names: Sequence[str], on_tile: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Write the mask in the format its name asks for, atomically. Returns what was written."""
+               names: Sequence[str], on_tile: Callable[[], None] | None = None,
+               metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write the mask in the format its name asks for, atomically. Returns what was written.
+
+    ``metadata`` (string pairs: the run's provenance) goes where the format has room: not in ``.npy``.
+    """
     fmt = mask_format(out)
     info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width],
                             "dtype": raster.dtype.name}
@@ -226,15 +239,15 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
             from .zarr_writer import write_label_zarr
 
             info["levels"] = write_label_zarr(raster, out, palette, names, pyramid_shapes(raster.height, raster.width),
-                                              on_chunk=on_tile)
+                                              on_chunk=on_tile, metadata=metadata)
             return info
         with atomic_path(out) as tmp:
             if fmt == "png":
-                write_png(raster, tmp, palette)
+                write_png(raster, tmp, palette, metadata)
             elif fmt == "npy":
                 write_npy(raster, tmp)
             else:
-                info["levels"] = write_tiff(raster, tmp, palette, names, on_tile=on_tile)
+                info["levels"] = write_tiff(raster, tmp, palette, names, on_tile=on_tile, metadata=metadata)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write the mask ({exc.strerror or exc})") from None
     return info

@@ -12,10 +12,19 @@ Formats, chosen by the output's suffix:
 - ``.npz``: ``stage1.npy`` … and ``pooled.npy`` in an uncompressed zip (as
   ``np.savez``), ZIP64 so members may exceed 4 GB.
 - ``.tif``/``.tiff``/``.ome.tif``: a BigTIFF OME-TIFF with one image per stage
-  (axes CYX, named ``stageN``), written tile by tile (256², zlib) from the
-  sink; no pooled vector (a usage error).
+  (axes CYX, named ``stageN``, physical pixel size = mpp × stride when the mpp is
+  known), written tile by tile (256², zlib) from the sink; no pooled vector (a usage error).
+- ``.zarr``/``.ome.zarr``: OME-Zarr (NGFF 0.4), one multiscale image per stage
+  (:func:`~softcli.io.zarr_writer.write_feature_zarr`).
 
-Every writer goes through :func:`~softcli.io.atomic.atomic_path`.
+Metadata (model, weights SHA-256, softcli version: :mod:`softcli.io.provenance`;
+image size, strides, mpp, tiling, tissue masking) goes where the format has room:
+safetensors ``__metadata__``; the npz member ``metadata.npy`` (a 0-d string
+array holding a JSON object: ``json.loads(str(np.load(f)["metadata"]))``); the
+sidecar ``NAME.meta.json`` beside a ``.npy``; the OME-TIFF image descriptions
+(JSON); the OME-Zarr root attribute ``softcli``.
+
+Every writer goes through :func:`~softcli.io.atomic.atomic_path` (``atomic_dir`` for Zarr).
 """
 
 from __future__ import annotations
@@ -33,16 +42,17 @@ import numpy as np
 from ..errors import UsageError
 from .atomic import atomic_path
 
-FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff"}
+FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff",
+           ".zarr": "zarr"}
 TIFF_TILE = 256
 
 
 def feature_format(path: str | os.PathLike[str]) -> str:
-    """``safetensors``, ``npy``, ``npz`` or ``tiff`` from the file name; anything else is a usage error."""
+    """``safetensors``, ``npy``, ``npz``, ``tiff`` or ``zarr`` from the file name; anything else is a usage error."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise UsageError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; "
-                         "use .safetensors, .npy, .npz or .ome.tif")
+                         "use .safetensors, .npy, .npz, .ome.tif or .ome.zarr")
     return FORMATS[suffix]
 
 
@@ -55,6 +65,17 @@ def check_feature_request(path: str | os.PathLike[str], n_maps: int, pooled: boo
     if pooled and fmt in ("npy", "tiff"):
         raise UsageError(f"{path}: --pool needs .safetensors or .npz (a .{fmt} file holds only maps)")
     return fmt
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """``feats.npy`` → ``feats.meta.json``: where the metadata of a ``.npy`` output goes."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.meta.json")
+
+
+def feature_outputs(path: str | os.PathLike[str]) -> list[Path]:
+    """Every file a feature output ``path`` makes: itself, and for ``.npy`` its metadata sidecar."""
+    return [Path(path), sidecar_path(path)] if feature_format(path) == "npy" else [Path(path)]
 
 
 class _MapSource(Protocol):
@@ -113,7 +134,7 @@ def write_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Pa
 
 
 def write_npz(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
-              pooled: np.ndarray | None = None) -> Path:
+              pooled: np.ndarray | None = None, metadata: Mapping[str, str] | None = None) -> Path:
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name in names:
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
@@ -123,6 +144,9 @@ def write_npz(path: str | os.PathLike[str], source: _MapSource, names: Sequence[
             with zf.open("pooled.npy", "w") as fh:
                 fh.write(_npy_header(pooled.shape))
                 fh.write(np.ascontiguousarray(pooled, "<f4").tobytes())
+        if metadata:
+            with zf.open("metadata.npy", "w") as fh:  # a string array: np.load reads it without pickle
+                np.lib.format.write_array(fh, np.array(json.dumps(dict(metadata))), allow_pickle=False)
     return Path(path)
 
 
@@ -137,31 +161,52 @@ def _tiff_tiles(source: _MapSource, name: str, tile: int) -> Iterator[np.ndarray
 
 
 def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str], compression: str | None = "zlib",
-                   tile: int = TIFF_TILE) -> Path:
+                   tile: int = TIFF_TILE, metadata: Mapping[str, str] | None = None,
+                   strides: Sequence[int] | None = None, mpp: float | None = None) -> Path:
+    """One CYX image per map; ``metadata`` as JSON in each image's description, µm pixel sizes when ``mpp`` is known."""
     import tifffile
 
     comp: dict[str, object] = {}
     if compression:
         comp = {"compression": compression, "compressionargs": {"level": 1} if compression == "zlib" else {}}
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:
-        for name in names:
+        for i, name in enumerate(names):
             c, h, w = source.shapes[name]
             md: dict[str, object] = {"axes": "CYX", "Name": name}
+            if metadata:
+                md["Description"] = json.dumps(dict(metadata))
+            if mpp and strides is not None:
+                size = float(mpp) * int(strides[i])
+                md.update({"PhysicalSizeX": size, "PhysicalSizeY": size,
+                           "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
             tw.write(_tiff_tiles(source, name, tile), shape=(c, h, w), dtype="float32", tile=(tile, tile),
                      photometric="minisblack", metadata=md, **comp)
     return Path(path)
 
 
 def write_features(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
-                   pooled: np.ndarray | None = None, metadata: Mapping[str, str] | None = None) -> str:
-    """Write the maps ``names`` of ``source`` (and ``pooled``) in the format of ``path``; returns the format."""
+                   pooled: np.ndarray | None = None, metadata: Mapping[str, str] | None = None, *,
+                   strides: Sequence[int] | None = None, mpp: float | None = None) -> str:
+    """Write the maps ``names`` of ``source`` (and ``pooled``) in the format of ``path``; returns the format.
+
+    ``strides`` (input pixels per map cell) and ``mpp`` (µm per input pixel) give
+    the OME formats their physical scale.
+    """
     fmt = check_feature_request(path, len(names), pooled is not None)
     if fmt == "safetensors":
         write_safetensors(path, source, names, pooled, metadata)
     elif fmt == "npy":
         write_npy(path, source, names[0])
+        if metadata:
+            with atomic_path(sidecar_path(path)) as tmp:
+                tmp.write_text(json.dumps(dict(metadata), indent=2) + "\n", encoding="utf-8")
     elif fmt == "npz":
-        write_npz(path, source, names, pooled)
+        write_npz(path, source, names, pooled, metadata)
+    elif fmt == "zarr":
+        from .zarr_writer import write_feature_zarr
+
+        write_feature_zarr(path, source, names, strides if strides is not None else [1] * len(names), pooled, mpp,
+                           metadata)
     else:
-        write_ome_tiff(path, source, names)
+        write_ome_tiff(path, source, names, metadata=metadata, strides=strides, mpp=mpp)
     return fmt
