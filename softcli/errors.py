@@ -61,12 +61,16 @@ class WeightsNotCached(WeightsError):
     """The weights are not in the cache and cannot be downloaded now (offline, or the download failed)."""
 
 
-class HubUnavailable(WeightsNotCached):
+class HubUnavailable(WeightsError):
     """The Hub repo is missing, or unreachable with nothing cached: a registry model may fall back to its origin."""
 
     def __init__(self, message: str, reason: str, *, spec: str | None = None) -> None:
         super().__init__(message, spec=spec)
         self.reason = reason
+
+
+class HubNotCached(HubUnavailable, WeightsNotCached):
+    """The Hub cannot be reached (or downloads are off) and nothing usable is cached."""
 
 
 class TamperedFile(WeightsError):

@@ -409,3 +409,24 @@ def _predictions(obj):
     if isinstance(obj, list):
         return [_predictions(v) for v in obj]
     return obj
+
+
+def test_weights_package_names_and_no_torch_at_import():
+    """softcli.weights spells out the checkpoint file names (so listing models never imports torch): they must agree,
+    and no module of the package imports torch, the checkpoint reader or the models at module level."""
+    import ast
+
+    from softcli import checkpoint
+    from softcli.weights import hf as weights_hf
+
+    assert (weights_hf.WEIGHTS_NAME, weights_hf.CONFIG_NAME) == (checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME)
+    heavy = {"torch", "softcli.checkpoint", "softcli.models", "..checkpoint", "..models"}
+    for path in (REPO / "softcli" / "weights").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only; function-level imports are lazy
+            if isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {"." * node.level + (node.module or "")}
+            else:
+                continue
+            assert not names & heavy, f"{path.name} imports {names & heavy} at module level"

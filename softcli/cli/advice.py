@@ -7,8 +7,15 @@ type, so ``error: ...`` lines still end with a next step.
 
 from __future__ import annotations
 
-from ..errors import (NotASoftcliFolder, OriginUnavailable, SoftError, TamperedFile, UnknownModel, UnverifiableFile,
-                      WeightsNotCached)
+from ..errors import (
+    NotASoftcliFolder,
+    OriginUnavailable,
+    SoftError,
+    TamperedFile,
+    UnknownModel,
+    UnverifiableFile,
+    WeightsNotCached,
+)
 
 #: For weights that are not cached and cannot be downloaded now.
 OFFLINE_ADVICE = ("pull it on a connected machine ('soft weights pull {spec}') and copy the cache folder, "

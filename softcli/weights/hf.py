@@ -31,10 +31,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import HubUnavailable, NotASoftcliFolder, TamperedFile, UnverifiableFile, WeightsError, WeightsNotCached
+from ..errors import (
+    HubNotCached,
+    HubUnavailable,
+    NotASoftcliFolder,
+    TamperedFile,
+    UnverifiableFile,
+    WeightsError,
+    WeightsNotCached,
+)
 from ..io.atomic import atomic_path
 from ..io.hashing import hash_file, sha256_file
-from .config import hub_cache, hub_endpoint, hf_home, is_offline, meta_timeout
+from .config import hf_home, hub_cache, hub_endpoint, is_offline, meta_timeout
 from .registry import COMMIT_RE, SHA256_RE, revision_problem
 from .spec import check_commit, check_revision, hub_spec
 
@@ -46,8 +54,8 @@ CONFIG_NAME = "config.json"
 HUB_PATTERNS = ["*.safetensors", CONFIG_NAME, "README.md"]
 
 
-def not_cached(spec: str, reason: str) -> HubUnavailable:
-    return HubUnavailable(f"{spec} is not in the cache ({hub_cache()}) and {reason}", reason, spec=spec)
+def not_cached(spec: str, reason: str) -> HubNotCached:
+    return HubNotCached(f"{spec} is not in the cache ({hub_cache()}) and {reason}", reason, spec=spec)
 
 
 def _storage_folder(repo_id: str) -> Path:
@@ -233,7 +241,12 @@ def _timed_out(exc: BaseException) -> bool:
 
 def _classify(exc: BaseException) -> str:
     """``missing`` (repo or revision absent / no access) or ``unreachable`` (network, server error)."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)):
         return "missing"
@@ -276,7 +289,7 @@ def pull_hub(repo_id: str, revision: str | None = None, *, force: bool = False,
         try:
             _verify_snapshot(spec, repo_id, *cached)
             return cached
-        except TamperedFile as exc:
+        except TamperedFile:
             if offline:
                 raise
             cached = None  # online: fetch it again below
@@ -355,7 +368,7 @@ def _download_snapshot(spec: str, repo_id: str, commit: str, expected: dict[str,
             folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=HUB_PATTERNS,
                                             endpoint=hub_endpoint(), etag_timeout=meta_timeout(),
                                             force_download=force))
-    except Exception as exc:  # noqa: BLE001 - one clear line for every failure, the cause chained
+    except Exception as exc:
         raise WeightsNotCached(f"downloading {spec} (commit {commit[:12]}) failed: {describe_failure(exc)}",
                                spec=spec) from exc
     if folder.name != commit:

@@ -59,18 +59,21 @@ def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str)
     """
     folder = origin_cache() / entry.name
     origin = asdict(entry.origin) if entry.origin else {}
-    from .publish import convert_checkpoint  # it builds the model: torch only when converting
+    from .publish import (
+        convert_checkpoint,  # it builds the model: torch only when converting
+    )
 
     convert_checkpoint(checkpoint, folder, name=entry.name, architecture=entry.architecture, repo_id=entry.hub.repo_id,
                        entry=entry, extra={"registry_name": entry.name, "converted_from": {
                            **origin, "file": checkpoint.name, "sha256": download_sha256}})
+    weights_sha256 = sha256_file(folder / WEIGHTS_NAME)
     record = {"name": entry.name, "origin": origin, "download_sha256": download_sha256,
-              "weights_sha256": sha256_file(folder / WEIGHTS_NAME),
+              "weights_sha256": weights_sha256,
               "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with atomic_path(folder / ORIGIN_MANIFEST) as tmp:  # written last: it marks the conversion complete
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     return ResolvedWeights(spec=entry.name, kind="registry", path=folder, source="origin", registry_name=entry.name,
-                           sha256=record["weights_sha256"])
+                           sha256=weights_sha256)
 
 
 def _first_download_sha256(entry: RegistryEntry) -> str | None:

@@ -163,7 +163,7 @@ def push_folder(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
         api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
         info = api.create_commit(repo_id, operations=[*ops, card_op], revision=revision,
                                  commit_message=message or "Upload SOFT weights (softcli)")
-    except Exception as exc:  # noqa: BLE001 - one clear line for every failure
+    except Exception as exc:
         from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
         status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else 0

@@ -58,7 +58,7 @@ def resolve_weights(spec: str | os.PathLike[str] | None, *, download: bool = Tru
     if spec is None:
         spec = registry.default
     is_str = isinstance(spec, str)
-    kind = spec_kind(spec, registry) if is_str else "path"  # a Path object is always a path
+    kind = spec_kind(spec, registry) if isinstance(spec, str) else "path"  # a Path object is always a path
     spec = os.fspath(spec)
     if kind == "hub":
         repo_id, revision = parse_hub_spec(spec)

@@ -67,7 +67,7 @@ def check_commit(spec: str, commit: object) -> str:
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None]:
     """``hf-hub:ORG/REPO[@REV]`` → (repo_id, revision or None)."""
-    body = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+    body = spec.removeprefix(HF_PREFIX)
     repo_id, at, revision = body.partition("@")
     if not REPO_RE.match(repo_id) or (at and not revision):
         raise WeightsError(f"{spec!r} is not a Hub model spec; expected hf-hub:ORG/REPO or hf-hub:ORG/REPO@REVISION",
