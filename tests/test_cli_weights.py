@@ -156,7 +156,7 @@ def test_unknown_model_suggests_close_names(capsys, hf, tmp_path):
     code, _, err = soft_in_process(capsys, "weights", "info", "soft_norm_tiyn")
     assert code == 1 and len(err.splitlines()) == 1, err
     assert "unknown model 'soft_norm_tiyn'" in err and "did you mean soft_norm_tiny" in err
-    assert "see 'soft weights list'" in err  # the CLI's next step, added by the CLI layer
+    assert err.rstrip().endswith("? See 'soft weights list'")  # the CLI's next step, added by the CLI layer
     (tmp_path / "x.png").write_bytes(b"")
     code, _, err = soft_in_process(capsys, "classify", tmp_path / "x.png", "--model", "sof_tiny")
     assert code == 1 and "did you mean soft_tiny" in err, err

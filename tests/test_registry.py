@@ -57,7 +57,7 @@ def test_weights_folder_links_the_packaged_registry():
 
 
 def test_unknown_name_suggests_the_closest_or_lists_the_known_ones():
-    with pytest.raises(UnknownModel, match=r"unknown model 'soft_tiyn': not a registry name; did you mean soft_tiny( or|\?)"
+    with pytest.raises(UnknownModel, match=r"unknown model 'soft_tiyn': not a registry name; did you mean soft_tiny(,| or|\?)"
                        ) as typo:
         load_registry().get("soft_tiyn")
     assert typo.value.suggestions[0] == "soft_tiny" and isinstance(typo.value, RegistryError)

@@ -42,4 +42,6 @@ def with_advice(exc: SoftError) -> str:
     """``str(exc)``, then the CLI's next step when there is one."""
     text = str(exc)
     hint = advice(exc)
-    return f"{text}; {hint}" if hint else text
+    if not hint:
+        return text
+    return f"{text} {hint[0].upper()}{hint[1:]}" if text.endswith(("?", ".")) else f"{text}; {hint}"

@@ -163,7 +163,7 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
         try:
             names = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as exc:
-            raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from None
+            raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from exc
     entry = load_registry().get(model) if model else None
     dest = weights_lib.convert_checkpoint(checkpoint, out, labels=names, name=name or model, entry=entry,
                                   architecture=entry.architecture if entry else None,

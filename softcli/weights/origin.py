@@ -79,7 +79,7 @@ def convert_origin(entry: RegistryEntry, checkpoint: Path, download_sha256: str)
 def _first_download_sha256(entry: RegistryEntry) -> str | None:
     """The official file's sha256 recorded when it was first downloaded here (for origins the registry has none).
 
-    Once known, the file is pinned: a later download (``--force``) with other
+    Once known, the file is pinned: a later (forced) download with other
     bytes is refused, just as a registry sha256 mismatch is.
     """
     try:

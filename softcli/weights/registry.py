@@ -114,7 +114,8 @@ class Registry:
     def unknown(self, name: str, what: str = "not a registry name") -> UnknownModel:
         """The error for a name it does not know, suggesting the closest known names (difflib)."""
         close = difflib.get_close_matches(name, list(self.entries), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(self.entries)}"
+        named = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+        hint = f"; did you mean {named}?" if close else f"; known: {', '.join(self.entries)}"
         return UnknownModel(f"unknown model {name!r}: {what}{hint}", spec=name, suggestions=close)
 
 
