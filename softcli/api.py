@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     """
     from .backbone_ref import SEGMENTATION, attach_backbone
     from .errors import CheckpointError
-    from .hub import resolve_weights
+    from .weights import resolve_weights
 
     resolved = resolve_weights(path)
     ck = read_checkpoint(resolved.path, use_ema=use_ema)

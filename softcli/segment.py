@@ -298,7 +298,7 @@ class LabelSink(MapSink):
 
 def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
     """A model spec (registry name, hf-hub:ORG/REPO[@REV], folder or file) → a local checkpoint path."""
-    from .hub import resolve_weights
+    from .weights import resolve_weights
 
     return Path(resolve_weights(spec).path)
 

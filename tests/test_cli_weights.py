@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,57 @@ def test_convert_cli_and_error_lines(capsys, tmp_path, hf):
     assert code == 1 and "not a softcli folder" in err
     code, _, err = soft_in_process(capsys, "weights", "pull", "hf-hub:bad")
     assert code == 1 and "not a Hub model spec" in err
+
+
+# -- issue 16: tables that fit, did-you-mean, --debug shows the real cause ---------------------------------
+
+LONG_NAME = "soft_norm_large_finetuned_on_camelyon16_and_panda_at_20x_v2"
+LONG_REPO = "some-organisation-with-a-long-name/soft-norm-large-finetuned-on-pathology-v2"
+
+
+def _column(table: str, header: str, next_header: str) -> str:
+    """The text of one column of a plain table (from its header to the next one's), wrapped pieces joined."""
+    lines = table.splitlines()
+    start, end = lines[0].index(header), lines[0].index(next_header)
+    return "".join(line[start:end].strip() for line in lines[1:])
+
+
+def test_list_piped_fits_80_columns_and_wraps_instead_of_truncating(capsys, hf, tmp_path):
+    registry = json.loads((Path(softcli.__file__).parent / "data" / "registry.json").read_text())
+    registry["models"][LONG_NAME] = {**registry["models"]["soft_tiny"], "hub": {"repo_id": LONG_REPO}}
+    (tmp_path / "reg.json").write_text(json.dumps(registry))
+    hf("http://127.0.0.1:9", SOFTCLI_REGISTRY=str(tmp_path / "reg.json"))
+    code, out, _ = soft_in_process(capsys, "weights", "list")  # stdout is captured: not a terminal
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out and "\x1b" not in out, out  # never truncated; no colour or control codes
+    assert LONG_NAME in _column(out, "name", "params"), out  # every character is there, wrapped
+    assert LONG_REPO + "@main" in _column(out, "hub repo", "official release"), out
+    code, out, _ = soft_in_process(capsys, "weights", "list", "--json")  # --json is unchanged by the table width
+    assert LONG_NAME in [row["name"] for row in json.loads(out)]
+
+
+def test_unknown_model_suggests_close_names(capsys, hf, tmp_path):
+    hf("http://127.0.0.1:9")
+    code, _, err = soft_in_process(capsys, "weights", "info", "soft_norm_tiyn")
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "unknown model 'soft_norm_tiyn'" in err and "did you mean soft_norm_tiny" in err
+    assert err.rstrip().endswith("? See 'soft weights list'")  # the CLI's next step, added by the CLI layer
+    (tmp_path / "x.png").write_bytes(b"")
+    code, _, err = soft_in_process(capsys, "classify", tmp_path / "x.png", "--model", "sof_tiny")
+    assert code == 1 and "did you mean soft_tiny" in err, err
+
+
+def test_debug_shows_the_chained_cause(tmp_path):
+    """--debug prints the traceback with the real network error as the cause, not just softcli's one line."""
+    from tests.hub_server import free_port_closed
+
+    env = hub_env(tmp_path / "hf", f"http://127.0.0.1:{free_port_closed()}")
+    plain = run_soft("weights", "pull", "hf-hub:acme/soft-mini", env=env)
+    err = plain.stderr.decode()
+    assert plain.returncode == 1 and "Traceback" not in err and "connection refused" in err
+    debug = run_soft("--debug", "weights", "pull", "hf-hub:acme/soft-mini", env=env)
+    err = debug.stderr.decode()
+    assert debug.returncode == 1 and "Traceback" in err
+    assert "The above exception was the direct cause of the following exception" in err, err
+    assert "ConnectError: [Errno 111] Connection refused" in err and "HubNotCached" in err, err

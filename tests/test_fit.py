@@ -248,7 +248,7 @@ def test_label_values_above_classes_json_are_input_errors(tmp_path, tiny_backbon
 
 def test_hub_backbone_reference_survives_push_and_pull(tmp_path, tiny_backbone, hf):  # noqa: F811 - fixture
     """Fit on hf-hub:ORG/REPO, push the head-only folder, pull it elsewhere: the backbone comes from the Hub."""
-    from softcli import hub
+    from softcli import weights
 
     from .hub_server import FakeHub
 
@@ -259,8 +259,8 @@ def test_hub_backbone_reference_survives_push_and_pull(tmp_path, tiny_backbone, 
         fit_segmenter(_small_data(tmp_path / "data"), out, weights="hf-hub:acme/tiny", val=0)
         ref = json.loads((out / "config.json").read_text())["backbone"]
         assert ref["kind"] == "hub" and ref["spec"] == f"hf-hub:acme/tiny@{commit}"
-        pushed = hub.push_folder(out, "acme/textures", verify=verify_loadable)
+        pushed = weights.push_folder(out, "acme/textures", verify=verify_loadable)
         hf(server.url, home=tmp_path / "elsewhere", HF_TOKEN="hf_test_token")  # an empty cache
-        model, info = load_segmenter(hub.resolve_weights(pushed["spec"]).path)
+        model, info = load_segmenter(weights.resolve_weights(pushed["spec"]).path)
         assert info.class_names == ["stripes", "dots", "blotches"]
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import softcli
-from softcli import hub
+from softcli import weights
 from softcli.checkpoint import read_checkpoint, save_pretrained
 from softcli.errors import CheckpointError, UsageError
 from tests.conftest import GOLDEN, REPO, TINY_CONFIG, run_soft
@@ -112,26 +112,26 @@ def test_load_model_pulls_then_works_offline(fake_hub, tiny_pair, tmp_path):
 
 def test_cache_is_used_when_the_hub_is_down(fake_hub, hf):
     hf(fake_hub.url)
-    first = hub.resolve_weights("hf-hub:acme/soft-mini")
+    first = weights.resolve_weights("hf-hub:acme/soft-mini")
     hf(down_url())
-    again = hub.resolve_weights("hf-hub:acme/soft-mini")
+    again = weights.resolve_weights("hf-hub:acme/soft-mini")
     assert again.path == first.path and again.commit == fake_hub.v2
 
 
 def test_revision_pinning(fake_hub, tiny_pair, hf):
     hf(fake_hub.url)
-    tagged = hub.resolve_weights("hf-hub:acme/soft-mini@v1")
+    tagged = weights.resolve_weights("hf-hub:acme/soft-mini@v1")
     assert tagged.commit == fake_hub.v1 and tagged.path.name == fake_hub.v1
     assert logits_of(softcli.load_model(tagged.path)) == pytest.approx(tiny_pair[0][1], abs=1e-6)
     # A commit hash already cached needs no network at all.
     seen = len(fake_hub.requests)
-    assert hub.resolve_weights(f"hf-hub:acme/soft-mini@{fake_hub.v1}").path == tagged.path
+    assert weights.resolve_weights(f"hf-hub:acme/soft-mini@{fake_hub.v1}").path == tagged.path
     assert len(fake_hub.requests) == seen
     # The tag stays resolvable offline; main was never pulled here.
     hf(fake_hub.url, offline=True)
-    assert hub.resolve_weights("hf-hub:acme/soft-mini@v1").path == tagged.path
-    with pytest.raises(hub.WeightsError, match="not in the cache .* HF_HUB_OFFLINE=1 forbids downloads"):
-        hub.resolve_weights("hf-hub:acme/soft-mini")
+    assert weights.resolve_weights("hf-hub:acme/soft-mini@v1").path == tagged.path
+    with pytest.raises(weights.WeightsError, match="not in the cache .* HF_HUB_OFFLINE=1 forbids downloads"):
+        weights.resolve_weights("hf-hub:acme/soft-mini")
     assert len(fake_hub.requests) == seen
 
 
@@ -147,8 +147,8 @@ def test_repo_with_only_safetensors(fake_hub, tiny_pair, hf):
 ])
 def test_missing_repo_or_revision(fake_hub, hf, spec, needle):
     hf(fake_hub.url)
-    with pytest.raises(hub.HubUnavailable, match=needle):
-        hub.resolve_weights(spec)
+    with pytest.raises(weights.HubUnavailable, match=needle):
+        weights.resolve_weights(spec)
 
 
 def test_server_error_is_one_clear_error(fake_hub, hf):
@@ -156,8 +156,8 @@ def test_server_error_is_one_clear_error(fake_hub, hf):
     fake_hub.fail_status = 500
     try:
         t0 = time.monotonic()
-        with pytest.raises(hub.WeightsError, match="not in the cache .*HTTP 500 from 127.0.0.1"):
-            hub.resolve_weights("hf-hub:acme/soft-mini")
+        with pytest.raises(weights.WeightsError, match="not in the cache .*HTTP 500 from 127.0.0.1"):
+            weights.resolve_weights("hf-hub:acme/soft-mini")
         assert time.monotonic() - t0 < 20
     finally:
         fake_hub.fail_status = None
@@ -169,8 +169,8 @@ def test_server_that_never_answers_times_out(fake_hub, hf, monkeypatch):
     fake_hub.hang = ("/api/models/", 8.0)
     try:
         t0 = time.monotonic()
-        with pytest.raises(hub.WeightsError, match="cannot be reached .no answer within 1 s"):
-            hub.resolve_weights("hf-hub:acme/soft-mini")
+        with pytest.raises(weights.WeightsError, match="cannot be reached .no answer within 1 s"):
+            weights.resolve_weights("hf-hub:acme/soft-mini")
         assert time.monotonic() - t0 < 6
     finally:
         fake_hub.hang = None
@@ -189,10 +189,13 @@ def test_registry_model_without_network_says_what_to_do(tmp_path, hf):
     env = hub_env(tmp_path / "hf", down_url(), HF_HUB_OFFLINE="1")
     line = _one_error_line(run_soft("weights", "pull", "soft_tiny", env=env))
     assert "soft_tiny" in line and "HF_HUB_OFFLINE=1" in line and "--weights" in line and "HF_HOME" in line
-    # Online, but neither the Hub nor the official origin answers: says what to do.
+    # Online, but neither the Hub nor the official origin answers: a typed error naming no CLI flag, with both
+    # causes chained (the CLI adds what to type next, see tests/test_cli_weights.py).
     hf(down_url())
-    with pytest.raises(hub.WeightsError, match="cannot be reached.*--weights"):
-        hub.resolve_weights("soft_tiny")
+    with pytest.raises(weights.WeightsNotCached, match="cannot be reached.*official release could not be used") as e:
+        weights.resolve_weights("soft_tiny")
+    assert "--" not in str(e.value) and e.value.spec == "soft_tiny"
+    assert isinstance(e.value.__cause__, weights.WeightsError) and "Google Drive" in str(e.value.__cause__)
 
 
 # -- official-origin fallback ---------------------------------------------------------------
@@ -214,11 +217,11 @@ def test_registry_name_pulls_its_pinned_hub_repo(fake_hub, tiny_pair, tmp_path, 
                                "hub": {"repo_id": "acme/soft-mini", "revision": "v1"}}}}
     (tmp_path / "reg.json").write_text(json.dumps(reg))
     hf(fake_hub.url, SOFTCLI_REGISTRY=str(tmp_path / "reg.json"))
-    entry = hub.load_registry().get("mini")
-    assert not hub.is_cached(entry)
-    res = hub.resolve_weights(None)  # the registry default
+    entry = weights.load_registry().get("mini")
+    assert not weights.is_cached(entry)
+    res = weights.resolve_weights(None)  # the registry default
     assert (res.source, res.registry_name, res.commit) == ("hub", "mini", fake_hub.v1)
-    assert res.path.name == "model.safetensors" and hub.is_cached(entry)
+    assert res.path.name == "model.safetensors" and weights.is_cached(entry)
     assert logits_of(softcli.load_model("mini")) == pytest.approx(tiny_pair[0][1], abs=1e-6)
 
 
@@ -230,7 +233,7 @@ def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_
     with FakeDrive(confirm_above=1024) as drive:
         drive.add("mini-file-id", "MINI.safetensors", official.read_bytes())
         hf(fake_hub.url, SOFTCLI_GDRIVE_ENDPOINT=drive.url, SOFTCLI_REGISTRY=registry)
-        res = hub.resolve_weights("mini")
+        res = weights.resolve_weights("mini")
         # The large-file flow: the confirm page first, then the form's download URL.
         assert res.source == "origin" and [p.split("?")[0] for _, p in drive.requests] == ["/uc", "/download"]
     folder = res.path
@@ -245,14 +248,14 @@ def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_
     assert _ok(probe("mini", offline))["logits"] == pytest.approx(expected, abs=1e-5)
 
     # A damaged cache is caught by its sha256.
-    weights = folder / "model.safetensors"
-    tensors = load_file(str(weights))
+    weights_file = folder / "model.safetensors"
+    tensors = load_file(str(weights_file))
     first = next(iter(tensors))
     tensors[first] = tensors[first] + 1
-    save_file(tensors, str(weights))
+    save_file(tensors, str(weights_file))
     hf(down_url(), offline=True, home=tmp_path / "hf", SOFTCLI_REGISTRY=registry)
-    with pytest.raises(hub.WeightsError, match="fail their sha256 check.*--force"):
-        hub.resolve_weights("mini")
+    with pytest.raises(weights.TamperedFile, match="fail their sha256 check.*must be rebuilt"):
+        weights.resolve_weights("mini")
 
 
 def test_origin_official_pth_training_checkpoint(fake_hub, tmp_path, hf):
@@ -280,8 +283,8 @@ def test_origin_with_wrong_sha256_is_refused(fake_hub, tmp_path, hf):
         drive.add("mini-file-id", "MINI.safetensors", official)
         hf(fake_hub.url, SOFTCLI_GDRIVE_ENDPOINT=drive.url,
            SOFTCLI_REGISTRY=str(_mini_registry(tmp_path, "mini-file-id", "0" * 64)))
-        with pytest.raises(hub.WeightsError, match="no model repo hf-hub:acme/not-published.*refusing to use it"):
-            hub.resolve_weights("mini")
+        with pytest.raises(weights.WeightsError, match="no model repo hf-hub:acme/not-published.*refusing to use it"):
+            weights.resolve_weights("mini")
     assert not (tmp_path / "hf/softcli/origin/mini").exists()
 
 
@@ -289,47 +292,47 @@ def test_gdrive_download_small_file_and_missing_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "5")
     with FakeDrive(confirm_above=1 << 20) as drive:
         drive.add("small", "s.bin", b"abc" * 100)
-        hub.gdrive_download("small", tmp_path / "s.bin", endpoint=drive.url)
+        weights.gdrive_download("small", tmp_path / "s.bin", endpoint=drive.url)
         assert (tmp_path / "s.bin").read_bytes() == b"abc" * 100
-        with pytest.raises(hub.WeightsError, match="no such file or not shared publicly"):
-            hub.gdrive_download("nope", tmp_path / "n.bin", endpoint=drive.url)
-        with pytest.raises(hub.WeightsError, match="over the 10-byte limit"):
-            hub.gdrive_download("small", tmp_path / "big.bin", endpoint=drive.url, max_bytes=10)
+        with pytest.raises(weights.WeightsError, match="no such file or not shared publicly"):
+            weights.gdrive_download("nope", tmp_path / "n.bin", endpoint=drive.url)
+        with pytest.raises(weights.WeightsError, match="over the 10-byte limit"):
+            weights.gdrive_download("small", tmp_path / "big.bin", endpoint=drive.url, max_bytes=10)
     assert not (tmp_path / "n.bin").exists() and not (tmp_path / "big.bin").exists()
-    with pytest.raises(hub.WeightsError, match="cannot reach Google Drive"):
-        hub.gdrive_download("small", tmp_path / "s2.bin", endpoint=down_url())
+    with pytest.raises(weights.WeightsError, match="cannot reach Google Drive"):
+        weights.gdrive_download("small", tmp_path / "s2.bin", endpoint=down_url())
 
 
 def test_gdrive_confirm_form_to_a_foreign_host_is_refused(tmp_path):
     with FakeDrive(confirm_above=0) as drive:
         drive.add("x", "x.bin", b"0123456789")
         drive.form_action = "https://evil.example/download"
-        with pytest.raises(hub.WeightsError, match="unexpected host"):
-            hub.gdrive_download("x", tmp_path / "x.bin", endpoint=drive.url)
+        with pytest.raises(weights.WeightsError, match="unexpected host"):
+            weights.gdrive_download("x", tmp_path / "x.bin", endpoint=drive.url)
         assert [p.split("?")[0] for _, p in drive.requests] == ["/uc"]
 
 
 # -- specs, convert, push --------------------------------------------------------------------
 
 def test_parse_hub_spec_and_kinds(tmp_path):
-    assert hub.parse_hub_spec("hf-hub:acme/m@v1") == ("acme/m", "v1")
-    assert hub.parse_hub_spec("hf-hub:acme/m") == ("acme/m", None)
+    assert weights.parse_hub_spec("hf-hub:acme/m@v1") == ("acme/m", "v1")
+    assert weights.parse_hub_spec("hf-hub:acme/m") == ("acme/m", None)
     for bad in ("hf-hub:acme", "hf-hub:acme/m@", "hf-hub:/m"):
-        with pytest.raises(hub.WeightsError):
-            hub.parse_hub_spec(bad)
-    assert hub.spec_kind("soft_tiny") == "registry"
-    assert hub.spec_kind("./soft_tiny") == "path"
-    assert hub.spec_kind("hf-hub:a/b") == "hub"
-    with pytest.raises(hub.WeightsError, match="unknown model 'soft_tnyi': not a registry name"):
-        hub.resolve_weights("soft_tnyi")
+        with pytest.raises(weights.WeightsError):
+            weights.parse_hub_spec(bad)
+    assert weights.spec_kind("soft_tiny") == "registry"
+    assert weights.spec_kind("./soft_tiny") == "path"
+    assert weights.spec_kind("hf-hub:a/b") == "hub"
+    with pytest.raises(weights.WeightsError, match="unknown model 'soft_tnyi': not a registry name"):
+        weights.resolve_weights("soft_tnyi")
     with pytest.raises(CheckpointError, match="missing.pth: no such file"):
-        hub.resolve_weights(str(tmp_path / "missing.pth"))
-    assert hub.resolve_weights(tmp_path).kind == "path"  # Path objects are always paths
+        weights.resolve_weights(str(tmp_path / "missing.pth"))
+    assert weights.resolve_weights(tmp_path).kind == "path"  # Path objects are always paths
 
 
 def test_convert_official_checkpoint(tmp_path):
     official = GOLDEN / "mini_plain.weights.safetensors"
-    out = hub.convert_checkpoint(official, tmp_path / "mini", labels=[f"c{i}" for i in range(10)], name="mini")
+    out = weights.convert_checkpoint(official, tmp_path / "mini", labels=[f"c{i}" for i in range(10)], name="mini")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: softcli") and "10 class names" in card
@@ -338,18 +341,18 @@ def test_convert_official_checkpoint(tmp_path):
     assert logits_of(softcli.load_model(out)) == pytest.approx(logits_of(softcli.load_model(official)), abs=1e-6)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["converted_from"]["sha256"] == hashlib.sha256(official.read_bytes()).hexdigest()
-    with pytest.raises(hub.WeightsError, match="holds the input"):
-        hub.convert_checkpoint(out / "model.safetensors", out)
+    with pytest.raises(weights.WeightsError, match="holds the input"):
+        weights.convert_checkpoint(out / "model.safetensors", out)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(hub.WeightsError, match="other files"):
-        hub.convert_checkpoint(official, tmp_path / "busy")
+    with pytest.raises(weights.WeightsError, match="other files"):
+        weights.convert_checkpoint(official, tmp_path / "busy")
 
 
 def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
-    folder = hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
+    folder = weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
     hf(fake_hub.url, HF_TOKEN="hf_test_token")
-    pushed = hub.push_folder(folder, "acme/pushed", private=True)
+    pushed = weights.push_folder(folder, "acme/pushed", private=True)
     assert fake_hub.repos["acme/pushed"].private and fake_hub.validated[-1].startswith("---")
     files = fake_hub.repos["acme/pushed"].commits[pushed["commit"]]
     assert set(files) == {"model.safetensors", "config.json", "README.md"}
@@ -357,20 +360,20 @@ def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
     assert b"hf-hub:acme/pushed" in files["README.md"] and b"mini_plain.weights.safetensors" in files["README.md"]
     assert "ORG/mini" in (folder / "README.md").read_text()  # the local folder is left as it was
 
-    res = hub.resolve_weights(pushed["spec"])
+    res = weights.resolve_weights(pushed["spec"])
     assert res.commit == pushed["commit"]
     assert logits_of(softcli.load_model(res.path)) == pytest.approx(logits_of(softcli.load_model(folder)), abs=1e-6)
     # Without a token the private repo is invisible: the message says what to set.
     hf(fake_hub.url, home=tmp_path / "hf2")
-    with pytest.raises(hub.HubUnavailable, match="no model repo hf-hub:acme/pushed.*set HF_TOKEN"):
-        hub.resolve_weights("hf-hub:acme/pushed")
+    with pytest.raises(weights.HubUnavailable, match="no model repo hf-hub:acme/pushed.*set HF_TOKEN"):
+        weights.resolve_weights("hf-hub:acme/pushed")
 
 
 def test_load_cli_model_rules(tmp_path, tiny_pair, hf):
     from softcli.cli.common import load_cli_model
 
     hf(down_url(), offline=True)
-    with pytest.raises(hub.WeightsError, match="^soft_tiny: its weights are not in the cache"):
+    with pytest.raises(weights.WeightsError, match="^soft_tiny: its weights are not in the cache"):
         load_cli_model(None, None, "cpu")  # neither given: the registry default
 
     with pytest.raises(UsageError, match="not both"):
@@ -406,3 +409,24 @@ def _predictions(obj):
     if isinstance(obj, list):
         return [_predictions(v) for v in obj]
     return obj
+
+
+def test_weights_package_names_and_no_torch_at_import():
+    """softcli.weights spells out the checkpoint file names (so listing models never imports torch): they must agree,
+    and no module of the package imports torch, the checkpoint reader or the models at module level."""
+    import ast
+
+    from softcli import checkpoint
+    from softcli.weights import hf as weights_hf
+
+    assert (weights_hf.WEIGHTS_NAME, weights_hf.CONFIG_NAME) == (checkpoint.WEIGHTS_NAME, checkpoint.CONFIG_NAME)
+    heavy = {"torch", "softcli.checkpoint", "softcli.models", "..checkpoint", "..models"}
+    for path in (REPO / "softcli" / "weights").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only; function-level imports are lazy
+            if isinstance(node, ast.Import):
+                names = {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names = {"." * node.level + (node.module or "")}
+            else:
+                continue
+            assert not names & heavy, f"{path.name} imports {names & heavy} at module level"

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from softcli.models import SoftConfig
-from softcli.registry import RegistryError, load_registry, parse_registry
+from softcli.errors import RegistryError, UnknownModel
+from softcli.weights.registry import load_registry, parse_registry
 from tests.conftest import GOLDEN, REPO
 
 OFFICIAL = {  # official release name → (registry name, variant, paper top-1), per shared/reference/SOFT.md
@@ -55,9 +56,14 @@ def test_weights_folder_links_the_packaged_registry():
     assert "soft weights convert" in readme and "soft weights push" in readme
 
 
-def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(RegistryError, match=r"unknown model 'soft_giant'; known: soft_tiny, .*soft weights list"):
-        load_registry().get("soft_giant")
+def test_unknown_name_suggests_the_closest_or_lists_the_known_ones():
+    with pytest.raises(UnknownModel, match=r"unknown model 'soft_tiyn': not a registry name; did you mean soft_tiny(,| or|\?)"
+                       ) as typo:
+        load_registry().get("soft_tiyn")
+    assert typo.value.suggestions[0] == "soft_tiny" and isinstance(typo.value, RegistryError)
+    with pytest.raises(UnknownModel, match=r"unknown model 'resnet50': not a registry name; known: soft_tiny, ") as far:
+        load_registry().get("resnet50")
+    assert far.value.suggestions == [] and "--" not in str(far.value)  # the library names no CLI flag
 
 
 @pytest.mark.parametrize("text, message", [

@@ -116,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SoftError as exc:
         if debug:
             raise
-        error_line(str(exc))
+        from .advice import with_advice
+
+        error_line(with_advice(exc))
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         sys.stderr.close()

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .. import hub
+from .. import weights as weights_lib
 from ..errors import UsageError
-from ..registry import load_registry
+from ..weights.registry import load_registry
 from .app import app
 from .common import JsonOpt, err_console, out_console, print_json, progress_bar
 
@@ -29,6 +30,18 @@ SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO\\[@
                                         show_default=False)]
 
 
+#: Width of tables when stdout is not a terminal (a pipe, a file): they wrap to fit it.
+PLAIN_WIDTH = 80
+
+
+def table_console() -> Console:
+    """stdout for tables: the terminal's width there; plain text (no colour, no control codes) 80 wide elsewhere."""
+    con = out_console()
+    if con.is_terminal:
+        return con
+    return Console(width=PLAIN_WIDTH, color_system=None, force_terminal=False, highlight=False, emoji=False)
+
+
 def _millions(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.1f}M"
 
@@ -40,18 +53,20 @@ def list_(json_out: JsonOpt = False) -> None:
     Example: soft weights list --json
     """
     reg = load_registry()
-    rows = [{"name": e.name, "params": e.params, "top1": e.top1, "cached": hub.is_cached(e),
+    rows = [{"name": e.name, "params": e.params, "top1": e.top1, "cached": weights_lib.is_cached(e),
              "default": e.name == reg.default, "hub": f"{e.hub.repo_id}@{e.hub.revision}",
              "origin": e.origin.official_name if e.origin else None} for e in reg.entries.values()]
     if json_out:
         print_json(rows)
         return
-    table = Table("name", "params", "top-1", "cached", "hub repo", "official release", box=None)
+    table = Table(box=None, pad_edge=False)
+    for header in ("name", "params", "top-1", "cached", "hub repo", "official release"):
+        table.add_column(header, overflow="fold")  # wrap long names over lines; never cut them with '…'
     for r in rows:
         name = r["name"] + (" (default)" if r["default"] else "")
         top1 = "-" if r["top1"] is None else f"{r['top1']:.1f}%"
         table.add_row(name, _millions(r["params"]), top1, "yes" if r["cached"] else "no", r["hub"], r["origin"] or "-")
-    out_console().print(table)
+    table_console().print(table)
 
 
 @weights_app.command()
@@ -79,7 +94,7 @@ def pull(spec: SpecArg,
                 task = bar.add_task("official release", total=total)
             bar.update(task, completed=done, total=total)
 
-        res = hub.resolve_weights(spec, download=True, force=force, progress=report)
+        res = weights_lib.resolve_weights(spec, download=True, force=force, progress=report)
     if json_out:
         print_json(res.to_dict())
         return
@@ -96,7 +111,7 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
 
     Example: soft weights info soft_tiny
     """
-    out = hub.weights_info(spec)
+    out = weights_lib.weights_info(spec)
     if json_out:
         print_json(out)
         return
@@ -111,7 +126,7 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
     else:
         con.print(f"[bold]{spec}[/bold]", highlight=False)
     if not out.get("checkpoint"):
-        con.print(f"  {out['why']}", highlight=False, soft_wrap=True)
+        con.print(f"  {out['why']}; 'soft weights pull {spec}' downloads it", highlight=False, soft_wrap=True)
         return
     res, ck = out["resolved"], out["checkpoint"]
     arch = ck["architecture"]
@@ -148,12 +163,12 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
         try:
             names = [ln.strip() for ln in labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as exc:
-            raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from None
+            raise UsageError(f"--labels {labels}: cannot read ({exc.strerror})") from exc
     entry = load_registry().get(model) if model else None
-    dest = hub.convert_checkpoint(checkpoint, out, labels=names, name=name or model, entry=entry,
+    dest = weights_lib.convert_checkpoint(checkpoint, out, labels=names, name=name or model, entry=entry,
                                   architecture=entry.architecture if entry else None,
                                   repo_id=entry.hub.repo_id if entry else None)
-    summary = hub.checkpoint_summary(dest)
+    summary = weights_lib.checkpoint_summary(dest)
     if json_out:
         print_json({"out": str(dest), **summary})
         return
@@ -176,7 +191,7 @@ def push(folder: Annotated[Path, typer.Argument(help="A folder made by 'soft wei
     """
     from ..fit.common import verify_loadable
 
-    res = hub.push_folder(folder, repo, private=private, revision=revision, message=message, verify=verify_loadable)
+    res = weights_lib.push_folder(folder, repo, private=private, revision=revision, message=message, verify=verify_loadable)
     if json_out:
         print_json(res)
         return

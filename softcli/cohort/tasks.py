@@ -50,7 +50,7 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     (JSON values); passed on and recorded in the settings, so new options join cohorts in one place.
     """
     from ..cluster import parse_stages
-    from ..hub import resolve_weights
+    from ..weights import resolve_weights
     from ..io.masks import legend_path
     from ..segment import segment
 

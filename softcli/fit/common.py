@@ -31,7 +31,7 @@ class Backbone:
 
 def load_backbone(spec: str | os.PathLike[str] | None, device: torch.device) -> Backbone:
     """The frozen backbone for ``--model``/``--weights`` (default: the registry's default model) and its reference."""
-    from ..hub import resolve_weights
+    from ..weights import resolve_weights
 
     res = resolve_weights(spec)
     ck = read_checkpoint(res.path)
@@ -77,7 +77,7 @@ def fit_record(data: str | os.PathLike[str], seed: int, val: float, **more: Any)
 def verify_loadable(folder: Path) -> None:
     """Load a checkpoint folder the way ``soft segment``/``soft classify`` would (for ``soft weights push``)."""
     from ..backbone_ref import attach_backbone, check_publishable
-    from ..hub import resolve_weights
+    from ..weights import resolve_weights
     from ..segment import is_segmentation_checkpoint, segmenter_from_checkpoint
 
     ck = read_checkpoint(folder)

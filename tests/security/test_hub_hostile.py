@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import softcli
-from softcli import hub
+from softcli import weights
 from softcli.checkpoint import save_pretrained
 from softcli.errors import OutputError, SoftError
-from softcli.registry import RegistryError, parse_registry
+from softcli.weights.registry import RegistryError, parse_registry
 from tests.conftest import GOLDEN, TINY_CONFIG, run_soft
 from tests.hub_server import FakeDrive, FakeHub, hf, hub_env, no_internet  # noqa: F401 (fixtures)
 
@@ -61,15 +61,15 @@ def test_revision_that_is_not_a_ref_is_refused_before_any_path(hub_server, hf, t
     revision = revision.replace("{tmp}", str(tmp_path))
     home = hf(hub_server.url)
     hub_server.any_revision = True  # a careless server resolves anything: softcli must not rely on it refusing
-    with pytest.raises(hub.WeightsError) as refused:
-        hub.resolve_weights(f"hf-hub:{REPO_ID}@{revision}")
+    with pytest.raises(weights.WeightsError) as refused:
+        weights.resolve_weights(f"hf-hub:{REPO_ID}@{revision}")
     assert files_outside(tmp_path, home / "hub") == []  # first: today's main wrote refs/REVISION outside
     assert "is not a branch, tag or 40-hex commit" in str(refused.value)
     assert not (home / "hub").exists() and hub_server.requests == []
 
 
 def test_refs_and_commits_that_are_fine():
-    from softcli.registry import revision_problem
+    from softcli.weights.registry import revision_problem
 
     for ok in ("main", "v1.0", "refs/pr/1", "feature/x-y_z", "a" * 40, "release-2024.01"):
         assert revision_problem(ok) is None, ok
@@ -110,8 +110,8 @@ def test_commit_id_that_is_not_40_hex_is_refused(hub_server, hf, tmp_path, answe
     hub_server.answer_sha = answer or None
     if not answer:  # an empty answer: the real sha is hidden by a server that sends "sha": ""
         hub_server.answer_sha = " "
-    with pytest.raises(hub.WeightsError) as refused:
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError) as refused:
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     assert files_outside(tmp_path, home / "hub") == []  # first: today's main wrote refs/SHA outside
     assert "not 40 hex digits; refusing" in str(refused.value)
     assert not (home / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots").exists()
@@ -123,20 +123,20 @@ def test_wrong_bytes_are_refused_deleted_and_fetched_again_later(hub_server, hf,
     home = hf(hub_server.url)
     good = tiny_files["model.safetensors"]
     hub_server.swap_bytes["model.safetensors"] = tampered(good)
-    with pytest.raises(hub.WeightsError, match=r"model.safetensors has sha256 [0-9a-f]{64}, expected "
+    with pytest.raises(weights.WeightsError, match=r"model.safetensors has sha256 [0-9a-f]{64}, expected "
                                                + hashlib.sha256(good).hexdigest() + "; the file was deleted"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     storage = home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
     assert not (storage / "blobs" / hashlib.sha256(good).hexdigest()).exists()
     assert not (storage / "snapshots" / hub_server.sha / "model.safetensors").exists()
     # Offline, the half-downloaded snapshot is not used either.
     hf(hub_server.url, offline=True)
-    with pytest.raises(hub.WeightsError, match="not in the cache"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError, match="not in the cache"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     # The server is fixed: the next pull downloads the real bytes.
     hub_server.swap_bytes.clear()
     hf(hub_server.url)
-    res = hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    res = weights.resolve_weights(f"hf-hub:{REPO_ID}")
     assert (res.path / "model.safetensors").read_bytes() == good
 
 
@@ -144,34 +144,34 @@ def test_wrong_bytes_in_a_small_git_file_are_refused(hub_server, hf, tiny_files)
     hf(hub_server.url)
     config = tiny_files["config.json"]
     hub_server.swap_bytes["config.json"] = config.replace(b'"softcli"', b'"SOFTCLI"')
-    with pytest.raises(hub.WeightsError, match="config.json has git-sha1"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError, match="config.json has git-sha1"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
 
 
 def test_poisoned_cache_is_not_trusted_later(hub_server, hf, tiny_files):
     home = hf(hub_server.url)
-    res = hub.resolve_weights(f"hf-hub:{REPO_ID}")
-    weights = res.path / "model.safetensors"
-    blob = Path(os.path.realpath(weights))
+    res = weights.resolve_weights(f"hf-hub:{REPO_ID}")
+    weights_file = res.path / "model.safetensors"
+    blob = Path(os.path.realpath(weights_file))
     assert blob.parent.name == "blobs" and blob.name == hashlib.sha256(tiny_files["model.safetensors"]).hexdigest()
     blob.write_bytes(tampered(blob.read_bytes()))  # a damaged disk, or someone with write access to the cache
 
     hf(hub_server.url, offline=True)  # offline: refused, and the bad blob is gone
-    with pytest.raises(hub.WeightsError, match="the file was deleted.*where the Hub can be reached"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
-    assert not blob.exists() and not weights.exists()
+    with pytest.raises(weights.TamperedFile, match="the file was deleted and is not used"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
+    assert not blob.exists() and not weights_file.exists()
 
     blob.parent.mkdir(exist_ok=True)
     blob.write_bytes(tampered(tiny_files["model.safetensors"]))  # poisoned again, and its snapshot link restored
-    weights.symlink_to(os.path.relpath(blob, weights.parent))
+    weights_file.symlink_to(os.path.relpath(blob, weights_file.parent))
     hf(hub_server.url)  # online: the bad copy is replaced by a verified download
-    again = hub.resolve_weights(f"hf-hub:{REPO_ID}@{hub_server.sha}")
+    again = weights.resolve_weights(f"hf-hub:{REPO_ID}@{hub_server.sha}")
     assert (again.path / "model.safetensors").read_bytes() == tiny_files["model.safetensors"]
     assert home in again.path.parents
     # The same through a branch name: snapshot_download hands back the cached (bad) copy, softcli replaces it.
     blob.write_bytes(tampered(tiny_files["model.safetensors"]))
     seen = len(hub_server.requests)
-    assert (hub.resolve_weights(f"hf-hub:{REPO_ID}").path / "model.safetensors").read_bytes() == \
+    assert (weights.resolve_weights(f"hf-hub:{REPO_ID}").path / "model.safetensors").read_bytes() == \
         tiny_files["model.safetensors"]
     assert any("/resolve/" in path and method == "GET" for method, path in hub_server.requests[seen:])
 
@@ -180,8 +180,8 @@ def test_blob_hash_that_is_a_path_never_becomes_a_file_name(hub_server, hf, tmp_
     """huggingface_hub names blobs after the ETag header; softcli checks it against the listing first."""
     home = hf(hub_server.url)
     hub_server.linked_etag["model.safetensors"] = "../../../../victim"
-    with pytest.raises(hub.WeightsError, match="sent ETag '../../../../victim', not a 40- or 64-hex hash"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError, match="sent ETag '../../../../victim', not a 40- or 64-hex hash"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     assert files_outside(tmp_path, home / "hub") == [] and not list(tmp_path.rglob("victim"))
 
 
@@ -190,8 +190,8 @@ def test_file_names_in_the_listing_that_are_paths_write_nothing_outside(hub_serv
     home = hf(hub_server.url)
     hub_server.add_commit(REPO_ID, {**tiny_files, "../../../../evil.safetensors": b"evil",
                                     f"{tmp_path}/abs.safetensors": b"evil"})
-    with pytest.raises(hub.WeightsError, match="Invalid filename"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError, match="Invalid filename"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     assert files_outside(tmp_path, home / "hub") == []
 
 
@@ -200,10 +200,10 @@ def test_a_snapshot_link_out_of_the_cache_is_never_used(hub_server, hf, tmp_path
     import contextlib
 
     home = hf(hub_server.url)
-    monkeypatch.setattr(hub, "_hex_etags_only", contextlib.nullcontext)
+    monkeypatch.setattr("softcli.weights.hf._hex_etags_only", contextlib.nullcontext)
     hub_server.linked_etag["model.safetensors"] = "../../../../victim"
-    with pytest.raises(hub.WeightsError, match="model.safetensors pointed outside the cache's blobs folder"):
-        hub.resolve_weights(f"hf-hub:{REPO_ID}")
+    with pytest.raises(weights.WeightsError, match="model.safetensors pointed outside the cache's blobs folder"):
+        weights.resolve_weights(f"hf-hub:{REPO_ID}")
     snapshot = home / "hub" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / hub_server.sha
     assert not (snapshot / "model.safetensors").is_symlink()
 
@@ -215,13 +215,13 @@ def test_redirect_off_the_allow_list_is_not_followed(tmp_path):
         elsewhere.add("w", "w.pth", b"weights from somewhere else")
         drive.add("w", "w.pth", b"real")
         drive.redirect_to = f"{elsewhere.url}/uc?export=download&id=w"  # same machine, another host:port
-        with pytest.raises(hub.WeightsError, match="redirected the download of w to http://127.0.0.1:.*not an allowed "
+        with pytest.raises(weights.WeightsError, match="redirected the download of w to http://127.0.0.1:.*not an allowed "
                                                    "host.*refusing to follow it"):
-            hub.gdrive_download("w", tmp_path / "w.pth", endpoint=drive.url)
+            weights.gdrive_download("w", tmp_path / "w.pth", endpoint=drive.url)
         assert elsewhere.requests == [] and not (tmp_path / "w.pth").exists()
         # A redirect within the allowed host is still followed.
         drive.redirect_to = f"{drive.url}/download?export=download&id=w"
-        hub.gdrive_download("w", tmp_path / "w.pth", endpoint=drive.url)
+        weights.gdrive_download("w", tmp_path / "w.pth", endpoint=drive.url)
         assert (tmp_path / "w.pth").read_bytes() == b"real"
 
 
@@ -229,12 +229,14 @@ def test_redirect_from_https_down_to_http_is_not_followed():
     """Checked on the handler itself: the loopback servers speak plain http only."""
     import urllib.request
 
-    handler = hub._AllowListRedirects({"drive.google.com", "drive.usercontent.google.com"}, "x")
+    from softcli.weights.gdrive import _AllowListRedirects
+
+    handler = _AllowListRedirects({"drive.google.com", "drive.usercontent.google.com"}, "x")
     req = urllib.request.Request("https://drive.google.com/uc?id=x")
     ok = handler.redirect_request(req, None, 302, "Found", {}, "https://drive.usercontent.google.com/download?id=x")
     assert ok is not None and ok.full_url.startswith("https://drive.usercontent.google.com/")
     for target in ("http://drive.usercontent.google.com/download?id=x", "https://evil.example/x", "file:///etc/passwd"):
-        with pytest.raises(hub.WeightsError, match="not an allowed host|down to plain http"):
+        with pytest.raises(weights.WeightsError, match="not an allowed host|down to plain http"):
             handler.redirect_request(req, None, 302, "Found", {}, target)
 
 
@@ -244,7 +246,7 @@ def _download_in_thread(tmp_path: Path, drive: FakeDrive, wait: float) -> tuple[
 
     def run() -> None:
         try:
-            hub.gdrive_download("slow", tmp_path / "slow.pth", endpoint=drive.url)
+            weights.gdrive_download("slow", tmp_path / "slow.pth", endpoint=drive.url)
             outcome.append(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             outcome.append(exc)
@@ -265,7 +267,7 @@ def test_slow_drip_server_hits_the_total_deadline(tmp_path, monkeypatch, whole_a
         drive.add("slow", "slow.pth", b"x" * 2000)
         drive.drip = (0.2, whole_answer)
         error, seconds = _download_in_thread(tmp_path, drive, wait=12)
-    assert isinstance(error, hub.WeightsError), error
+    assert isinstance(error, weights.WeightsError), error
     assert "did not finish within 1.5 s (set SOFTCLI_DOWNLOAD_DEADLINE to allow longer)" in str(error)
     assert seconds < 6
     assert not (tmp_path / "slow.pth").exists() and list(tmp_path.iterdir()) == []
@@ -287,17 +289,17 @@ def test_origin_sha256_is_pinned_once_known(hub_server, hf, tmp_path):
     with FakeDrive() as drive:
         drive.add("mini-id", "MINI.safetensors", official)
         hf(hub_server.url, SOFTCLI_GDRIVE_ENDPOINT=drive.url, SOFTCLI_REGISTRY=_registry(tmp_path, None))
-        first = hub.resolve_weights("mini")
+        first = weights.resolve_weights("mini")
         assert first.source == "origin"
         record = json.loads((first.path / "origin.json").read_text())
         assert record["download_sha256"] == hashlib.sha256(official).hexdigest()
         # The file on Drive changes: a forced re-download is refused, the converted copy stays as it was.
         drive.add("mini-id", "MINI.safetensors", tampered(official))
-        with pytest.raises(hub.WeightsError, match="its first download .* says "
+        with pytest.raises(weights.WeightsError, match="its first download .* says "
                                                    f"{record['download_sha256']}; refusing to use it"):
-            hub.resolve_weights("mini", force=True)
+            weights.resolve_weights("mini", force=True)
         assert json.loads((first.path / "origin.json").read_text()) == record
-        assert hub.resolve_weights("mini").sha256 == first.sha256
+        assert weights.resolve_weights("mini").sha256 == first.sha256
 
 
 # -- soft weights convert / push write only where asked ------------------------------------------------
@@ -306,11 +308,11 @@ def test_convert_into_an_unwritable_place_fails_before_any_work(tmp_path, monkey
     def no_work(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the output was checked")
 
-    monkeypatch.setattr(hub, "read_checkpoint", no_work)
+    monkeypatch.setattr("softcli.checkpoint.read_checkpoint", no_work)
     (tmp_path / "file").write_text("x")
     for out in ("/proc/softcli-test/out", tmp_path / "file" / "out"):
         with pytest.raises(OutputError, match="cannot create files in folder /proc|is a file, not a folder"):
-            hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", out)
+            weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", out)
 
 
 def test_convert_cli_unwritable_out_is_one_error_line(tmp_path):
@@ -325,7 +327,7 @@ def test_convert_cli_unwritable_out_is_one_error_line(tmp_path):
 def test_convert_writes_only_inside_the_asked_folder(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    out = hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", work / "a" / "b", name="../../x")
+    out = weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", work / "a" / "b", name="../../x")
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "work", "work/a", "work/a/b", "work/a/b/README.md", "work/a/b/config.json", "work/a/b/model.safetensors"]
     assert out == work / "a" / "b"
@@ -333,14 +335,14 @@ def test_convert_writes_only_inside_the_asked_folder(tmp_path):
 
 @pytest.mark.parametrize("branch", ["../../x", "/tmp/x", "main/../../x", "a" * 40])
 def test_push_to_a_branch_that_is_not_a_branch_name_is_refused(hub_server, hf, tmp_path, branch):
-    folder = hub.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
+    folder = weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
     hf(hub_server.url, HF_TOKEN="hf_test_token")
-    with pytest.raises(hub.WeightsError, match="not a branch name"):
-        hub.push_folder(folder, "acme/pushed", revision=branch)
+    with pytest.raises(weights.WeightsError, match="not a branch name"):
+        weights.push_folder(folder, "acme/pushed", revision=branch)
     assert hub_server.requests == []
 
 
 def test_every_refusal_here_is_a_soft_error():
     """The CLI turns SoftError into one 'error:' line; the new errors must be ones."""
-    assert issubclass(hub.TamperedFile, hub.WeightsError) and issubclass(hub.WeightsError, SoftError)
+    assert issubclass(weights.TamperedFile, weights.WeightsError) and issubclass(weights.WeightsError, SoftError)
     assert issubclass(OutputError, SoftError)

@@ -12,6 +12,7 @@ private model zoo, or tests).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import SoftError
+from ..errors import RegistryError, UnknownModel
 
 REGISTRY_ENV = "SOFTCLI_REGISTRY"
 ORIGIN_KINDS = ("gdrive", "url")
@@ -54,10 +55,6 @@ def revision_problem(revision: str) -> str | None:
     if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
         return "a part of it starts with '.' or ends with '.lock'"
     return None
-
-
-class RegistryError(SoftError):
-    """The registry file is missing, malformed, or does not know a name."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +108,15 @@ class Registry:
     def get(self, name: str) -> RegistryEntry:
         try:
             return self.entries[name]
-        except KeyError:
-            raise RegistryError(f"unknown model {name!r}; known: {', '.join(self.entries)} "
-                                "(see 'soft weights list')") from None
+        except KeyError as exc:
+            raise self.unknown(name) from exc
+
+    def unknown(self, name: str, what: str = "not a registry name") -> UnknownModel:
+        """The error for a name it does not know, suggesting the closest known names (difflib)."""
+        close = difflib.get_close_matches(name, list(self.entries), n=3, cutoff=0.6)
+        named = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+        hint = f"; did you mean {named}?" if close else f"; known: {', '.join(self.entries)}"
+        return UnknownModel(f"unknown model {name!r}: {what}{hint}", spec=name, suggestions=close)
 
 
 def _bad(source: str, what: str) -> RegistryError:
@@ -150,7 +153,7 @@ def _entry(name: str, raw: Any, source: str) -> RegistryEntry:
                              description=str(raw.get("description", "")), top1_source=raw.get("top1_source"),
                              extra={k: v for k, v in raw.items() if k not in known})
     except (KeyError, TypeError, ValueError) as exc:
-        raise _bad(source, f"entry {name!r}: {exc}") from None
+        raise _bad(source, f"entry {name!r}: {exc}") from exc
 
 
 def parse_registry(text: str, source: str) -> Registry:
@@ -158,7 +161,7 @@ def parse_registry(text: str, source: str) -> Registry:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _bad(source, f"invalid JSON: {exc.msg} at line {exc.lineno}") from None
+        raise _bad(source, f"invalid JSON: {exc.msg} at line {exc.lineno}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict) or not data["models"]:
         raise _bad(source, "expected an object with a non-empty 'models' object")
     entries = {name: _entry(name, raw, source) for name, raw in data["models"].items()}
@@ -175,7 +178,7 @@ def _load(path: str | None) -> Registry:
         try:
             return parse_registry(p.read_text(encoding="utf-8"), str(p))
         except OSError as exc:
-            raise RegistryError(f"{p}: cannot read registry ({exc.strerror}); check {REGISTRY_ENV}") from None
+            raise RegistryError(f"{p}: cannot read registry ({exc.strerror}); check {REGISTRY_ENV}") from exc
     ref = resources.files("softcli") / "data" / "registry.json"
     return parse_registry(ref.read_text(encoding="utf-8"), "softcli/data/registry.json")
 
