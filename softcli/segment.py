@@ -305,7 +305,7 @@ def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
 
 def _default_spec() -> str:
     """The registry's default model name (what a run without weights clusters the features of)."""
-    from .registry import load_registry
+    from .weights.registry import load_registry
 
     return load_registry().default
 
