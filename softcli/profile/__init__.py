@@ -15,7 +15,7 @@ H x W grid):
 
 Modules: :mod:`.settings` (settings, jobs and results as dataclasses),
 :mod:`.jobs` (which configurations), :mod:`.estimate` (FLOPs, landmarks, memory
-before measuring), :mod:`.methods` (the measured modules), :mod:`.measure` (the
+before measuring), :mod:`.methods` (the measured modules), :mod:`.harness` (the
 one timing harness), :mod:`.sweep` (worker processes, timeouts, OOM) and
 :mod:`.worker` (``python -m softcli.profile.worker``). Nothing here prints.
 """
@@ -23,8 +23,8 @@ one timing harness), :mod:`.sweep` (worker processes, timeouts, OOM) and
 from __future__ import annotations
 
 from .estimate import estimate_flops, landmark_count
+from .harness import measure
 from .jobs import attention_jobs, grid_for, model_jobs, stage_input_sizes
-from .measure import measure
 from .methods import build_attention
 from .settings import (
     DEFAULT_METHODS,

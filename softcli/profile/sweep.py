@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .measure import measure, result_for
+from .harness import measure, result_for
 from .settings import (
     RESULT_TAG,
     ProfileJob,

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .measure import measure
+from .harness import measure
 from .settings import RESULT_TAG, ProfileJob, ProfileSettings
 
 __all__ = ["main"]
