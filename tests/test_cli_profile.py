@@ -131,4 +131,4 @@ def test_model_mode_table_says_how_stages_add_up(capsys):
     assert exit_info.value.code == 0, captured.err
     out = " ".join(captured.out.split())
     assert "1 thread," in out and "1 CPU thread throughout" in out
-    assert "stages 1-4 add up to" in out and "of the whole model's" in out
+    assert "median ms of stages 1-4 add up to" in out and "CPU ms of stages 1-4 add up to" in out

@@ -148,6 +148,7 @@ def test_in_process_sweep_schema():
         assert r["status"] in STATUSES and r["status"] == "ok" and r["repeats"] == 2
         assert r["latency_min_ms"] <= r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"] <= r["latency_max_ms"]
         assert r["threads"] == 1 and r["warmup_calls"] == 1
+        assert 0 < r["cpu_min_ms"] <= r["cpu_ms"] <= r["cpu_max_ms"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["latency_ms"] / 1e3))
         assert r["peak_mem_bytes"] is None  # in-process CPU runs cannot isolate a peak
 
@@ -235,20 +236,20 @@ class _Calls:
 
 def test_time_budget_still_leaves_several_repeats():
     call = _Calls()
-    warm, times = _timed_calls(call, ProfileSettings(repeat=10, warmup=2, time_budget_s=1e-9), torch.device("cpu"))
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=10, warmup=2, time_budget_s=1e-9), torch.device("cpu"))
     assert (warm, len(times), call.count) == (2, MIN_REPEATS, 2 + MIN_REPEATS)
     call = _Calls()
-    warm, times = _timed_calls(call, ProfileSettings(repeat=2, warmup=0, time_budget_s=1e-9), torch.device("cpu"))
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=2, warmup=0, time_budget_s=1e-9), torch.device("cpu"))
     assert (warm, len(times), call.count) == (0, 2, 2)  # fewer only when asked for fewer
     call = _Calls()
-    warm, times = _timed_calls(call, ProfileSettings(repeat=7, warmup=1, time_budget_s=1e9), torch.device("cpu"))
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=7, warmup=1, time_budget_s=1e9), torch.device("cpu"))
     assert (warm, len(times), call.count) == (1, 7, 8)
 
 
 def test_a_long_warm_up_call_ends_warm_up(monkeypatch):
     monkeypatch.setattr(harness, "LONG_CALL_S", -1.0)  # every call counts as long
     call = _Calls()
-    warm, times = _timed_calls(call, ProfileSettings(repeat=3, warmup=5), torch.device("cpu"))
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=3, warmup=5), torch.device("cpu"))
     assert (warm, len(times), call.count) == (1, 3, 4)
 
 

@@ -59,12 +59,15 @@ def _caption(report: ProfileReport) -> str:
     """How the times were taken, and in model mode how the stages add up to the whole model."""
     text = ("median of the timed runs after warm-up; spread = ±half the min-max range; "
             f"{report.threads} CPU thread{'' if report.threads == 1 else 's'} throughout")
-    ok = {r.part: r.latency_ms for r in report.results if r.part and r.status == "ok" and r.latency_ms}
-    stages = [ok.get(f"stage{i}") for i in range(1, 5)]
-    if "model" in ok and all(stages):
-        total = sum(t for t in stages if t)
-        text += (f"\nstages 1-4 add up to {total:.1f} ms, {100 * total / ok['model']:.0f}% of the whole model's "
-                 f"{ok['model']:.1f} ms (the rest: norm and head, and noise)")
+    if report.device == "cpu":
+        text += "; CPU ms = this process's CPU time per run (at 1 thread: the wall time a quiet machine shows)"
+    for label, key in (("median", "latency_ms"), ("CPU", "cpu_ms")):
+        ok = {r.part: getattr(r, key) for r in report.results if r.part and r.status == "ok" and getattr(r, key)}
+        stages = [ok.get(f"stage{i}") for i in range(1, 5)]
+        if "model" in ok and all(stages):
+            total = sum(t for t in stages if t)
+            text += (f"\n{label} ms of stages 1-4 add up to {total:.1f}, {100 * total / ok['model']:.0f}% of the "
+                     f"whole model's {ok['model']:.1f} (the rest: norm, head and noise)")
     return text
 
 
@@ -81,7 +84,10 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
     columns = [("part" if model_mode else "method", "left"), ("tokens", "right")]
     if not model_mode:
         columns.append(("m", "right"))
-    columns += [("median ms", "right"), ("spread", "right"), ("runs", "right"), ("MPix/s" if model_mode else "tokens/s", "right"),
+    columns += [("median ms", "right"), ("spread", "right"), ("runs", "right")]
+    if cpu:
+        columns.append(("CPU ms", "right"))
+    columns += [("MPix/s" if model_mode else "tokens/s", "right"),
                 ("peak RSS MiB" if cpu else "peak MiB", "right"), ("+MiB", "right"), ("GFLOP", "right"),
                 ("status", "left")]
     for name, justify in columns:
@@ -93,7 +99,10 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
         row = [r.part if model_mode else r.method, str(r.tokens)]
         if not model_mode:
             row.append("-" if r.landmarks is None else str(r.landmarks))
-        row += ["-" if r.latency_ms is None else f"{r.latency_ms:.1f}", spread, str(r.repeats),
+        row += ["-" if r.latency_ms is None else f"{r.latency_ms:.1f}", spread, str(r.repeats)]
+        if cpu:
+            row.append("-" if r.cpu_ms is None else f"{r.cpu_ms:.1f}")
+        row += [
                 f"{r.megapixels_per_s:.2f}" if model_mode and r.megapixels_per_s else _rate(r.tokens_per_s),
                 _mib(r.peak_mem_bytes), _mib(r.extra_mem_bytes),
                 "-" if r.flops is None else f"{r.flops / 1e9:.2f}",
@@ -103,7 +112,7 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
 
 
 CSV_FIELDS = ("method", "part", "tokens", "grid", "landmarks", "status", "latency_ms", "latency_min_ms",
-              "latency_max_ms", "latency_q1_ms", "latency_q3_ms", "repeats", "warmup_calls", "threads", "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
+              "latency_max_ms", "latency_q1_ms", "latency_q3_ms", "cpu_ms", "repeats", "warmup_calls", "threads", "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
               "extra_mem_bytes", "flops", "batch", "dim", "heads", "dtype", "image_size", "message")
 
 
@@ -257,7 +266,7 @@ def profile(
     else:
         console = Console()
         if not console.is_terminal:
-            console = Console(width=110)  # a file or pipe keeps whole rows
+            console = Console(width=130)  # a file or pipe keeps whole rows
         console.print(_table(report, model is not None))
     failed = [r for r in report.results if r.status == "error"]
     if failed:

@@ -158,8 +158,10 @@ def _count_flops(call: Callable[[], Any]) -> float:
     return float(counter.get_total_flops())
 
 
-def _timed_calls(call: Callable[[], Any], settings: ProfileSettings, device: torch.device) -> tuple[int, list[float]]:
-    """(warm-up calls made, seconds of each timed call): the one harness every configuration goes through.
+def _timed_calls(call: Callable[[], Any], settings: ProfileSettings, device: torch.device
+                 ) -> tuple[int, list[float], list[float]]:
+    """(warm-up calls made, wall seconds of each timed call, CPU seconds of each): the one harness
+    every configuration goes through. CPU seconds (this process's, all threads) only on the CPU.
 
     Warm-up stops early after a call slower than ``LONG_CALL_S`` (its one-off costs are then noise).
     Timed calls stop at ``repeat``, or once they add up to ``time_budget_s`` and ``MIN_REPEATS`` ran.
@@ -171,13 +173,18 @@ def _timed_calls(call: Callable[[], Any], settings: ProfileSettings, device: tor
             break
     floor = min(MIN_REPEATS, settings.repeat)
     times: list[float] = []
+    cpu_times: list[float] = []
     while len(times) < settings.repeat and (len(times) < floor or sum(times) < settings.time_budget_s):
+        cpu0 = time.process_time()
         times.append(_timed(call, device))
-    return warm, times
+        if device.type == "cpu":
+            cpu_times.append(time.process_time() - cpu0)
+    return warm, times, cpu_times
 
 
 def _measure_into(res: ProfileResult, job: ProfileJob, settings: ProfileSettings, device: torch.device) -> None:
     times: list[float] = []
+    cpu_times: list[float] = []
     with torch.inference_mode():
         try:
             call, prime = _prepare(job, settings, device)
@@ -193,7 +200,7 @@ def _measure_into(res: ProfileResult, job: ProfileJob, settings: ProfileSettings
                     _limit_address_space(settings.max_memory_bytes)
             if job.model is not None:
                 res.flops = _count_flops(call)
-            res.warmup_calls, times = _timed_calls(call, settings, device)
+            res.warmup_calls, times, cpu_times = _timed_calls(call, settings, device)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -213,6 +220,9 @@ def _measure_into(res: ProfileResult, job: ProfileJob, settings: ProfileSettings
         if len(times) >= 2:
             q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
             res.latency_q1_ms, res.latency_q3_ms = q1 * 1e3, q3 * 1e3
+        if cpu_times:
+            res.cpu_ms = statistics.median(cpu_times) * 1e3
+            res.cpu_min_ms, res.cpu_max_ms = min(cpu_times) * 1e3, max(cpu_times) * 1e3
         res.tokens_per_s = settings.batch * job.tokens / med
         if job.image_size is not None:
             res.megapixels_per_s = settings.batch * job.image_size ** 2 / 1e6 / med

@@ -117,6 +117,11 @@ class ProfileResult:
     latency_max_ms: float | None = None
     latency_q1_ms: float | None = None  # quartiles of the timed calls (IQR = q3 - q1)
     latency_q3_ms: float | None = None
+    # CPU: median (min, max) CPU seconds of this process per timed call. At one thread this is the
+    # time the call computed, whatever else ran on the machine: what a quiet machine's wall clock shows.
+    cpu_ms: float | None = None
+    cpu_min_ms: float | None = None
+    cpu_max_ms: float | None = None
     repeats: int = 0  # timed calls the median is of
     warmup_calls: int = 0  # untimed calls before them
     threads: int | None = None  # torch CPU threads the calls ran with
