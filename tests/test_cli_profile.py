@@ -23,11 +23,13 @@ def test_json_schema_with_isolated_workers(soft):
     proc = soft("profile", "--tokens", "1024", "--methods", "soft,softmax", "--device", "cpu",
                 "--threads", "1", "--repeat", "1", "--warmup", "0", "--json")
     doc = _doc(proc)
-    assert doc["device"] == "cpu"
+    assert doc["device"] == "cpu" and doc["threads"] == 1
+    assert len(doc["loadavg"]) == len(doc["loadavg_end"]) == 3
     assert [(r["method"], r["tokens"]) for r in doc["results"]] == [("soft", 1024), ("softmax", 1024)]
     for r in doc["results"]:
         assert REQUIRED <= set(r) and r["status"] in STATUSES
         assert r["status"] == "ok" and r["latency_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["threads"] == 1 and r["repeats"] == 1  # measured in the worker, not assumed
         assert r["peak_mem_bytes"] >= r["base_mem_bytes"] > 0  # each worker's own peak RSS
     assert doc["results"][0]["landmarks"] >= 1 and doc["results"][1]["landmarks"] is None
 
@@ -118,3 +120,15 @@ def test_a_failing_configuration_is_reported_and_exits_1(capsys, monkeypatch):
     assert soft_row["status"] == "error" and "broken on purpose" in soft_row["message"]
     assert softmax_row["status"] == "ok"
     assert err.startswith("error: 1 configuration(s) failed: soft 256: ValueError: broken on purpose")
+
+
+def test_model_mode_table_says_how_stages_add_up(capsys):
+    """Default threads (1) are stated, and the stages' sum is set against the whole model."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--model", "soft_tiny", "--image-size", "64", "--device", "cpu", "--repeats", "1",
+              "--warmup", "0", "--in-process"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    out = " ".join(captured.out.split())
+    assert "1 thread," in out and "1 CPU thread throughout" in out
+    assert "median ms of stages 1-4 add up to" in out and "CPU ms of stages 1-4 add up to" in out

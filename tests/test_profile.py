@@ -4,6 +4,8 @@ out-of-memory and timeouts are recorded per configuration and the sweep goes on.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,9 +14,26 @@ from torch.utils.flop_counter import FlopCounterMode
 import softcli
 from softcli.errors import UsageError
 from softcli.models import LandmarkPolicy, SoftAttention
-from softcli.profile import (STATUSES, ProfileJob, ProfileSettings, attention_jobs, build_attention, estimate_flops,
-                             grid_for, measure, model_jobs, parse_bytes, run_sweep,
-                             stage_input_sizes)
+from softcli.profile import (
+    DEFAULT_THREADS,
+    MIN_REPEATS,
+    STATUSES,
+    ProfileJob,
+    ProfileSettings,
+    attention_jobs,
+    build_attention,
+    estimate_flops,
+    grid_for,
+    harness,
+    measure,
+    model_jobs,
+    parse_bytes,
+    run_sweep,
+    stage_input_sizes,
+)
+from softcli.profile.harness import _timed_calls
+from softcli.profile.settings import RESULT_TAG
+from softcli.profile.sweep import _worker_env
 from tests.conftest import TINY_CONFIG
 
 # One thread: on a shared machine, OpenMP threads that wait for each other slow small ops 10x.
@@ -127,7 +146,9 @@ def test_in_process_sweep_schema():
     for r in doc["results"]:
         assert REQUIRED <= set(r)
         assert r["status"] in STATUSES and r["status"] == "ok" and r["repeats"] == 2
-        assert r["latency_min_ms"] <= r["latency_ms"] <= r["latency_max_ms"]
+        assert r["latency_min_ms"] <= r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"] <= r["latency_max_ms"]
+        assert r["threads"] == 1 and r["warmup_calls"] == 1
+        assert 0 < r["cpu_min_ms"] <= r["cpu_ms"] <= r["cpu_max_ms"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["latency_ms"] / 1e3))
         assert r["peak_mem_bytes"] is None  # in-process CPU runs cannot isolate a peak
 
@@ -168,6 +189,8 @@ def test_model_mode_measures_stages_and_the_whole_model_in_process():
     report = run_sweep([jobs[0], jobs[3], jobs[4]], s)  # stage 1, stage 4 (class token), whole model
     assert [(r.part, r.status) for r in report.results] == [("stage1", "ok"), ("stage4", "ok"), ("model", "ok")]
     for r in report.results:
+        # Counting FLOPs is an extra call, not the warm-up: stages and model get the same harness.
+        assert (r.warmup_calls, r.repeats, r.threads) == (1, 1, 1)
         assert r.flops > 0 and r.megapixels_per_s == pytest.approx(64 * 64 / 1e6 / (r.latency_ms / 1e3))
 
 
@@ -180,3 +203,63 @@ def test_cuda_measurement_and_oom():
     # softmax-math at 2^20 tokens materialises a 4 TiB matrix: every GPU refuses it.
     oom = measure(ProfileJob("softmax-math", (1024, 1024)), s)
     assert oom.status == "oom" and oom.latency_ms is None
+
+
+def test_every_configuration_runs_at_the_fixed_thread_count(monkeypatch):
+    """The calls run with settings.threads torch threads (default 1), and the caller's count comes back."""
+    seen = []
+    real = SoftAttention.forward
+
+    def spy(self, x, hw):
+        seen.append(torch.get_num_threads())
+        return real(self, x, hw)
+
+    monkeypatch.setattr(SoftAttention, "forward", spy)
+    assert ProfileSettings().threads == DEFAULT_THREADS == 1
+    before = torch.get_num_threads()
+    res = measure(ProfileJob("soft", (32, 32)), ProfileSettings(**{**FAST, "threads": 2}))
+    assert seen == [2] * 4 and res.threads == 2  # priming call, one warm-up, two timed
+    assert torch.get_num_threads() == before
+    with pytest.raises(UsageError, match="--threads must be at least 1"):
+        ProfileSettings(threads=0)
+
+
+class _Calls:
+    """A stand-in measured call that only counts how often it ran."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_time_budget_still_leaves_several_repeats():
+    call = _Calls()
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=10, warmup=2, time_budget_s=1e-9), torch.device("cpu"))
+    assert (warm, len(times), call.count) == (2, MIN_REPEATS, 2 + MIN_REPEATS)
+    call = _Calls()
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=2, warmup=0, time_budget_s=1e-9), torch.device("cpu"))
+    assert (warm, len(times), call.count) == (0, 2, 2)  # fewer only when asked for fewer
+    call = _Calls()
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=7, warmup=1, time_budget_s=1e9), torch.device("cpu"))
+    assert (warm, len(times), call.count) == (1, 7, 8)
+
+
+def test_a_long_warm_up_call_ends_warm_up(monkeypatch):
+    monkeypatch.setattr(harness, "LONG_CALL_S", -1.0)  # every call counts as long
+    call = _Calls()
+    warm, times, _ = _timed_calls(call, ProfileSettings(repeat=3, warmup=5), torch.device("cpu"))
+    assert (warm, len(times), call.count) == (1, 3, 4)
+
+
+def test_worker_is_a_runnable_module():
+    """``python -m softcli.profile.worker`` measures one job and prints one tagged JSON result."""
+    spec = json.dumps({"job": {"method": "softmax", "grid": [16, 16]},
+                       "settings": {**FAST, "repeat": 1, "warmup": 0}})
+    proc = subprocess.run([sys.executable, "-m", "softcli.profile.worker", spec], check=False, capture_output=True,
+                          timeout=300, env=_worker_env(ProfileSettings()))
+    assert proc.returncode == 0, proc.stderr.decode()
+    (line,) = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith(RESULT_TAG)]
+    res = json.loads(line[len(RESULT_TAG):])
+    assert res["status"] == "ok" and res["tokens"] == 256 and res["threads"] == 1

@@ -14,8 +14,20 @@ from rich.table import Table
 from ..api import resolve_device
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
-from ..profile import (DEFAULT_METHODS, DEFAULT_TOKENS, METHODS, ProfileReport, ProfileResult, ProfileSettings,
-                       attention_jobs, model_jobs, parse_bytes, run_sweep)
+from ..profile import (
+    DEFAULT_METHODS,
+    DEFAULT_THREADS,
+    DEFAULT_TOKENS,
+    METHODS,
+    MIN_REPEATS,
+    ProfileReport,
+    ProfileResult,
+    ProfileSettings,
+    attention_jobs,
+    model_jobs,
+    parse_bytes,
+    run_sweep,
+)
 from .app import app
 from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
 
@@ -43,17 +55,39 @@ def _rate(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def _caption(report: ProfileReport) -> str:
+    """How the times were taken, and in model mode how the stages add up to the whole model."""
+    text = ("median of the timed runs after warm-up; spread = ±half the min-max range; "
+            f"{report.threads} CPU thread{'' if report.threads == 1 else 's'} throughout")
+    if report.device == "cpu":
+        text += "; CPU ms = this process's CPU time per run (at 1 thread: the wall time a quiet machine shows)"
+    for label, key in (("median", "latency_ms"), ("CPU", "cpu_ms")):
+        ok = {r.part: getattr(r, key) for r in report.results if r.part and r.status == "ok" and getattr(r, key)}
+        stages = [ok.get(f"stage{i}") for i in range(1, 5)]
+        if "model" in ok and all(stages):
+            total = sum(t for t in stages if t)
+            text += (f"\n{label} ms of stages 1-4 add up to {total:.1f}, {100 * total / ok['model']:.0f}% of the "
+                     f"whole model's {ok['model']:.1f} (the rest: norm, head and noise)")
+    return text
+
+
 def _table(report: ProfileReport, model_mode: bool) -> Table:
     cpu = report.device == "cpu"
     title = f"soft profile on {report.device} ({report.device_name}, {report.threads} thread"
     title += "" if report.threads == 1 else "s"
     if report.loadavg:
         title += f", load {report.loadavg[0]:.2f}"
-    table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD)
+        if report.loadavg_end:
+            title += f" → {report.loadavg_end[0]:.2f}"
+    table = Table(title=title + ")", title_justify="left", box=box.SIMPLE_HEAD, caption=_caption(report),
+                  caption_justify="left")
     columns = [("part" if model_mode else "method", "left"), ("tokens", "right")]
     if not model_mode:
         columns.append(("m", "right"))
-    columns += [("median ms", "right"), ("spread", "right"), ("MPix/s" if model_mode else "tokens/s", "right"),
+    columns += [("median ms", "right"), ("spread", "right"), ("runs", "right")]
+    if cpu:
+        columns.append(("CPU ms", "right"))
+    columns += [("MPix/s" if model_mode else "tokens/s", "right"),
                 ("peak RSS MiB" if cpu else "peak MiB", "right"), ("+MiB", "right"), ("GFLOP", "right"),
                 ("status", "left")]
     for name, justify in columns:
@@ -65,7 +99,10 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
         row = [r.part if model_mode else r.method, str(r.tokens)]
         if not model_mode:
             row.append("-" if r.landmarks is None else str(r.landmarks))
-        row += ["-" if r.latency_ms is None else f"{r.latency_ms:.1f}", spread,
+        row += ["-" if r.latency_ms is None else f"{r.latency_ms:.1f}", spread, str(r.repeats)]
+        if cpu:
+            row.append("-" if r.cpu_ms is None else f"{r.cpu_ms:.1f}")
+        row += [
                 f"{r.megapixels_per_s:.2f}" if model_mode and r.megapixels_per_s else _rate(r.tokens_per_s),
                 _mib(r.peak_mem_bytes), _mib(r.extra_mem_bytes),
                 "-" if r.flops is None else f"{r.flops / 1e9:.2f}",
@@ -75,7 +112,7 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
 
 
 CSV_FIELDS = ("method", "part", "tokens", "grid", "landmarks", "status", "latency_ms", "latency_min_ms",
-              "latency_max_ms", "repeats", "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
+              "latency_max_ms", "latency_q1_ms", "latency_q3_ms", "cpu_ms", "repeats", "warmup_calls", "threads", "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
               "extra_mem_bytes", "flops", "batch", "dim", "heads", "dtype", "image_size", "message")
 
 
@@ -147,16 +184,21 @@ def profile(
     sr_ratio: Annotated[int, typer.Option("--sr-ratio", help="SOFT landmark stride r (stage 1: 8).")] = 8,
     landmarks: Annotated[str, typer.Option(
         "--landmarks", help="Landmark policy of 'soft' and of --model: auto, official or a budget.")] = "auto",
-    repeat: Annotated[int, typer.Option("--repeat", help="Timed calls per configuration (at most).")] = 5,
+    repeat: Annotated[int, typer.Option(
+        "--repeats", "--repeat", help="Timed calls per configuration; the median is the result "
+                                      f"(at least {MIN_REPEATS} run even past --time-budget).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls first (fewer when one takes > 1 s).")] = 2,
     time_budget: Annotated[float, typer.Option(
-        "--time-budget", help="Seconds of timed calls per configuration after which repeats stop.")] = 10.0,
+        "--time-budget", help="Seconds of timed calls per configuration after which repeats stop "
+                              f"(once {MIN_REPEATS} ran).")] = 10.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Wall-clock seconds per configuration.")] = 600.0,
     max_memory: Annotated[str | None, typer.Option(
         "--max-memory", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
                              "exceeding it is reported as oom.")] = None,
-    threads: Annotated[int | None, typer.Option(
-        "--threads", help="CPU threads torch may use while measuring (default: torch's choice).")] = None,
+    threads: Annotated[int, typer.Option(
+        "--threads", help="CPU threads torch uses while measuring, the same for every configuration and shown "
+                          "in the output. The default, 1, is what a shared or busy machine can reproduce; "
+                          "on a dedicated machine give its physical cores.")] = DEFAULT_THREADS,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Measure in this process: faster start, no timeout, no CPU memory peak.")] = False,
     model: Annotated[str | None, typer.Option(
@@ -170,7 +212,10 @@ def profile(
     """Measure latency, throughput and peak memory of SOFT attention against softmax attention.
 
     Each configuration runs in its own worker process (its peak RSS is the CPU
-    memory figure; a timeout or out-of-memory ends only that worker). 'soft' is
+    memory figure; a timeout or out-of-memory ends only that worker). Every
+    configuration, stage and whole model alike, gets the same warm-up, the same
+    timed runs (the median is the result, min-max its spread) and the same fixed
+    CPU thread count (--threads, default 1). 'soft' is
     the model's own SoftAttention at the default landmark policy;
     'soft-official' the official materialised computation; 'softmax' PyTorch's
     scaled_dot_product_attention; 'nystromformer' a linear attention for context.
@@ -221,7 +266,7 @@ def profile(
     else:
         console = Console()
         if not console.is_terminal:
-            console = Console(width=110)  # a file or pipe keeps whole rows
+            console = Console(width=130)  # a file or pipe keeps whole rows
         console.print(_table(report, model is not None))
     failed = [r for r in report.results if r.status == "error"]
     if failed:
