@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .errors import UsageError
 from .resources import device_memory_available, format_bytes
 from .models.landmarks import LandmarkPolicy
+from .profile_methods import DEFAULT_METHODS, DEFAULT_TOKENS, METHODS
 from .models.soft import LOCAL_KERNELS, NEWTON_STEPS, VARIANTS, SoftAttention, SoftmaxAttention, create_soft
 
 __all__ = [
@@ -57,10 +58,6 @@ __all__ = [
     "grid_for", "measure", "run_job", "run_sweep", "parse_bytes", "NystromAttention",
 ]
 
-METHODS = ("soft", "soft-official", "softmax", "softmax-math", "nystromformer")
-DEFAULT_METHODS = ("soft", "soft-official", "softmax", "nystromformer")
-#: Finishes in well under a minute on a 2-core laptop CPU.
-DEFAULT_TOKENS = (1024, 4096, 16384)
 STATUSES = ("ok", "oom", "timeout", "error")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NYSTROM_LANDMARKS = 64  # the paper's default

@@ -10,7 +10,6 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from .. import hub
 from ..errors import UsageError
 from ..registry import load_registry
 from .app import app
@@ -39,6 +38,8 @@ def list_(json_out: JsonOpt = False) -> None:
 
     Example: soft weights list --json
     """
+    from .. import hub  # imports torch: only when the command runs
+
     reg = load_registry()
     rows = [{"name": e.name, "params": e.params, "top1": e.top1, "cached": hub.is_cached(e),
              "default": e.name == reg.default, "hub": f"{e.hub.repo_id}@{e.hub.revision}",
@@ -68,6 +69,8 @@ def pull(spec: SpecArg,
 
     Example: soft weights pull hf-hub:acme/soft-mini@v1
     """
+    from .. import hub  # imports torch: only when the command runs
+
     with ExitStack() as stack:
         bar: Progress | None = None  # started on the first Drive bytes only: Hub downloads show their own bars
         task = None
@@ -96,6 +99,8 @@ def info(spec: SpecArg, json_out: JsonOpt = False) -> None:
 
     Example: soft weights info soft_tiny
     """
+    from .. import hub  # imports torch: only when the command runs
+
     out = hub.weights_info(spec)
     if json_out:
         print_json(out)
@@ -143,6 +148,8 @@ def convert(checkpoint: Annotated[Path, typer.Argument(help="Official .pth/.pth.
 
     Example: soft weights convert SOFT_Tiny.pth --out soft-tiny --model soft_tiny
     """
+    from .. import hub  # imports torch: only when the command runs
+
     names: list[str] | None = None
     if labels is not None:
         try:
@@ -174,6 +181,8 @@ def push(folder: Annotated[Path, typer.Argument(help="A folder made by 'soft wei
 
     Example: soft weights push soft-tiny --repo softcli/soft-tiny
     """
+    from .. import hub  # imports torch: only when the command runs
+
     from ..fit.common import verify_loadable
 
     res = hub.push_folder(folder, repo, private=private, revision=revision, message=message, verify=verify_loadable)
