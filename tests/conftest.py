@@ -27,13 +27,30 @@ def _golden_dir() -> Path:
 
 
 GOLDEN = _golden_dir()
+#: The one reason every golden test gives when the reference files are not there (a plain clone).
+GOLDEN_MISSING = (f"golden reference files not found at {GOLDEN}: lay shared/reference/golden beside the "
+                  "checkout or set SOFTCLI_GOLDEN")
+
+
+def golden_available() -> bool:
+    return (GOLDEN / "manifest.json").is_file()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the golden files, skip (with one reason) every test that uses the ``golden`` fixture or marker."""
+    if golden_available():
+        return
+    skip = pytest.mark.skip(reason=GOLDEN_MISSING)
+    for item in items:
+        if "golden" in getattr(item, "fixturenames", ()) or item.get_closest_marker("golden") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    """The official reference outputs; CI lays shared/ beside the checkout."""
-    if not (GOLDEN / "manifest.json").is_file():
-        pytest.fail(f"golden reference files not found at {GOLDEN} (set SOFTCLI_GOLDEN)")
+    """The official reference outputs; CI lays shared/ beside the checkout (tests skip without them)."""
+    if not golden_available():
+        pytest.skip(GOLDEN_MISSING)
     return GOLDEN
 
 
