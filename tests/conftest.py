@@ -1,4 +1,4 @@
-"""Shared fixtures: where the golden reference lives, tiny models, a CLI runner."""
+"""Shared fixtures: where the golden reference lives, tiny models, a CLI runner (in-process by default)."""
 
 from __future__ import annotations
 
@@ -92,13 +92,78 @@ def tiny_backbone(tmp_path_factory) -> Path:
     return folder
 
 
+#: Variables huggingface_hub reads once, when it is imported: a run that sets them needs its own process.
+_IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_")
+
+
 def run_soft(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300,
              input: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m softcli ARGS`` as a user would, capturing output."""
+    """Run ``soft ARGS`` through the real entry point (:func:`softcli.cli.app.main`) and capture it.
+
+    In this process (no interpreter and torch start-up per call), with its own
+    stdout/stderr/stdin, environment, working directory and exit code, so tests
+    read the result exactly like a subprocess's (bytes, ``returncode``; an
+    exception that escapes ``main`` becomes a traceback on stderr and status 1).
+    A run whose ``env`` sets Hugging Face variables goes to a subprocess
+    (:func:`run_soft_subprocess`): huggingface_hub reads them only at import.
+    ``timeout`` applies to subprocesses only.
+    """
+    if env and any(name.startswith(_IMPORT_TIME_ENV) for name in env):
+        return run_soft_subprocess(*args, env=env, cwd=cwd, timeout=timeout, input=input)
+    return _run_in_process([str(a) for a in args], env or {}, cwd, input)
+
+
+def run_soft_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300,
+                        input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m softcli ARGS`` as a user would, capturing output (the smoke tests of the real process)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("SOFTCLI_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "softcli", *map(str, args)], capture_output=True,
                           env=full_env, cwd=cwd, timeout=timeout, input=input)
+
+
+def _run_in_process(args: list[str], env: dict, cwd: Path | None,
+                    input: bytes | None) -> subprocess.CompletedProcess:
+    import io
+    import traceback
+
+    import torch
+
+    from softcli.cli.app import main
+
+    out, err = io.BytesIO(), io.BytesIO()
+    streams = (sys.stdin, sys.stdout, sys.stderr)
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    wrappers = (io.TextIOWrapper(io.BytesIO(input or b""), encoding="utf-8"),
+                io.TextIOWrapper(out, encoding="utf-8", write_through=True),
+                io.TextIOWrapper(err, encoding="utf-8", write_through=True))
+    sys.stdin, sys.stdout, sys.stderr = wrappers
+    os.environ.update({k: str(v) for k, v in env.items()})
+    os.environ.pop("SOFTCLI_DEBUG", None)
+    if "OMP_NUM_THREADS" in env:  # what the variable does to a fresh process
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # what the interpreter would do: the traceback on stderr, status 1
+        traceback.print_exc(file=sys.stderr)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdin, sys.stdout, sys.stderr = streams
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    result = subprocess.CompletedProcess(["soft", *args], code, out.getvalue(), err.getvalue())
+    for wrapper in wrappers:
+        wrapper.detach()  # leave the buffers open (a wrapper closes its buffer when collected)
+    return result
 
 
 @pytest.fixture

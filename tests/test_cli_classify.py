@@ -11,7 +11,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from tests.conftest import GOLDEN, run_soft
+from tests.conftest import GOLDEN, run_soft, run_soft_subprocess
 
 LABELS = [f"thing {i}" for i in range(10)]
 GOOD = ["photo.jpg", "photo.png", "gray.png", "rgba.png", "palette.png", "cmyk.jpg", "deep16.tif", "rotated.jpg"]
@@ -72,8 +72,9 @@ def _in_process(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_every_kind_of_file_json_and_broken_ones(workdir):
+    """A smoke test of the real process: exit status, clean JSON on stdout, error lines on stderr."""
     names = GOOD[:4] + list(BAD) + GOOD[4:]  # broken files in the middle: the rest still run
-    r = run_soft("classify", *names, "--weights", "ckpt", "--json", "--batch-size", "3", cwd=workdir)
+    r = run_soft_subprocess("classify", *names, "--weights", "ckpt", "--json", "--batch-size", "3", cwd=workdir)
     assert r.returncode == 1, r.stderr.decode()
     assert b"Traceback" not in r.stderr
     doc = json.loads(r.stdout)  # stdout is one JSON document and nothing else
