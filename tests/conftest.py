@@ -169,3 +169,39 @@ def _run_in_process(args: list[str], env: dict, cwd: Path | None,
 @pytest.fixture
 def soft():
     return run_soft
+
+
+# -- CPU time per test: comparable on a busy machine, where wall-clock --durations are not ------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="list the N tests that used the most CPU time (this process and its children), "
+                          "and the total; 0 lists all")
+
+
+_CPU_SECONDS: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    start = _cpu_now()
+    yield
+    _CPU_SECONDS[item.nodeid] = _cpu_now() - start
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    n = config.getoption("--cpu-durations")
+    if n is None or not _CPU_SECONDS:
+        return
+    ranked = sorted(_CPU_SECONDS.items(), key=lambda kv: -kv[1])
+    terminalreporter.write_sep("=", f"CPU time per test (setup+call+teardown, with subprocesses), "
+                                    f"total {sum(_CPU_SECONDS.values()):.1f} s over {len(ranked)} tests")
+    for nodeid, seconds in ranked[:n or None]:
+        terminalreporter.write_line(f"{seconds:8.2f}s  {nodeid}")
