@@ -13,7 +13,7 @@ from PIL import Image
 import softcli
 from softcli.checkpoint import save_pretrained
 
-from .conftest import TINY_CONFIG, run_soft
+from .conftest import TINY_CONFIG, run_soft, run_soft_subprocess
 from .synthetic import (ONE_THREAD_ENV, best_match_miou, iou_per_class, make_trained_checkpoint,  # noqa: F401
                         regions_image, single_thread)
 
@@ -32,7 +32,8 @@ def trained(backbone, tmp_path_factory):
 
 
 def test_help_has_example():
-    r = run_soft("segment", "--help")
+    """A smoke test of the real process (``python -m softcli``); the other CLI tests run in-process."""
+    r = run_soft_subprocess("segment", "--help")
     assert r.returncode == 0 and b"Example: soft segment" in r.stdout
 
 

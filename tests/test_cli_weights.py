@@ -82,6 +82,7 @@ def test_info_of_an_uncached_registry_model(capsys, hf):
     assert info["registry"]["top1"] == 82.4 and info["registry"]["origin"]["official_name"] == "SOFT_Small_norm"
 
 
+@pytest.mark.golden
 def test_push_cli_json(capsys, tmp_path, hf, mini_hub):
     hf(mini_hub.url, HF_TOKEN="hf_test")
     hub_folder = tmp_path / "hf/hub"
@@ -98,6 +99,7 @@ def test_push_cli_json(capsys, tmp_path, hf, mini_hub):
     assert not hub_folder.exists()  # pushing does not fill the download cache
 
 
+@pytest.mark.golden
 def test_convert_cli_and_error_lines(capsys, tmp_path, hf):
     hf("http://127.0.0.1:9")
     labels = tmp_path / "labels.txt"

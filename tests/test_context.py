@@ -56,6 +56,11 @@ def _check_features(model, img, tmp_path, **kw):
 
 
 # The official landmark count at 1536x1152 is 48*36 = 1728 per head in every stage: 196 is below it.
+# Slow (the longest default test); by default the budget below the official count is covered by
+# test_global_equals_whole_forward_small[mini_norm-40] and test_global_exact_at_sizes_not_multiple_of_32
+# (mini_plain auto and mini_norm 30 at 1000x770, 16 tiles of 256).
+@pytest.mark.golden
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mini_plain", "mini_norm"])
 def test_global_equals_whole_forward_1536x1152_budget_below_official(name, tmp_path):
     model = _golden(name, "auto")
@@ -63,6 +68,7 @@ def test_global_equals_whole_forward_1536x1152_budget_below_official(name, tmp_p
     assert res.plan.tiles == 6 * 5  # 256-pixel tiles
 
 
+@pytest.mark.golden
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mini_plain", "mini_norm"])
 def test_global_equals_whole_forward_1536x1152_budget_above_official(name, tmp_path):
@@ -70,12 +76,14 @@ def test_global_equals_whole_forward_1536x1152_budget_above_official(name, tmp_p
 
 
 # Fast stand-in of the slow test above: 512x384 has 16*12 = 192 official landmarks, the budget is above.
+@pytest.mark.golden
 @pytest.mark.parametrize("name,landmarks", [("mini_plain", "1000"), ("mini_norm", "official"),
                                             ("mini_norm", "40")])
 def test_global_equals_whole_forward_small(name, landmarks, tmp_path):
     _check_features(_golden(name, landmarks), _image(512, 384, seed=2), tmp_path, tile=128)
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("name,landmarks,size", [("mini_plain", "auto", (1000, 770)),
                                                  ("mini_norm", "30", (1000, 770)),
                                                  ("mini_norm", "official", (298, 230)),
@@ -93,6 +101,7 @@ def test_global_exact_at_sizes_not_multiple_of_32(name, landmarks, size, tmp_pat
     assert not list(tmp_path.iterdir())  # spilled activations removed
 
 
+@pytest.mark.golden
 def test_global_features_padded_like_whole_mode(tmp_path):
     """Through extract_features a non-multiple-of-32 image is edge-padded exactly as the whole mode pads it."""
     model = _golden("mini_plain", "auto")
@@ -107,6 +116,7 @@ def test_global_features_padded_like_whole_mode(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.golden
 def test_global_stage4_class_token_is_whole_image(tmp_path):
     model = _golden("mini_norm", "auto")
     x = torch.randn(1, 3, 300, 420)
@@ -117,6 +127,7 @@ def test_global_stage4_class_token_is_whole_image(tmp_path):
     _assert_close(logits.numpy(), ref.numpy())
 
 
+@pytest.mark.golden
 def test_interrupt_removes_spilled_activations(tmp_path):
     model = _golden("mini_plain", "auto")
 
@@ -138,6 +149,7 @@ def test_auto_chooses_whole_when_it_fits_else_global():
     assert choose_context("tile", 512, 512, cfg, 0, 2**30).mode == "tile"
 
 
+@pytest.mark.golden
 def test_cli_features_context_json(soft, tmp_path):
     from PIL import Image
 
@@ -170,6 +182,7 @@ def _flat_png(tmp_path, h: int, w: int):
     return path, gt
 
 
+@pytest.mark.golden
 def test_cli_segment_default_recovers_flat_regions(soft, tmp_path):
     """Default settings (auto context) on the 1536² flat scene: the three regions come back.
 
@@ -189,6 +202,7 @@ def test_cli_segment_default_recovers_flat_regions(soft, tmp_path):
     assert best_match_miou(mask, gt, 3) >= 0.85
 
 
+@pytest.mark.golden
 def test_segment_global_context_matches_whole(tmp_path):
     """Forced global context with small tiles labels the flat scene as the whole-image pass does."""
     from softcli.segment import segment
@@ -215,6 +229,7 @@ def test_segment_global_needs_clusters(tmp_path):
         segment(src, tmp_path / "m.npy", weights=tmp_path / "nothing", context="global")
 
 
+@pytest.mark.golden
 @pytest.mark.slow
 def test_segment_6000x4000_flat_scene_has_no_tile_artefacts(tmp_path):
     """The large version of the flat scene, forced to global context: no tile-shaped label blocks."""
@@ -229,6 +244,7 @@ def test_segment_6000x4000_flat_scene_has_no_tile_artefacts(tmp_path):
 
 # -- classify --full-res ------------------------------------------------------------------------
 
+@pytest.mark.golden
 def test_classify_full_res_global_equals_one_pass(soft, tmp_path):
     from PIL import Image
 

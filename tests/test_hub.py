@@ -225,6 +225,7 @@ def test_registry_name_pulls_its_pinned_hub_repo(fake_hub, tiny_pair, tmp_path, 
     assert logits_of(softcli.load_model("mini")) == pytest.approx(tiny_pair[0][1], abs=1e-6)
 
 
+@pytest.mark.golden
 def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_path, hf):
     official = GOLDEN / "mini_plain.weights.safetensors"
     digest = hashlib.sha256(official.read_bytes()).hexdigest()
@@ -258,6 +259,7 @@ def test_origin_fallback_downloads_verifies_converts_and_rechecks(fake_hub, tmp_
         weights.resolve_weights("mini")
 
 
+@pytest.mark.golden
 def test_origin_official_pth_training_checkpoint(fake_hub, tmp_path, hf):
     """The format the SOFT training script saves: {'model': state_dict, 'args': Namespace}, read weights-only."""
     import argparse
@@ -277,6 +279,7 @@ def test_origin_official_pth_training_checkpoint(fake_hub, tmp_path, hf):
     assert record["download_sha256"] == hashlib.sha256(pth.read_bytes()).hexdigest()
 
 
+@pytest.mark.golden
 def test_origin_with_wrong_sha256_is_refused(fake_hub, tmp_path, hf):
     official = (GOLDEN / "mini_plain.weights.safetensors").read_bytes()
     with FakeDrive() as drive:
@@ -330,6 +333,7 @@ def test_parse_hub_spec_and_kinds(tmp_path):
     assert weights.resolve_weights(tmp_path).kind == "path"  # Path objects are always paths
 
 
+@pytest.mark.golden
 def test_convert_official_checkpoint(tmp_path):
     official = GOLDEN / "mini_plain.weights.safetensors"
     out = weights.convert_checkpoint(official, tmp_path / "mini", labels=[f"c{i}" for i in range(10)], name="mini")
@@ -349,6 +353,7 @@ def test_convert_official_checkpoint(tmp_path):
         weights.convert_checkpoint(official, tmp_path / "busy")
 
 
+@pytest.mark.golden
 def test_push_then_pull_round_trip(fake_hub, tmp_path, hf):
     folder = weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
     hf(fake_hub.url, HF_TOKEN="hf_test_token")

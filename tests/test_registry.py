@@ -43,6 +43,7 @@ def test_one_entry_per_official_release():
         SoftConfig.from_dict(e.architecture)  # a real variant
 
 
+@pytest.mark.golden
 def test_param_counts_match_the_official_architectures():
     keys = json.loads((GOLDEN / "official_state_dict_keys.json").read_text())
     for e in load_registry().entries.values():

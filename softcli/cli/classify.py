@@ -5,15 +5,12 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint import model_files
-from ..classify import ClassifyResult, classify_paths
-from ..context import default_max_memory
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
@@ -24,6 +21,9 @@ from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, Wei
                      load_cli_model, model_name, print_json, progress_bar)
 
 CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input_width", "seconds", "model", "error")
+
+if TYPE_CHECKING:
+    from ..classify import ClassifyResult
 
 
 def _table(result: ClassifyResult) -> Table:
@@ -98,6 +98,10 @@ def classify(
 
       soft classify slide.svs --weights ckpt.pth --full-res --mpp 8   (a slide at 8 µm/px, whole)
     """
+    from ..checkpoint import model_files  # the task modules import torch: only when the command runs
+    from ..classify import classify_paths
+    from ..context import default_max_memory
+
     pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
     try:
         budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)

@@ -8,9 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..features import FeaturesPlan, check_request, extract_features
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
-from ..context import default_max_memory
 from ..tiling import parse_memory
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
@@ -82,6 +80,9 @@ def features(
 
     Whole slide at 1 µm/px, tissue only: soft features slide.svs --mpp 1.0 --tissue auto --out feats.safetensors
     """
+    from ..context import default_max_memory  # the task modules import torch: only when the command runs
+    from ..features import FeaturesPlan, check_request, extract_features
+
     try:
         budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
     except ValueError as exc:

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UsageError
-from ..features import parse_stages
 from ..io.image import DEFAULT_MAX_PIXELS
 from .app import app
 from .common import (
@@ -152,6 +151,7 @@ def segment(
 
       soft segment slide.tif --model tissue-seg --out mask.tif
     """
+    from ..features import parse_stages
     from ..fit import fit_segmenter
 
     summary = _run(fit_segmenter, json_out, data=data, out=out, weights=_spec(model, weights), head=head,

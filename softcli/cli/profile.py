@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..api import resolve_device
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
-from ..profile import (
-    DEFAULT_METHODS,
-    DEFAULT_THREADS,
-    DEFAULT_TOKENS,
-    METHODS,
-    MIN_REPEATS,
-    ProfileReport,
-    ProfileResult,
-    ProfileSettings,
-    attention_jobs,
-    model_jobs,
-    parse_bytes,
-    run_sweep,
-)
+from ..profile.names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
 from .app import app
 from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
+
+if TYPE_CHECKING:
+    from ..profile import ProfileReport, ProfileResult
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -228,6 +217,9 @@ def profile(
 
     Example: soft profile --model soft_tiny --image-size 4096 --device cuda
     """
+    from ..api import resolve_device  # the task modules import torch: only when the command runs
+    from ..profile import ProfileSettings, attention_jobs, model_jobs, parse_bytes, run_sweep
+
     dev = resolve_device(device)
     if plot is not None:
         check_output_path(plot)

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import torch
-
 from ..errors import SoftError
 
 #: Default wait of a collective (the end-of-run gather waits for the slowest rank).
@@ -61,12 +59,15 @@ class DistContext:
 
     def device(self, requested: str) -> str:
         """The device of this rank: ``auto``/``cuda`` become ``cuda:LOCAL_RANK`` when CUDA is there."""
+        import torch  # here, not at the top: `soft --help` must not import torch
+
         if self.distributed and requested in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return requested
 
     def start(self, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Join the process group (nccl for a CUDA device, gloo otherwise); nothing for a lone process."""
+        import torch
         import torch.distributed as dist
 
         if not self.distributed or dist.is_initialized():

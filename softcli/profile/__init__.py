@@ -22,24 +22,43 @@ one timing harness), :mod:`.sweep` (worker processes, timeouts, OOM) and
 
 from __future__ import annotations
 
-from .estimate import estimate_flops, landmark_count
-from .harness import measure
-from .jobs import attention_jobs, grid_for, model_jobs, stage_input_sizes
-from .methods import build_attention
-from .settings import (
-    DEFAULT_METHODS,
-    DEFAULT_THREADS,
-    DEFAULT_TOKENS,
-    METHODS,
-    MIN_REPEATS,
-    STATUSES,
-    ProfileJob,
-    ProfileReport,
-    ProfileResult,
-    ProfileSettings,
-    parse_bytes,
-)
-from .sweep import run_job, run_sweep
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: Public name -> the submodule defining it. Loaded on first use, so that ``soft profile --help``
+#: (which needs only :mod:`.names`) does not import torch.
+_LAZY_ATTRIBUTES: dict[str, str] = {
+    "estimate_flops": ".estimate",
+    "landmark_count": ".estimate",
+    "measure": ".harness",
+    "attention_jobs": ".jobs",
+    "grid_for": ".jobs",
+    "model_jobs": ".jobs",
+    "stage_input_sizes": ".jobs",
+    "build_attention": ".methods",
+    "DEFAULT_METHODS": ".names",
+    "DEFAULT_THREADS": ".names",
+    "DEFAULT_TOKENS": ".names",
+    "METHODS": ".names",
+    "MIN_REPEATS": ".names",
+    "STATUSES": ".settings",
+    "ProfileJob": ".settings",
+    "ProfileReport": ".settings",
+    "ProfileResult": ".settings",
+    "ProfileSettings": ".settings",
+    "parse_bytes": ".settings",
+    "run_job": ".sweep",
+    "run_sweep": ".sweep",
+}
+
+if TYPE_CHECKING:  # type checkers and IDEs see the real names
+    from .estimate import estimate_flops, landmark_count
+    from .harness import measure
+    from .jobs import attention_jobs, grid_for, model_jobs, stage_input_sizes
+    from .methods import build_attention
+    from .names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
+    from .settings import STATUSES, ProfileJob, ProfileReport, ProfileResult, ProfileSettings, parse_bytes
+    from .sweep import run_job, run_sweep
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -47,11 +66,11 @@ __all__ = [
     "DEFAULT_TOKENS",
     "METHODS",
     "MIN_REPEATS",
-    "STATUSES",
     "ProfileJob",
     "ProfileReport",
     "ProfileResult",
     "ProfileSettings",
+    "STATUSES",
     "attention_jobs",
     "build_attention",
     "estimate_flops",
@@ -64,3 +83,16 @@ __all__ = [
     "run_sweep",
     "stage_input_sizes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_ATTRIBUTES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # next lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))

@@ -12,6 +12,7 @@ import torch
 from ..errors import UsageError
 from ..models.landmarks import LandmarkPolicy
 from ..models.soft import LOCAL_KERNELS
+from .names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -28,19 +29,8 @@ __all__ = [
     "parse_bytes",
 ]
 
-METHODS = ("soft", "soft-official", "softmax", "softmax-math", "nystromformer")
-DEFAULT_METHODS = ("soft", "soft-official", "softmax", "nystromformer")
-#: Finishes in about a minute on a 2-core laptop CPU.
-DEFAULT_TOKENS = (1024, 4096, 16384)
 STATUSES = ("ok", "oom", "timeout", "error")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: CPU threads while measuring unless told otherwise. One thread is what a shared or busy machine
-#: can reproduce: with several, OpenMP threads wait for each other whenever one is descheduled, and
-#: the many small ops of linear attention slow down several-fold while one big softmax matmul barely
-#: does, so the load, not the method, decides the comparison (bench/README.md, "Threads").
-DEFAULT_THREADS = 1
-#: Timed calls a configuration gets even past the time budget (fewer only when ``repeat`` asks for fewer).
-MIN_REPEATS = 3
 #: A warm-up call slower than this ends warm-up: one-off costs are then noise.
 LONG_CALL_S = 1.0
 #: Marks the result line in a worker's stdout.

@@ -14,7 +14,8 @@ from softcli.models import VARIANTS, SoftConfig, checkpoint_filter_fn, create_so
 from tests.conftest import GOLDEN
 
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text()) if (GOLDEN / "manifest.json").is_file() else {}
-CASES = [(name, case) for name, entry in MANIFEST.items() for case in entry["cases"]]
+#: Without the golden files one placeholder case, so the test skips with the golden reason like the others.
+CASES = [(name, case) for name, entry in MANIFEST.items() for case in entry["cases"]] or [("missing", "missing")]
 
 
 def _stage_tokens(maps, cls):
@@ -81,7 +82,8 @@ def test_float16_weights_load_into_float32(golden):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_parameter_counts_and_official_keys(golden, variant):
     official = json.loads((golden / "official_state_dict_keys.json").read_text())[variant]
-    model = create_soft(variant)
+    with torch.device("meta"):  # shapes and counts only: no memory, no random init (was ~5 s per variant)
+        model = create_soft(variant)
     assert sum(p.numel() for p in model.parameters()) == official["params"]
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mapped = checkpoint_filter_fn({k: torch.empty(0) for k in official["state_dict"]})

@@ -284,6 +284,7 @@ def _registry(tmp_path: Path, sha256: str | None) -> str:
     return str(path)
 
 
+@pytest.mark.golden
 def test_origin_sha256_is_pinned_once_known(hub_server, hf, tmp_path):
     official = (GOLDEN / "mini_plain.weights.safetensors").read_bytes()
     with FakeDrive() as drive:
@@ -304,6 +305,7 @@ def test_origin_sha256_is_pinned_once_known(hub_server, hf, tmp_path):
 
 # -- soft weights convert / push write only where asked ------------------------------------------------
 
+@pytest.mark.golden
 def test_convert_into_an_unwritable_place_fails_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the output was checked")
@@ -315,6 +317,7 @@ def test_convert_into_an_unwritable_place_fails_before_any_work(tmp_path, monkey
             weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", out)
 
 
+@pytest.mark.golden
 def test_convert_cli_unwritable_out_is_one_error_line(tmp_path):
     r = run_soft("weights", "convert", GOLDEN / "mini_plain.weights.safetensors", "--out", "/proc/softcli-test/x",
                  env=hub_env(tmp_path / "hf", "http://127.0.0.1:9"))
@@ -324,6 +327,7 @@ def test_convert_cli_unwritable_out_is_one_error_line(tmp_path):
         "error: /proc/softcli-test/x: cannot create files in folder /proc (No such file or directory)"]
 
 
+@pytest.mark.golden
 def test_convert_writes_only_inside_the_asked_folder(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -333,6 +337,7 @@ def test_convert_writes_only_inside_the_asked_folder(tmp_path):
     assert out == work / "a" / "b"
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("branch", ["../../x", "/tmp/x", "main/../../x", "a" * 40])
 def test_push_to_a_branch_that_is_not_a_branch_name_is_refused(hub_server, hf, tmp_path, branch):
     folder = weights.convert_checkpoint(GOLDEN / "mini_plain.weights.safetensors", tmp_path / "mini")
