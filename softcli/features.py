@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
 from .io.writers import check_feature_request, write_features
+from .models import SoftModel
 from .context import (CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global,
                       tissue_context)
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
@@ -193,18 +194,11 @@ def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
 
 
 def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """Tile → the asked stage maps; stops after the last asked stage (stage 1 alone skips 2-4)."""
-    last = max(stages)
+    """Tile → the asked stage maps (1-based, ascending); stops after the last asked stage (stage 1 alone skips 2-4)."""
+    soft, indices = cast(SoftModel, model), [s - 1 for s in stages]
 
     def fn(x: torch.Tensor) -> list[torch.Tensor]:
-        if last == 4:
-            maps = model.forward_features(x)
-        else:
-            maps = []
-            for stage in model.stages[:last]:  # type: ignore[attr-defined]
-                x, _ = stage(x)
-                maps.append(x)
-        return [maps[s - 1] for s in stages]
+        return soft.forward_intermediates(x, indices, intermediates_only=True)
 
     return fn
 

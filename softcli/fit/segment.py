@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import resolve_device
-from ..cluster import backbone_maps
 from ..engine import MapSink, MemorySink, run_dense
 from ..errors import UsageError
 from ..features import STAGE_STRIDES
@@ -231,7 +230,9 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if head == "linear":
         lin = LinearSegHead(dims, LinearHeadConfig(k, head_cfg.stages, head_cfg.window)).to(dev)
         last = max(head_cfg.stages)
-        feats = _Features(lambda x: [lin.features(backbone_maps(backbone, x, last))], [SCORE_STRIDE],
+        feats = _Features(lambda x: [lin.features(backbone.forward_intermediates(x, list(range(last)),
+                                                                                 intermediates_only=True))],
+                          [SCORE_STRIDE],
                           [head_cfg.feature_dim(dims)], ["features"])
     else:
         need = sum(4 * c * it.height * it.width // s ** 2 for it in ds.items for c, s in zip(dims, STAGE_STRIDES))
