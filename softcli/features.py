@@ -200,11 +200,16 @@ def stage_outputs(config: Any, stages: Sequence[int]) -> list[OutputSpec]:
 
 def stage_maps_fn(model: torch.nn.Module, outputs: Sequence[OutputSpec]) -> Callable[[torch.Tensor],
                                                                                      list[torch.Tensor]]:
-    """Tile → the maps of the stage ``outputs`` (ascending stages); stops after the deepest (stage 1 alone skips 2-4)."""
-    soft, indices = cast(SoftModel, model), [cast(int, o.stage) - 1 for o in outputs]
+    """Tile → the maps of the stage ``outputs``, in their order; stops after the deepest (stage 1 alone skips 2-4)."""
+    if any(o.stage is None for o in outputs):
+        raise ValueError(f"not all outputs are stage maps: {[o.name for o in outputs if o.stage is None]}")
+    soft = cast(SoftModel, model)
+    indices = [cast(int, o.stage) - 1 for o in outputs]
+    taken = sorted(set(indices))  # forward_intermediates gives each stage once, in stage order
 
     def fn(x: torch.Tensor) -> list[torch.Tensor]:
-        return soft.forward_intermediates(x, indices, intermediates_only=True)
+        maps = soft.forward_intermediates(x, taken, intermediates_only=True)
+        return [maps[taken.index(i)] for i in indices]
 
     return fn
 

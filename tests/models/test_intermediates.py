@@ -73,3 +73,17 @@ def test_stop_early_skips_later_stages(tiny_model, image, stop_early, intermedia
     assert calls == expected
     maps = out if intermediates_only else out[1]
     assert [m.shape[1] for m in maps] == [tiny_model.config.embed_dims[1]]
+
+
+def test_stage_maps_fn_gives_the_outputs_maps_in_their_order(tiny_model, image):
+    from softcli.engine import OutputSpec
+    from softcli.features import stage_maps_fn, stage_outputs
+
+    outputs = stage_outputs(tiny_model.config, [3, 1])
+    assert [(o.name, o.stride, o.stage) for o in outputs] == [("stage3", 16, 3), ("stage1", 4, 1)]
+    with torch.inference_mode():
+        got = stage_maps_fn(tiny_model, outputs)(image)
+        full = tiny_model.forward_features(image)
+    assert torch.equal(got[0], full[2]) and torch.equal(got[1], full[0])
+    with pytest.raises(ValueError, match="not all outputs are stage maps"):
+        stage_maps_fn(tiny_model, [OutputSpec("scores", 4, 4)])
