@@ -35,7 +35,7 @@ GOLDEN_TINY = REPO.parent / "shared" / "reference" / "golden" / "soft_tiny.weigh
 def _run(model, x):
     with torch.inference_mode():
         t0 = time.perf_counter()
-        maps, cls = model.forward_stages(x)
+        cls, maps = model.forward_intermediates(x)
         logits = model.forward_head(cls)
         return maps, logits, time.perf_counter() - t0
 

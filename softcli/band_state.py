@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .engine import PersistentSink
+from .engine import OutputSpec, PersistentSink
 from .errors import OutputError
 
 STATE_SUFFIX = ".partial-state"
@@ -158,8 +158,8 @@ def rank_rows(rows: int, rank: int, world: int) -> range:
     return range(rows * rank // world, rows * (rank + 1) // world)
 
 
-def run_bands(fn: Any, reader: Any, grid: Any, strides: Sequence[int], channels: Sequence[int],
-              names: Sequence[str], state: BandState, *, dist: Any = None, **dense: Any) -> PersistentSink:
+def run_bands(fn: Any, reader: Any, grid: Any, outputs: Sequence[OutputSpec], state: BandState, *,
+              dist: Any = None, **dense: Any) -> PersistentSink:
     """Compute the unfinished tile rows (this rank's share under ``dist``) into the state's maps.
 
     Rank 0 prepares the folder; every rank then writes its rows and records each
@@ -176,7 +176,7 @@ def run_bands(fn: Any, reader: Any, grid: Any, strides: Sequence[int], channels:
     sink = state.sink()
     try:
         todo = state.todo(rank_rows(grid.rows, rank, world))
-        run_dense(fn, reader, grid, strides, channels, names, sink, rows=todo,
+        run_dense(fn, reader, grid, outputs, sink, rows=todo,
                   on_band=lambda row, sums: state.mark_done(sink, row, sums), **dense)
         if dist is not None:
             dist.barrier()

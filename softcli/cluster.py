@@ -177,15 +177,6 @@ def sample_tiles(grid: TileGrid, max_tiles: int) -> list[Tile]:
     return [t for t in grid if (t.row, t.col) in wanted]
 
 
-def backbone_maps(backbone: Any, x: Tensor, upto: int) -> list[Tensor]:
-    """The first ``upto`` stage maps of a SOFT backbone, without running the later stages."""
-    maps = []
-    for i, stage in enumerate(backbone.stages[:upto]):
-        x, _ = stage(x, backbone.cls_token if i == 3 else None)
-        maps.append(x)
-    return maps
-
-
 class StageEmbedder:
     """Normalised image tile (B, 3, h, w) → concatenated stride-4 stage features (B, D, h/4, w/4)."""
 
@@ -195,7 +186,9 @@ class StageEmbedder:
         self.widths = [int(backbone.config.embed_dims[s - 1]) for s in self.stages]
 
     def __call__(self, x: Tensor) -> Tensor:
-        return stage_features(backbone_maps(self.backbone, x, max(self.stages)), self.stages)
+        # Stages 1..deepest: stage_features resizes to stage 1's grid; later stages are not run.
+        maps = self.backbone.forward_intermediates(x, list(range(max(self.stages))), intermediates_only=True)
+        return stage_features(maps, self.stages)
 
 
 def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k: int, *,

@@ -8,14 +8,19 @@ API (stable; ``soft segment`` builds on it)::
     fn = lambda x: [m1, m2, ...]        # (1, 3, h, w) tensor → maps (1, C_i, h/s_i, w/s_i)
     grid = TileGrid(reader.height, reader.width, tile=1024, overlap=64)
     sink = MemorySink()                  # or DiskSink(folder) for maps larger than memory
-    run_dense(fn, reader, grid, strides=[4, 8], channels=[64, 128], names=["stage1", "stage2"],
-              sink=sink, mean=..., std=..., device="cpu", on_tile=callback)
+    outputs = [OutputSpec("stage1", channels=64, stride=4), OutputSpec("stage2", channels=128, stride=8)]
+    run_dense(fn, reader, grid, outputs, sink, mean=..., std=..., device="cpu", on_tile=callback)
     sink.array("stage1")                 # (C, ceil(H/4), ceil(W/4)) float32
 
 - Tiles run in row-major order; the stitcher keeps, per output, only one band
   of rows as tall as a tile (C x tile/s x W/s floats). When a row of tiles is
   done, the rows no later tile touches are final and go to the sink.
-- Sinks store each output as (C, H, W) float32. :class:`MemorySink` holds numpy
+- ``fn`` returns one map per :class:`OutputSpec`, in the specs' order; each is
+  blended and goes to the sink under its spec's name.
+- The stitcher needs only a :class:`RowSink` (``allocate`` + ``write_rows``:
+  the segment label sink, the fit's cell sampler). A :class:`MapSink` also
+  reads the maps back (for the writers). Sinks store each output as (C, H, W)
+  float32. :class:`MemorySink` holds numpy
   arrays; :class:`DiskSink` writes rows straight into one raw file per output
   with ``pwrite`` (no memory map, so finished rows do not count towards the
   process's resident memory) and reads them back with ``pread`` for the writers.
@@ -32,8 +37,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -50,30 +58,61 @@ TileCallback = Callable[[int, int], None]
 BandCallback = Callable[[int, list[np.ndarray]], None]
 
 
-class MapSink:
-    """Where finished rows of the (C, H, W) float32 output maps go."""
+@dataclass(frozen=True)
+class OutputSpec:
+    """One map the dense function returns per tile: its name in the sink, its channels and its stride.
+
+    The stride is input pixels per map cell (a stage map's 4, 8, 16 or 32); the
+    whole image's map is (channels, ⌈H/stride⌉, ⌈W/stride⌉). ``stage`` says
+    which backbone stage a stage map is (:func:`softcli.features.stage_outputs`
+    builds those, :func:`softcli.features.stage_maps_fn` the function giving
+    them); the engine itself only blends and stores.
+    """
+
+    name: str
+    channels: int
+    stride: int
+    stage: int | None = None  # the backbone stage (1-4) the map is, for stage maps
+
+
+class RowSink(ABC):
+    """Where finished rows of the (C, H, W) float32 output maps go: all a :class:`Stitcher` needs."""
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[int, int, int]] = {}
 
     def allocate(self, name: str, shape: tuple[int, int, int]) -> None:
+        """Announce map ``name`` of ``shape`` (C, H, W) before its first rows."""
         self.shapes[name] = tuple(int(v) for v in shape)  # type: ignore[assignment]
 
+    @abstractmethod
     def write_rows(self, name: str, y0: int, block: np.ndarray) -> None:
-        """Store rows [y0, y0 + h) of all channels; ``block`` is (C, h, W) float32."""
-        raise NotImplementedError
+        """Take rows [y0, y0 + h) of all channels; ``block`` is (C, h, W) float32 (a stitcher goes top to bottom)."""
 
+    def close(self) -> None:
+        """Free memory / delete temporary files."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MapSink(RowSink):
+    """A sink that keeps the maps and reads them back (for the writers and :func:`replay_rows`)."""
+
+    @abstractmethod
     def read_rows(self, name: str, channel: int, y0: int, y1: int) -> np.ndarray:
         """Rows [y0, y1) of one channel as a (y1 - y0, W) float32 array."""
-        raise NotImplementedError
 
+    @abstractmethod
     def iter_bytes(self, name: str, chunk: int = 1 << 25) -> Iterator[bytes | memoryview]:
         """The whole (C, H, W) map as C-order little-endian float32 bytes, in pieces of about ``chunk``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def array(self, name: str) -> np.ndarray:
         """The whole map (C, H, W); for a disk sink this reads it into memory."""
-        raise NotImplementedError
 
     def read_block(self, name: str, y0: int, y1: int) -> np.ndarray:
         """Rows [y0, y1) of all channels as a (C, y1 - y0, W) float32 array."""
@@ -82,15 +121,6 @@ class MapSink:
     def nbytes(self, name: str) -> int:
         c, h, w = self.shapes[name]
         return 4 * c * h * w
-
-    def close(self) -> None:
-        """Free memory / delete temporary files."""
-
-    def __enter__(self) -> "MapSink":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class MemorySink(MapSink):
@@ -182,7 +212,7 @@ class PersistentSink(DiskSink):
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:  # a named folder, not a temporary one
-        MapSink.__init__(self)
+        RowSink.__init__(self)
         self.folder = Path(folder)
         self._fds = {}
 
@@ -191,7 +221,7 @@ class PersistentSink(DiskSink):
             if tuple(shape) != self.shapes[name]:
                 raise ValueError(f"{name}: allocated as {self.shapes[name]}, now {tuple(shape)}")
             return
-        MapSink.allocate(self, name, shape)
+        RowSink.allocate(self, name, shape)
         fd = os.open(self.folder / f"{name}.f32", os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(fd).st_size != self.nbytes(name):
             os.ftruncate(fd, self.nbytes(name))
@@ -211,21 +241,23 @@ class Stitcher:
     to 1, so finished rows are written without a normalisation pass.
     """
 
-    def __init__(self, grid: TileGrid, strides: Sequence[int], channels: Sequence[int], names: Sequence[str],
-                 sink: MapSink, blend: str = "linear", *, first_row: int = 0, write_from: int = 0) -> None:
+    def __init__(self, grid: TileGrid, outputs: Sequence[OutputSpec], sink: RowSink, blend: str = "linear", *,
+                 first_row: int = 0, write_from: int = 0) -> None:
         """``first_row``: the first tile row that will be added; rows before ``write_from`` only warm the bands up."""
-        if not (len(strides) == len(channels) == len(names)):
-            raise ValueError("strides, channels and names must have the same length")
-        self.grid, self.strides, self.names, self.sink, self.blend = grid, list(strides), list(names), sink, blend
+        if len({o.name for o in outputs}) != len(outputs):
+            raise ValueError(f"output names must differ: {[o.name for o in outputs]}")
+        self.grid, self.outputs, self.sink, self.blend = grid, list(outputs), sink, blend
         self._row = first_row  # the tile row the bands hold
         self._write_from = write_from
         self._bands: list[np.ndarray] = []
-        self.sums = [np.zeros(c, np.float64) for c in channels]
+        self.sums = [np.zeros(o.channels, np.float64) for o in outputs]
         self.band_sums: list[np.ndarray] = []  # of the last written tile row
-        for name, s, c in zip(names, strides, channels):
-            if sink.shapes.get(name) != (c, *grid.out_size(s)):  # a sink already holding rows of this map keeps them
-                sink.allocate(name, (c, *grid.out_size(s)))
-            self._bands.append(np.zeros((c, grid.tile_h // s, grid.padded[1] // s), np.float32))
+        for o in outputs:
+            shape = (o.channels, *grid.out_size(o.stride))
+            if sink.shapes.get(o.name) != shape:  # a sink already holding rows of this map keeps them
+                sink.allocate(o.name, shape)
+            band_shape = (o.channels, grid.tile_h // o.stride, grid.padded[1] // o.stride)
+            self._bands.append(np.zeros(band_shape, np.float32))
 
     def add(self, tile: Tile, outputs: Sequence[np.ndarray]) -> None:
         """Add one tile's maps (each (C, h/s, w/s)); flushes finished rows when a new tile row starts."""
@@ -233,11 +265,13 @@ class Stitcher:
             raise ValueError("tiles must be added in row-major order")
         while tile.row > self._row:
             self._flush_row()
-        for k, (out, s) in enumerate(zip(outputs, self.strides)):
-            band = self._bands[k]
+        if len(outputs) != len(self.outputs):
+            raise ValueError(f"the dense function gave {len(outputs)} maps for {len(self.outputs)} outputs")
+        for k, (out, spec) in enumerate(zip(outputs, self.outputs)):
+            band, s = self._bands[k], spec.stride
             expect = (band.shape[0], tile.h // s, tile.w // s)
             if tuple(out.shape) != expect:
-                raise ValueError(f"{self.names[k]}: tile output {tuple(out.shape)}, expected {expect} "
+                raise ValueError(f"{spec.name}: tile output {tuple(out.shape)}, expected {expect} "
                                  f"(a stride-{s} map of a {tile.h}x{tile.w} tile)")
             wy, wx = self.grid.axis_weights(tile, s, self.blend)
             x0 = tile.x // s
@@ -250,14 +284,14 @@ class Stitcher:
 
     def pooled(self, index: int) -> np.ndarray:
         """Mean over all cells of output ``index`` (valid after :meth:`finish`)."""
-        _, h, w = self.sink.shapes[self.names[index]]
+        _, h, w = self.sink.shapes[self.outputs[index].name]
         return (self.sums[index] / (h * w)).astype(np.float32)
 
     def _flush_row(self) -> None:
         r = self._row
         self.band_sums = [np.zeros_like(s) for s in self.sums]
-        for k, (name, s) in enumerate(zip(self.names, self.strides)):
-            band = self._bands[k]
+        for k, spec in enumerate(self.outputs):
+            band, name, s = self._bands[k], spec.name, spec.stride
             start = self.grid.ys[r] // s
             _, out_h, out_w = self.sink.shapes[name]
             end = min(self.grid.final_rows(r, s), out_h)
@@ -302,12 +336,12 @@ def contiguous_runs(rows: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequence[int], channels: Sequence[int],
-              names: Sequence[str], sink: MapSink, *, mean: Sequence[float] = (0.0, 0.0, 0.0),
+def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, outputs: Sequence[OutputSpec], sink: RowSink, *,
+              mean: Sequence[float] = (0.0, 0.0, 0.0),
               std: Sequence[float] = (1.0, 1.0, 1.0), device: torch.device | str = "cpu", blend: str = "linear",
               on_tile: TileCallback | None = None, skip: Callable[[Tile], bool] | None = None,
               rows: Sequence[int] | None = None, on_band: BandCallback | None = None) -> Stitcher:
-    """Run ``fn`` on every tile of ``grid`` over ``reader`` and blend its maps into ``sink``.
+    """Run ``fn`` on every tile of ``grid`` over ``reader`` and blend its maps (one per ``outputs`` spec) into ``sink``.
 
     Returns the last :class:`Stitcher` (for :meth:`Stitcher.pooled`, meaningful
     when all rows ran at once). The grid must describe the reader's size. Tiles
@@ -326,10 +360,10 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequenc
     total = sum(grid.cols * (r1 - w0) for w0, _, r1 in plan)
     done = 0
     if not plan:  # nothing left to compute: the maps are still allocated in the sink
-        return Stitcher(grid, strides, channels, names, sink, blend, first_row=grid.rows)
+        return Stitcher(grid, outputs, sink, blend, first_row=grid.rows)
     with torch.inference_mode():
         for w0, r0, r1 in plan:
-            stitcher = Stitcher(grid, strides, channels, names, sink, blend, first_row=w0, write_from=r0)
+            stitcher = Stitcher(grid, outputs, sink, blend, first_row=w0, write_from=r0)
             for tile in grid:
                 if not w0 <= tile.row < r1:
                     continue
@@ -358,7 +392,7 @@ def _flush(stitcher: Stitcher, on_band: BandCallback | None) -> None:
         on_band(row, stitcher.band_sums)
 
 
-def replay_rows(source: MapSink, name: str, target: MapSink, rows_per_block: int = 64) -> None:
+def replay_rows(source: MapSink, name: str, target: RowSink, rows_per_block: int = 64) -> None:
     """Feed a finished map of ``source`` into ``target`` in row order (e.g. saved scores into a label sink)."""
     c, h, w = source.shapes[name]
     target.allocate(name, (c, h, w))

@@ -24,13 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
+from .engine import DiskSink, MapSink, MemorySink, OutputSpec, TileCallback, run_dense
 from .errors import InputError, UsageError
 from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
@@ -41,6 +41,7 @@ from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
 from .io.provenance import Provenance, provenance
 from .io.writers import check_feature_request, feature_outputs, write_features
+from .models import SoftModel
 from .context import (CONTEXT_MODES, LayerCheckpoints, ReaderSource, choose_context, export_map,
                       open_checkpoints, plan_global, run_global,
                       tissue_context)
@@ -203,42 +204,47 @@ def model_provenance(model: torch.nn.Module) -> Provenance:
     return provenance(getattr(model, "spec", None), model_files(source))
 
 
-def _model_fn(model: torch.nn.Module, stages: Sequence[int]) -> Callable[[torch.Tensor], list[torch.Tensor]]:
-    """Tile → the asked stage maps; stops after the last asked stage (stage 1 alone skips 2-4)."""
-    last = max(stages)
+def stage_outputs(config: Any, stages: Sequence[int]) -> list[OutputSpec]:
+    """The engine's outputs for the backbone stage maps ``stages`` (1-based, ascending): ``stageN`` at its stride."""
+    return [OutputSpec(f"stage{s}", int(config.embed_dims[s - 1]), STAGE_STRIDES[s - 1], stage=s) for s in stages]
+
+
+def stage_maps_fn(model: torch.nn.Module, outputs: Sequence[OutputSpec]) -> Callable[[torch.Tensor],
+                                                                                     list[torch.Tensor]]:
+    """Tile → the maps of the stage ``outputs``, in their order; stops after the deepest (stage 1 alone skips 2-4)."""
+    if any(o.stage is None for o in outputs):
+        raise ValueError(f"not all outputs are stage maps: {[o.name for o in outputs if o.stage is None]}")
+    soft = cast(SoftModel, model)
+    indices = [cast(int, o.stage) - 1 for o in outputs]
+    taken = sorted(set(indices))  # forward_intermediates gives each stage once, in stage order
 
     def fn(x: torch.Tensor) -> list[torch.Tensor]:
-        if last == 4:
-            maps = model.forward_features(x)
-        else:
-            maps = []
-            for stage in model.stages[:last]:  # type: ignore[attr-defined]
-                x, _ = stage(x)
-                maps.append(x)
-        return [maps[s - 1] for s in stages]
+        maps = soft.forward_intermediates(x, taken, intermediates_only=True)
+        return [maps[taken.index(i)] for i in indices]
 
     return fn
 
 
-def _run_global(model: Any, reader: ImageReader, padded: tuple[int, int], stage_list: Sequence[int],
-                names: Sequence[str], channels: Sequence[int], strides: Sequence[int], sink: MapSink,
-                plan: FeaturesPlan, folder: Path, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                on_tile: TileCallback | None, pool: bool, checkpoints: LayerCheckpoints | None = None,
-                dist: Any = None) -> np.ndarray | None:
-    """Exact whole-image maps, streamed (:func:`softcli.context.run_global`), into ``sink``; the pooled stage 4.
+def _run_global(model: Any, reader: ImageReader, padded: tuple[int, int], outputs: Sequence[OutputSpec],
+                sink: MapSink, plan: FeaturesPlan, folder: Path, mean: Sequence[float], std: Sequence[float],
+                device: torch.device, on_tile: TileCallback | None, pool: bool,
+                checkpoints: LayerCheckpoints | None = None, dist: Any = None) -> np.ndarray | None:
+    """Exact whole-image maps of the stage ``outputs``, streamed (:func:`softcli.context.run_global`), into ``sink``;
+    the pooled stage 4.
 
     Under ``dist`` every rank computes its share of each pass and rank 0 alone fills ``sink``."""
     source = ReaderSource(reader, padded[0], padded[1], mean, std, device)
     pooled = None
+    stage_list = [cast(int, o.stage) for o in outputs]
     with run_global(model, source, max(stage_list), stage_list, tile=plan.tile[0],
                     spill_dir=folder if plan.activations == "disk" else None, on_step=on_tile,
                     checkpoints=checkpoints, dist=dist) as res:
         if dist is not None and not dist.is_main:
             return None
-        for name, s, c, stride in zip(names, stage_list, channels, strides):
-            out_hw = (-(-reader.height // stride), -(-reader.width // stride))
-            sink.allocate(name, (c, *out_hw))
-            sums = export_map(res.maps[s], out_hw, lambda y0, block, n=name: sink.write_rows(n, y0, block))
+        for o, s in zip(outputs, stage_list):
+            out_hw = (-(-reader.height // o.stride), -(-reader.width // o.stride))
+            sink.allocate(o.name, (o.channels, *out_hw))
+            sums = export_map(res.maps[s], out_hw, lambda y0, block, n=o.name: sink.write_rows(n, y0, block))
             if pool and s == 4:
                 pooled = (sums / (out_hw[0] * out_hw[1])).astype(np.float32)
     return pooled
@@ -278,15 +284,14 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     if context not in CONTEXT_MODES:
         raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}")
     check_tiling(tile, overlap)
-    names = [f"stage{s}" for s in stage_list]
+    keep = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
-        stage_list, names = stage_list + [4], names + ["stage4"]
-        keep = names[:-1]
-    else:
-        keep = names
+        stage_list = stage_list + [4]
     cfg = model.config  # type: ignore[attr-defined]
-    channels = [cfg.embed_dims[s - 1] for s in stage_list]
-    strides = [STAGE_STRIDES[s - 1] for s in stage_list]
+    outputs = stage_outputs(cfg, stage_list)
+    names = [o.name for o in outputs]
+    channels = [o.channels for o in outputs]
+    strides = [o.stride for o in outputs]
     device = next(model.parameters()).device
     pre = getattr(model, "pretrained_cfg", None) or {}
     mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
@@ -343,18 +348,18 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                                            max(stage_list), dist)
         dense: dict[str, Any] = {"mean": mean, "std": std, "device": device, "blend": blend, "on_tile": on_tile,
                                  "skip": skip}
-        fn = _model_fn(model, stage_list)
+        fn = stage_maps_fn(model, outputs)
         sink: MapSink
         if state is not None:
-            sink = run_bands(fn, reader, grid, strides, channels, names, state, dist=dist, **dense)
+            sink = run_bands(fn, reader, grid, outputs, state, dist=dist, **dense)
         else:
             sink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
         with sink:
             if choice.mode == "global":
-                pooled = _run_global(model, reader, padded, stage_list, names, channels, strides, sink, plan,
-                                     Path(out).resolve().parent, mean, std, device, on_tile, pool, checkpoints, dist)
+                pooled = _run_global(model, reader, padded, outputs, sink, plan, Path(out).resolve().parent,
+                                     mean, std, device, on_tile, pool, checkpoints, dist)
             elif state is None:
-                stitcher = run_dense(fn, reader, grid, strides, channels, names, sink, **dense)
+                stitcher = run_dense(fn, reader, grid, outputs, sink, **dense)
                 pooled = stitcher.pooled(names.index("stage4")) if pool else None
             elif dist is not None and not dist.is_main:
                 pooled = None  # rank 0 writes the output (and may already be removing the state)

@@ -40,7 +40,7 @@ from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands
 from .context import (CONTEXT_MODES, ContextChoice, LayerCheckpoints, ReaderSource, choose_context,
                       default_max_memory, open_checkpoints, plan_global, run_global, tissue_context)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .engine import MapSink, replay_rows, run_dense
+from .engine import OutputSpec, RowSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
@@ -231,7 +231,7 @@ def _lerp_index(n_out: int, n_in: int, stride: int) -> tuple[Tensor, Tensor, Ten
     return i0, i1, (src - i0).clamp(0.0, 1.0).float()
 
 
-class LabelSink(MapSink):
+class LabelSink(RowSink):
     """A sink for blended score maps: bilinear ×stride to pixels, argmax, labels to a :class:`LabelRaster`.
 
     Rows arrive in order from the :class:`~softcli.engine.Stitcher`; a pixel row
@@ -530,6 +530,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         folder = Path(out).resolve().parent
         skip, skipped = counting_skip(tissue_mask)
         dense: dict[str, Any] = {"mean": mean, "std": std, "device": dev, "on_tile": report("label"), "skip": skip}
+        score_outputs = [OutputSpec("scores", k, SCORE_STRIDE)]
         state = None
         t_run = time.perf_counter()
         if fill is None and (dist is not None or (resume and grid.rows > 1)):
@@ -542,7 +543,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                         [("mean", cm.mean), ("scale", cm.scale), ("centroids", cm.centroids)]),
                                     "mpp": reader.mpp, "tissue": None if tissue_mask is None else str(tissue),
                                     }, grid.rows)
-            scores = run_bands(fn, reader, grid, [SCORE_STRIDE], [k], ["scores"], state, dist=dist, **dense)
+            scores = run_bands(fn, reader, grid, score_outputs, state, dist=dist, **dense)
             summary["resumed_rows"] = state.resumed_rows  # tile rows a killed run had finished
             with scores:
                 if dist is not None and not dist.is_main:
@@ -554,8 +555,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             if fill is not None:
                 fill(sink)
             elif state is None:
-                run_dense(fn, reader, grid, strides=[SCORE_STRIDE], channels=[k], names=["scores"], sink=sink,
-                          **dense)
+                run_dense(fn, reader, grid, score_outputs, sink, **dense)
             else:
                 with state.sink() as saved:
                     saved.allocate("scores", (k, *grid.out_size(SCORE_STRIDE)))

@@ -16,7 +16,7 @@ import pytest
 import torch.nn.functional as F
 
 from softcli.band_state import BandState, state_folder
-from softcli.engine import MemorySink, run_dense
+from softcli.engine import MemorySink, OutputSpec, run_dense
 from softcli.io.atomic import remove_stale_temporaries
 from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
@@ -58,7 +58,7 @@ def test_rows_in_pieces_equal_one_pass(tile, overlap):
     def fn(x):
         return [F.avg_pool2d(x, 4) * 2 - 1, F.avg_pool2d(x.mean(1, keepdim=True), 8)]
 
-    args = {"strides": [4, 8], "channels": [3, 1], "names": ["a", "b"]}
+    args = {"outputs": [OutputSpec("a", 3, 4), OutputSpec("b", 1, 8)]}
     whole = MemorySink()
     stitcher = run_dense(fn, ArrayReader(img), grid, sink=whole, **args)
     pieces, bands = MemorySink(), {}

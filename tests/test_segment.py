@@ -12,7 +12,7 @@ from PIL import Image
 
 import softcli
 from softcli.checkpoint import read_checkpoint, save_pretrained
-from softcli.engine import run_dense
+from softcli.engine import OutputSpec, run_dense
 from softcli.errors import CheckpointError, OutputError, UsageError
 from softcli.io.masks import LabelRaster
 from softcli.io.readers import ArrayReader
@@ -62,7 +62,7 @@ def test_tiled_blend_then_argmax_equals_whole_image(tmp_path):
     for tile, overlap in ((320, 0), (96, 32), (64, 32)):
         grid = TileGrid(h, w, tile=tile, overlap=overlap)
         with LabelRaster(h, w, k, folder=tmp_path) as raster:
-            run_dense(fn, ArrayReader(img), grid, [4], [k], ["scores"], LabelSink(raster))
+            run_dense(fn, ArrayReader(img), grid, [OutputSpec("scores", k, 4)], LabelSink(raster))
             out.append(raster.array().copy())
     assert len(TileGrid(h, w, 64, 32)) > 1
     # Blending identical scores with weights summing to 1 only rounds; nearly every label agrees.

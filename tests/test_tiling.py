@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from softcli.engine import DiskSink, MemorySink, run_dense
+from softcli.engine import DiskSink, MemorySink, OutputSpec, run_dense
 from softcli.io.readers import ArrayReader
 from softcli.tiling import (TileGrid, axis_layout, choose_tile_size, estimate_memory, parse_memory)
 
@@ -101,12 +101,13 @@ def test_local_model_tiled_equals_whole(tmp_path, h, w, tile, overlap, sink_kind
     reader = ArrayReader(img)
     whole = TileGrid(h, w, 4096, 0)
     ref_sink = MemorySink()
-    run_dense(net, reader, whole, [4, 8], [6, 5], ["s4", "s8"], ref_sink)
+    outputs = [OutputSpec("s4", 6, 4), OutputSpec("s8", 5, 8)]
+    run_dense(net, reader, whole, outputs, ref_sink)
     grid = TileGrid(h, w, tile, overlap)
     assert len(grid) > 1
     sink = MemorySink() if sink_kind == "memory" else DiskSink(tmp_path)
     done = []
-    stitcher = run_dense(net, reader, grid, [4, 8], [6, 5], ["s4", "s8"], sink,
+    stitcher = run_dense(net, reader, grid, outputs, sink,
                          on_tile=lambda d, n: done.append((d, n)))
     assert done[-1] == (len(grid), len(grid))
     for name, s in (("s4", 4), ("s8", 8)):
@@ -129,7 +130,7 @@ def test_stitcher_rejects_out_of_order_tiles():
     grid = TileGrid(128, 128, 64, 0)
     from softcli.engine import Stitcher
 
-    st = Stitcher(grid, [4], [1], ["a"], MemorySink())
+    st = Stitcher(grid, [OutputSpec("a", 1, 4)], MemorySink())
     tiles = list(grid)
     st.add(tiles[2], [np.zeros((1, 16, 16), np.float32)])
     with pytest.raises(ValueError):
@@ -157,3 +158,43 @@ def test_parse_memory(text, value):
 def test_parse_memory_rejects(bad):
     with pytest.raises(ValueError):
         parse_memory(bad)
+
+
+def test_stitcher_checks_outputs_against_specs():
+    from softcli.engine import Stitcher
+
+    grid = TileGrid(64, 64, 64, 0)
+    with pytest.raises(ValueError, match="names must differ"):
+        Stitcher(grid, [OutputSpec("a", 1, 4), OutputSpec("a", 2, 8)], MemorySink())
+    st = Stitcher(grid, [OutputSpec("a", 1, 4), OutputSpec("b", 2, 8)], MemorySink())
+    with pytest.raises(ValueError, match="gave 1 maps for 2 outputs"):
+        st.add(next(iter(grid)), [np.zeros((1, 16, 16), np.float32)])
+
+
+def test_row_sinks_implement_only_what_the_stitcher_calls():
+    """A sink that only takes rows (labels, sampled cells) has no read-back methods to leave unimplemented."""
+    from softcli.engine import MapSink, RowSink
+    from softcli.fit.segment import CellSampler
+    from softcli.segment import LabelSink
+
+    for cls in (LabelSink, CellSampler):
+        assert issubclass(cls, RowSink) and not issubclass(cls, MapSink)
+        assert not hasattr(cls, "read_rows") and not hasattr(cls, "array")
+    with pytest.raises(TypeError):
+        MapSink()  # type: ignore[abstract]
+
+    class Rows(RowSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.got: list[tuple[str, int, tuple[int, ...]]] = []
+
+        def write_rows(self, name: str, y0: int, block: np.ndarray) -> None:
+            self.got.append((name, y0, block.shape))
+
+    img = np.random.default_rng(0).random((96, 64, 3), dtype=np.float32)
+    sink = Rows()
+    run_dense(lambda x: [x[:, :1, ::4, ::4]], ArrayReader(img), TileGrid(96, 64, 64, 32), [OutputSpec("a", 1, 4)],
+              sink)
+    assert sink.shapes == {"a": (1, 24, 16)}
+    ys = [y0 for _, y0, _ in sink.got]
+    assert ys == sorted(ys) and sum(s[1] for _, _, s in sink.got) == 24

@@ -61,7 +61,7 @@ def pooled_features(model: SoftModel, paths: Sequence[Path], *, batch_size: int 
     with torch.inference_mode():
         for keys, batch in batch_same_size(tensors(), batch_size):
             assert batch is not None
-            cls_out = model.forward_stages(batch.to(device))[1]
+            cls_out = model.forward_class_token(batch.to(device))
             out.append(model.norm(cls_out).float().cpu())
             if progress is not None:
                 progress("features", sum(len(o) for o in out), len(paths))

@@ -33,10 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import resolve_device
-from ..cluster import backbone_maps
-from ..engine import MapSink, MemorySink, run_dense
+from ..engine import MemorySink, OutputSpec, RowSink, run_dense
 from ..errors import UsageError
-from ..features import STAGE_STRIDES
+from ..features import STAGE_STRIDES, stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
 from ..models.linear_head import LinearHeadConfig, LinearSegHead
@@ -79,7 +78,7 @@ def label_cells(labels: np.ndarray, num_classes: int, stride: int = SCORE_STRIDE
     return CellSamples(uniq // num_classes, uniq % num_classes, counts.astype(np.float32), (gh, gw))
 
 
-class CellSampler(MapSink):
+class CellSampler(RowSink):
     """A sink that keeps, of each finished row band, only the feature vectors of the wanted cells."""
 
     def __init__(self, cells: np.ndarray, width: int) -> None:
@@ -183,9 +182,7 @@ class _Features:
     """What one tile gives the fit: the linear head's features, or the four stage maps for the FPN head."""
 
     fn: Callable[[Tensor], list[Tensor]]
-    strides: list[int]
-    channels: list[int]
-    names: list[str]
+    outputs: list[OutputSpec]
 
 
 def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -231,16 +228,17 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if head == "linear":
         lin = LinearSegHead(dims, LinearHeadConfig(k, head_cfg.stages, head_cfg.window)).to(dev)
         last = max(head_cfg.stages)
-        feats = _Features(lambda x: [lin.features(backbone_maps(backbone, x, last))], [SCORE_STRIDE],
-                          [head_cfg.feature_dim(dims)], ["features"])
+        feats = _Features(lambda x: [lin.features(backbone.forward_intermediates(x, list(range(last)),
+                                                                                 intermediates_only=True))],
+                          [OutputSpec("features", head_cfg.feature_dim(dims), SCORE_STRIDE)])
     else:
         need = sum(4 * c * it.height * it.width // s ** 2 for it in ds.items for c, s in zip(dims, STAGE_STRIDES))
         if need > FPN_MAX_MAP_BYTES:
             raise UsageError(f"--head fpn keeps the stage maps of all training images in memory ({need / 2**30:.1f} "
                              f"GB here, limit {FPN_MAX_MAP_BYTES / 2**30:.0f} GB); use the linear head, or "
                              "fewer/smaller images")
-        feats = _Features(lambda x: list(backbone.forward_features(x)), list(STAGE_STRIDES), dims,
-                          [f"stage{i}" for i in range(1, 5)])
+        stage_specs = stage_outputs(backbone.config, (1, 2, 3, 4))
+        feats = _Features(stage_maps_fn(backbone, stage_specs), stage_specs)
 
     total_tiles = sum(len(TileGrid(it.height, it.width, tile=tile, overlap=overlap)) for it in ds.items)
     done_tiles = [0]
@@ -254,13 +252,14 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     for item, s in zip(ds.items, samples):
         with open_image(item.image, max_pixels=max_pixels) as reader:
             grid = TileGrid(reader.height, reader.width, tile=tile, overlap=overlap)
-            sink: MapSink = CellSampler(s.cells, s.grid[1]) if head == "linear" else MemorySink()
-            run_dense(feats.fn, reader, grid, strides=feats.strides, channels=feats.channels, names=feats.names,
-                      sink=sink, mean=pre["mean"], std=pre["std"], device=dev, on_tile=on_tile)
+            sink: RowSink = CellSampler(s.cells, s.grid[1]) if head == "linear" else MemorySink()
+            run_dense(feats.fn, reader, grid, feats.outputs, sink, mean=pre["mean"], std=pre["std"], device=dev,
+                      on_tile=on_tile)
             if isinstance(sink, CellSampler):
                 s.features = sink.out
             else:
-                maps.append([sink.array(n) for n in feats.names])
+                assert isinstance(sink, MemorySink)
+                maps.append([sink.array(o.name) for o in feats.outputs])
     t_features = time.perf_counter()
 
     def fit_progress(done: int, total: int) -> None:

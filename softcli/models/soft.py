@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "infer_config",
     "is_official_layout",
+    "stage_take_indices",
 ]
 
 # Local-term kernel sizes of stages 1-3 (attn.conv); fixed by the official code.
@@ -471,7 +472,8 @@ class SoftModel(nn.Module):
 
     ``forward(x)`` maps (B, 3, H, W) float images to logits (B, classes), at any
     H, W (positional grids are resized). ``forward_features(x)`` returns the four
-    stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 for dense tasks.
+    stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 for dense tasks;
+    ``forward_intermediates(x, indices)`` only some, stopping after the deepest.
     """
 
     def __init__(self, cfg: SoftConfig) -> None:
@@ -514,24 +516,79 @@ class SoftModel(nn.Module):
         mods = self.soft_attention_modules()
         return mods[0].landmark_policy if mods else LandmarkPolicy()
 
-    def forward_stages(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """All four stage maps and the stage-4 class token (before the final norm)."""
+    @overload
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = ..., *,
+                              stop_early: bool = ..., intermediates_only: Literal[True]) -> list[Tensor]: ...
+
+    @overload
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = ..., *,
+                              stop_early: bool = ..., intermediates_only: Literal[False] = ...
+                              ) -> tuple[Tensor, list[Tensor]]: ...
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, *,
+                              stop_early: bool = True, intermediates_only: bool = False
+                              ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage maps (B, C_i, H_i, W_i), NCHW, for the stage ``indices``, in stage order (timm's convention).
+
+        ``indices`` are 0-based stages: None takes all four, an int n the last n,
+        a sequence those stages (negative counts from the end). With
+        ``intermediates_only`` the list of maps is returned, and ``stop_early``
+        skips the stages after the deepest one asked for (stage 1 alone runs
+        stage 1 only). Otherwise all stages run and the result is
+        ``(class token, maps)``: the stage-4 class token before the final norm,
+        what :meth:`forward_head` takes.
+        """
+        take, deepest = stage_take_indices(len(self.stages), indices)
+        if not (intermediates_only and stop_early):
+            deepest = len(self.stages) - 1
         maps: list[Tensor] = []
         cls_out: Tensor | None = None
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.stages[:deepest + 1]):
             x, cls_out = stage(x, self.cls_token if i == 3 else None)
-            maps.append(x)
+            if i in take:
+                maps.append(x)
+        if intermediates_only:
+            return maps
         assert cls_out is not None
-        return maps, cls_out
+        return cls_out, maps
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        return self.forward_stages(x)[0]
+        """All four stage maps (the dense tasks' input); :meth:`forward_intermediates` picks fewer."""
+        return self.forward_intermediates(x, intermediates_only=True)
+
+    def forward_class_token(self, x: Tensor) -> Tensor:
+        """The stage-4 class token before the final norm (keeps no stage map)."""
+        return self.forward_intermediates(x, indices=[])[0]
 
     def forward_head(self, cls_out: Tensor) -> Tensor:
         return self.head(self.norm(cls_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_stages(x)[1])
+        return self.forward_head(self.forward_class_token(x))
+
+
+def stage_take_indices(num_stages: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``: (sorted absolute 0-based stages to take, the deepest of them).
+
+    None → all; an int n → the last n; a sequence → those, negative ones counted
+    from the end. An empty sequence takes none (deepest -1). Raises ValueError
+    for a stage out of range.
+    """
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 <= indices <= num_stages:
+            raise ValueError(f"can take the last 0-{num_stages} stages, not {indices}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        take = []
+        for i in indices:
+            idx = num_stages + int(i) if int(i) < 0 else int(i)
+            if not 0 <= idx < num_stages:
+                raise ValueError(f"stage index {i} is out of range (0 to {num_stages - 1}, or negative from the end)")
+            take.append(idx)
+        take = sorted(set(take))
+    return take, max(take, default=-1)
 
 
 # --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def test_golden_logits_and_stages(golden, name, case):
     model = softcli.load_model(golden / f"{name}.weights.safetensors")
     ref = load_file(str(golden / f"{name}.{case}.safetensors"))
     with torch.inference_mode():
-        maps, cls = model.forward_stages(ref["input"])
+        cls, maps = model.forward_intermediates(ref["input"])
         logits = model.forward_head(cls)
         direct = model(ref["input"])
     scale = ref["logits"].abs().max()
