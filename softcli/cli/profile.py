@@ -15,9 +15,10 @@ from ..api import resolve_device
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..profile import (DEFAULT_METHODS, DEFAULT_TOKENS, METHODS, ProfileReport, ProfileResult, ProfileSettings,
-                       attention_jobs, model_jobs, parse_bytes, run_sweep)
+                       attention_jobs, model_jobs, run_sweep)
+from ..units import SIZE_HELP
 from .app import app
-from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
+from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar, size_option
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -153,8 +154,8 @@ def profile(
         "--time-budget", help="Seconds of timed calls per configuration after which repeats stop.")] = 10.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Wall-clock seconds per configuration.")] = 600.0,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
-                             "exceeding it is reported as oom.")] = None,
+        "--max-memory", metavar="SIZE", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
+                             f"exceeding it is reported as oom. {SIZE_HELP}")] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", help="CPU threads torch may use while measuring (default: torch's choice).")] = None,
     in_process: Annotated[bool, typer.Option(
@@ -197,7 +198,8 @@ def profile(
     settings = ProfileSettings(
         device=str(dev), dim=dim, heads=heads, batch=batch, dtype=dtype, sr_ratio=sr_ratio, landmarks=landmarks,
         repeat=repeat, warmup=warmup, time_budget_s=time_budget, timeout_s=timeout,
-        max_memory_bytes=None if max_memory is None else parse_bytes(max_memory), isolate=not in_process,
+        max_memory_bytes=None if max_memory is None else size_option("--max-memory", max_memory),
+        isolate=not in_process,
         threads=threads)
     if model is not None:
         jobs = model_jobs(model, image_size)
