@@ -45,6 +45,8 @@ from .tiling import Tile, TileGrid
 DenseFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 #: ``on_tile(done, total)`` after each tile, for progress bars.
 TileCallback = Callable[[int, int], None]
+#: ``progress(phase, done, total)`` of a run in named phases (segment, fit); the CLI draws one bar per phase.
+PhaseProgressFn = Callable[[str, int, int], None]
 #: ``on_band(tile_row, sums)`` once the output rows of a tile row are in the sink; ``sums``: per output, the
 #: float64 sum over those rows of each channel (what :meth:`Stitcher.pooled` adds up).
 BandCallback = Callable[[int, list[np.ndarray]], None]
@@ -274,7 +276,7 @@ class Stitcher:
         self._row += 1
 
 
-def to_tensor(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
+def normalized_batch(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Float RGB (h, w, 3) in [0, 1] → normalised (1, 3, h, w) float32 tensor on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1)))[None]
@@ -336,7 +338,7 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequenc
                 while tile.row > stitcher._row:
                     _flush(stitcher, on_band)
                 if skip is None or not skip(tile):
-                    x = to_tensor(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
+                    x = normalized_batch(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
                     maps = fn(x)
                     del x
                     outs = [m[0].float().cpu().numpy() for m in maps]

@@ -34,8 +34,10 @@ from .engine import DiskSink, MapSink, MemorySink, TileCallback, run_dense
 from .errors import InputError, UsageError
 from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
-from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from .io.image import pixel_limit
+from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
 from .resources import device_memory_available, format_bytes
+from .stages import parse_stages
 from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
@@ -43,24 +45,6 @@ from .io.writers import check_feature_request, write_features
 from .context import (CONTEXT_MODES, ReaderSource, choose_context, export_map, plan_global, run_global,
                       tissue_context)
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
-
-#: Default ``--max-memory``: what one run may use for image, activations and maps.
-DEFAULT_MAX_MEMORY = 2 * 2**30
-STAGE_STRIDES = (4, 8, 16, 32)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def parse_stages(text: str | Sequence[int]) -> list[int]:
-    """``"1,2,3,4"``, ``"4"`` or a list → sorted unique stage numbers in 1..4."""
-    items = text.replace(" ", "").split(",") if isinstance(text, str) else list(text)
-    try:
-        stages = sorted({int(s) for s in items if str(s) != ""})
-    except ValueError:
-        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}") from None
-    if not stages or any(s not in (1, 2, 3, 4) for s in stages):
-        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}")
-    return stages
 
 
 @dataclass
@@ -163,7 +147,7 @@ class FeaturesResult:
 
 def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.PathLike[str],
                   stages: str | Sequence[int] = (1, 2, 3, 4), pool: bool = False,
-                  blend: str = "linear", model_source: str | None = None) -> tuple[list[int], str]:
+                  blend: str = "linear", model_source: str | None = None) -> tuple[tuple[int, ...], str]:
     """Everything about a request that can be wrong before a model is loaded: (stages, output format).
 
     ``model_source``: the weights file of the model in use, which ``out`` must not be.
@@ -263,7 +247,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     check_tiling(tile, overlap)
     names = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
-        stage_list, names = stage_list + [4], names + ["stage4"]
+        stage_list, names = (*stage_list, 4), [*names, "stage4"]
         keep = names[:-1]
     else:
         keep = names

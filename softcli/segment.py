@@ -36,11 +36,12 @@ from .backbone_ref import attach_backbone
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, model_files, read_checkpoint)
 from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
-                      fit_clusters_global, global_features, parse_stages)
+                      fit_clusters_global, global_features, parse_cluster_stages)
 from .context import (CONTEXT_MODES, ContextChoice, ReaderSource, choose_context, default_max_memory, plan_global,
                       run_global, tissue_context)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .engine import MapSink, replay_rows, run_dense
+from .engine import MapSink, PhaseProgressFn, replay_rows, run_dense
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
@@ -63,7 +64,6 @@ SEG_META_KEY = "segmentation"
 SCORE_STRIDE = 4
 
 #: ``progress(phase, done, total)``; phases: "fit" (cluster sampling), "label" (tiles), "write" (mask tiles).
-ProgressFn = Callable[[str, int, int], None]
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
-            progress: ProgressFn | None = None, context: str = "auto",
+            progress: PhaseProgressFn | None = None, context: str = "auto",
             max_memory: int | None = None, mpp: float | None = None, magnification: float | None = None,
             tissue: str | os.PathLike[str] | None = None,
             geojson: str | os.PathLike[str] | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
@@ -407,7 +407,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                          "or --clusters K to cluster the default backbone's features")
     if clusters is not None and not 1 <= clusters <= 256:
         raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
-    stages = parse_stages(cluster_stages)
+    stages = parse_cluster_stages(cluster_stages)
     if cluster_stages is not None and clusters is None:
         raise UsageError("--cluster-stages only applies with --clusters K")
     policy = landmark_policy(landmarks) if landmarks is not None else None
@@ -444,7 +444,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         if policy is not None:
             backbone.set_landmark_policy(policy)
         pre = dict(ck.pretrained_cfg)
-        mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
+        mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
         params = sum(p.numel() for p in (model or backbone).parameters())
         choice = tissue_context(choose_context(context, reader.height, reader.width, backbone.config, params,
                                                budget), tissue_mask is not None)

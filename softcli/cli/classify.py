@@ -15,7 +15,8 @@ from ..checkpoint import model_files
 from ..classify import ClassifyResult, classify_paths
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
 from .app import app, error_line
 from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..features import FeaturesPlan, check_request, extract_features
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
+from ..tiling import DEFAULT_OVERLAP
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
@@ -41,7 +43,7 @@ def segment(
     context: ContextOpt = "auto",
     max_memory: MaxMemoryOpt = "auto",
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels; scores are "
-                                         "blended across it before the argmax.")] = 64,
+                                         "blended across it before the argmax.")] = DEFAULT_OVERLAP,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Also write a blended preview of image and "
                                                   "mask (downsampled to at most 2048 px for huge inputs).")] = None,
     landmarks: LandmarksOpt = None,

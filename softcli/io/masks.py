@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import MASK_TIFF_TILE
 from ..errors import OutputError, UsageError
 from .atomic import MASK_TEMP_PREFIX, atomic_path, check_output_path, make_temp_dir
 from .inputs import json_safe
@@ -39,7 +40,6 @@ OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 PNG_MAX_PIXELS = 1 << 28
 #: Largest palette a PNG (and a TIFF colour map of uint8 labels) holds.
 PALETTE_MAX = 256
-TIFF_TILE = 512
 #: Pyramid levels stop once the longer side is at most this.
 TIFF_MIN_LEVEL_SIDE = 512
 OVERLAY_MAX_SIDE = 2048
@@ -155,7 +155,7 @@ def write_png(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]])
     img.save(path, format="PNG", optimize=False, compress_level=6)
 
 
-def write_npy(raster: LabelRaster, path: Path, chunk_rows: int = 1024) -> None:
+def write_mask_npy(raster: LabelRaster, path: Path, chunk_rows: int = 1024) -> None:
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(raster.dtype),
                                                   "fortran_order": False, "shape": (raster.height, raster.width)})
@@ -182,7 +182,7 @@ def _level_tiles(raster: LabelRaster, factor: int, tile: int) -> Iterator[np.nda
 
 
 def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]], names: Sequence[str],
-               tile: int = TIFF_TILE, on_tile: Callable[[], None] | None = None) -> int:
+               tile: int = MASK_TIFF_TILE, on_tile: Callable[[], None] | None = None) -> int:
     """Tiled pyramidal OME-TIFF (SubIFDs), deflate, tile by tile. Returns the number of levels."""
     import tifffile
 
@@ -211,7 +211,7 @@ def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]
     return len(shapes)
 
 
-def tiff_tile_count(height: int, width: int, tile: int = TIFF_TILE) -> int:
+def tiff_tile_count(height: int, width: int, tile: int = MASK_TIFF_TILE) -> int:
     return sum(-(-h // tile) * -(-w // tile) for h, w in pyramid_shapes(height, width))
 
 
@@ -232,7 +232,7 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
             if fmt == "png":
                 write_png(raster, tmp, palette)
             elif fmt == "npy":
-                write_npy(raster, tmp)
+                write_mask_npy(raster, tmp)
             else:
                 info["levels"] = write_tiff(raster, tmp, palette, names, on_tile=on_tile)
     except OSError as exc:

@@ -30,11 +30,11 @@ from typing import IO, Protocol
 
 import numpy as np
 
+from ..constants import FEATURE_TIFF_TILE
 from ..errors import UsageError
 from .atomic import atomic_path
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff"}
-TIFF_TILE = 256
 
 
 def feature_format(path: str | os.PathLike[str]) -> str:
@@ -105,7 +105,7 @@ def _npy_header(shape: Sequence[int]) -> bytes:
     return buf.getvalue()
 
 
-def write_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Path:
+def write_feature_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(_npy_header(source.shapes[name]))
         _copy_stream(fh, source.iter_bytes(name))
@@ -137,7 +137,7 @@ def _tiff_tiles(source: _MapSource, name: str, tile: int) -> Iterator[np.ndarray
 
 
 def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str], compression: str | None = "zlib",
-                   tile: int = TIFF_TILE) -> Path:
+                   tile: int = FEATURE_TIFF_TILE) -> Path:
     import tifffile
 
     comp: dict[str, object] = {}
@@ -159,7 +159,7 @@ def write_features(path: str | os.PathLike[str], source: _MapSource, names: Sequ
     if fmt == "safetensors":
         write_safetensors(path, source, names, pooled, metadata)
     elif fmt == "npy":
-        write_npy(path, source, names[0])
+        write_feature_npy(path, source, names[0])
     elif fmt == "npz":
         write_npz(path, source, names, pooled)
     else:
