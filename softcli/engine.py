@@ -240,7 +240,7 @@ class Stitcher:
             expect = (band.shape[0], tile.h // s, tile.w // s)
             if tuple(out.shape) != expect:
                 raise ValueError(f"{self.names[k]}: tile output {tuple(out.shape)}, expected {expect} "
-                                 f"(a stride-{s} map of a {tile.h}x{tile.w} tile)")
+                                 f"(a stride-{s} map of a {tile.w}x{tile.h} tile)")
             wy, wx = self.grid.axis_weights(tile, s, self.blend)
             x0 = tile.x // s
             band[:, :, x0:x0 + out.shape[2]] += out * wy[None, :, None] * wx[None, None, :]
@@ -320,7 +320,7 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, strides: Sequenc
     written tile row.
     """
     if (grid.height, grid.width) != (reader.height, reader.width):
-        raise ValueError(f"grid is for {grid.height}x{grid.width}, image is {reader.height}x{reader.width}")
+        raise ValueError(f"grid is for {grid.width}x{grid.height}, image is {reader.width}x{reader.height}")
     runs = [(0, grid.rows)] if rows is None else contiguous_runs(rows)
     if any(r0 < 0 or r1 > grid.rows for r0, r1 in runs):
         raise ValueError(f"tile rows out of range 0..{grid.rows - 1}")

@@ -136,7 +136,7 @@ class FeaturesResult:
         plan["tiles"] = self.plan.tiles
         return {
             "input": self.input, "output": self.output, "format": self.format, "level": self.level,
-            "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
+            "image_size": list(self.image_size), "width": self.image_size[1], "height": self.image_size[0], "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "resumed_rows": self.resumed_rows,
@@ -167,7 +167,7 @@ def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
     """Refuse before any allocation a plan that needs more memory (on ``device``), or more disk, than there is."""
     free = device_memory_available(torch.device(device))
     if free is not None and plan.estimated_peak_bytes > free:
-        raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[0]}x{plan.tile[1]} tiles needs "
+        raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[1]}x{plan.tile[0]} tiles needs "
                          f"about {format_bytes(plan.estimated_peak_bytes)} of memory, more than the "
                          f"{format_bytes(free)} available on {device}; use a smaller --tile or --max-memory")
     spill = plan.map_bytes if plan.sink == "disk" else 0

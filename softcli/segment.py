@@ -249,7 +249,7 @@ class LabelSink(MapSink):
         super().allocate(name, shape)
         k, h, w = self.shapes[name]
         if (h, w) != (-(-self.raster.height // self.stride), -(-self.raster.width // self.stride)):
-            raise ValueError(f"score map {h}x{w} does not match a {self.raster.height}x{self.raster.width} mask")
+            raise ValueError(f"score map {w}x{h} does not match a {self.raster.width}x{self.raster.height} mask")
         self._rows = _lerp_index(self.raster.height, h, self.stride)
         self._cols = _lerp_index(self.raster.width, w, self.stride)
         self._k = k
@@ -322,7 +322,7 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
     free = available_memory()
     if free is not None and 2 * bands > free:  # the stitcher's band and the label sink's rows
         raise InputError(f"{image}: a {grid.width}x{grid.height} image with {classes} labels in "
-                         f"{grid.tile_h}x{grid.tile_w} tiles needs about {format_bytes(2 * bands)} of memory for one "
+                         f"{grid.tile_w}x{grid.tile_h} tiles needs about {format_bytes(2 * bands)} of memory for one "
                          f"row of tiles, more than the {format_bytes(free)} available; use a smaller --tile")
     label_bytes = grid.height * grid.width * (1 if classes <= 256 else 2)
     need = label_bytes * (2 if mask_format(out) == "npy" else 1)
@@ -465,7 +465,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             return None if progress is None else (lambda done, total: progress(phase, done, total))
 
         summary: dict[str, Any] = {"input": str(image), "level": reader.level,
-                                   "size": [reader.height, reader.width], "device": str(dev),
+                                   "size": [reader.height, reader.width], "width": reader.width,
+                                   "height": reader.height, "device": str(dev),
                                    "checkpoint": ck.source, "mpp": reader.mpp}
         summary["context"] = choice.to_json()
         stack = contextlib.ExitStack()
@@ -545,6 +546,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)
             write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
+                             "width": raster.width, "height": raster.height,
                              "mode": summary["mode"], "mpp": summary["mpp"], "labels": entries})
             summary["legend"] = str(leg)
             if geojson is not None:

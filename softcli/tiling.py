@@ -139,7 +139,7 @@ class TileGrid:
         if height < 1 or width < 1:
             raise ValueError(f"image has no pixels ({width}x{height})")
         if th < align or tw < align or th % align or tw % align:
-            raise ValueError(f"tile size must be a positive multiple of {align}, not {th}x{tw}")
+            raise ValueError(f"tile size must be a positive multiple of {align}, not {tw}x{th}")
         if overlap < 0 or overlap >= min(th, tw):
             raise ValueError(f"overlap must be at least 0 and smaller than the tile ({min(th, tw)}), not {overlap}")
         self.height, self.width = int(height), int(width)
@@ -202,8 +202,8 @@ class TileGrid:
             raise ValueError(f"stride must divide the alignment {self.align}, not {stride}")
 
     def __repr__(self) -> str:
-        return (f"TileGrid({self.height}x{self.width}: {self.rows}x{self.cols} tiles of "
-                f"{self.tile_h}x{self.tile_w}, overlap ≥ {self.overlap})")
+        return (f"TileGrid({self.width}x{self.height}: {self.cols}x{self.rows} tiles of "
+                f"{self.tile_w}x{self.tile_h}, overlap ≥ {self.overlap})")
 
 
 # --------------------------------------------------------------------------------------

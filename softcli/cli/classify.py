@@ -27,9 +27,9 @@ CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input
 
 
 def _table(result: ClassifyResult) -> Table:
-    h, w = result.input_size or (0, 0)
+    h, w = result.input_size or (0, 0)  # (H, W) like array shapes; shown W x H like every size in messages
     table = Table(title=result.display_name, title_justify="left",
-                  caption=f"input {h}×{w} · {result.seconds:.3f} s"
+                  caption=f"input {w}x{h} · {result.seconds:.3f} s"
                           + (f" · context {result.context}" if result.context else ""), caption_justify="left")
     table.add_column("#", justify="right")
     table.add_column("label")

@@ -101,7 +101,7 @@ def features(
 
             def on_plan(plan: FeaturesPlan) -> None:
                 if plan.estimated_peak_bytes > plan.max_memory_bytes:
-                    warn(f"{plan.tile[0]}x{plan.tile[1]} tiles need about "
+                    warn(f"{plan.tile[1]}x{plan.tile[0]} tiles need about "
                          f"{plan.estimated_peak_bytes / 2**30:.1f} GB, above --max-memory {max_memory}; "
                          "use a smaller --tile")
 
@@ -121,8 +121,8 @@ def features(
         return
     p = result.plan
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.maps.items())
-    err_console.print(f"{result.image_size[0]}x{result.image_size[1]} image, {p.tiles} tile(s) of "
-                      f"{p.tile[0]}x{p.tile[1]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
+    err_console.print(f"{result.image_size[1]}x{result.image_size[0]} image, {p.tiles} tile(s) of "
+                      f"{p.tile[1]}x{p.tile[0]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
     err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
     if result.tissue is not None:
         t = result.tissue

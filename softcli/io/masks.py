@@ -106,7 +106,7 @@ class LabelRaster:
     def write_rows(self, y0: int, labels: np.ndarray) -> None:
         """Store rows [y0, y0 + h) of labels (h, W) and count them."""
         if labels.ndim != 2 or labels.shape[1] != self.width or y0 + labels.shape[0] > self.height:
-            raise ValueError(f"label rows {labels.shape} at {y0} do not fit a {self.height}x{self.width} mask")
+            raise ValueError(f"label rows {labels.shape} at {y0} do not fit a {self.width}x{self.height} mask")
         block = np.ascontiguousarray(labels, dtype=self.dtype)
         self.counts += np.bincount(block.ravel(), minlength=self.num_labels)[: self.num_labels]
         os.pwrite(self._fd, block.data, y0 * self.width * self.dtype.itemsize)
@@ -219,7 +219,7 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
                names: Sequence[str], on_tile: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write the mask in the format its name asks for, atomically. Returns what was written."""
     fmt = mask_format(out)
-    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width],
+    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width], "width": raster.width, "height": raster.height,
                             "dtype": raster.dtype.name}
     try:
         if fmt == "zarr":  # a folder (softcli.io.zarr_writer), with its own atomic rename
