@@ -5,6 +5,9 @@ imported (see :data:`COMMAND_MODULES`). Commands parse, call one library
 function and render; they never print tracebacks: :func:`main` maps
 :class:`~softcli.errors.SoftError` to ``error: ...`` on stderr with its exit
 code (1 for failed work, 2 for usage), and ``--debug`` shows the traceback.
+Ctrl-C ends with ``error: interrupted`` (130), SIGTERM with ``error: terminated``
+(143), after ``finally`` blocks removed temporaries. The vocabulary every command
+shares (options, short flags, units, size order) is in ``softcli/cli/README.md``.
 """
 
 from __future__ import annotations
