@@ -46,7 +46,7 @@ def test_k_is_top_k_not_clusters(capsys):
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_shared_inputs_and_model_options(command):
     params = _params(command)
-    assert params["inputs"].metavar == "INPUT..."  # type: ignore[attr-defined]
+    assert params["inputs"].metavar == "INPUT"  # type: ignore[attr-defined]  (usage: [INPUT]...)
     for option in ("--landmarks", "--max-memory", "--max-pixels", "--context", "--model", "--weights",
                    "--device", "--json", "--mpp", "--magnification"):
         assert option in params, (command, option)

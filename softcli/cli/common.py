@@ -94,7 +94,7 @@ LandmarksOpt = Annotated[str | None, typer.Option(
 # Inputs and budgets shared by the commands that read images (see softcli/cli/README.md) --------
 
 #: The metavar of the positional input argument, the same in every command and message.
-INPUT_METAVAR = "INPUT..."
+INPUT_METAVAR = "INPUT"  # usage shows [INPUT]...: Typer adds the dots of a list argument
 InputsArg = Annotated[list[str] | None, typer.Argument(
     metavar=INPUT_METAVAR, show_default=False, help="Images: files (TIFF/BigTIFF/OME-TIFF and slides read region "
     "by region, or any Pillow format), folders (searched recursively) or quoted globs.")]
