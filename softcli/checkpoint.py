@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError
 from .io.atomic import atomic_dir
 from .resources import available_memory, format_bytes
@@ -52,8 +53,8 @@ BLOCK_OVERHEAD_BYTES = 48 * 2**10
 #: Preprocessing of the ImageNet checkpoints (DeiT-style evaluation).
 IMAGENET_PRETRAINED_CFG: dict[str, Any] = {
     "input_size": [3, 224, 224],
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
     "interpolation": "bicubic",
     "crop_pct": 0.875,
 }

@@ -67,7 +67,9 @@ class ClassifyResult:
         else:
             out["error"] = self.error
         out["model"] = model_name
-        out["input_size"] = list(self.input_size) if self.input_size else None
+        out["input_size"] = list(self.input_size) if self.input_size else None  # (height, width), as shapes
+        out["input_width"] = self.input_size[1] if self.input_size else None
+        out["input_height"] = self.input_size[0] if self.input_size else None
         out["seconds"] = round(self.seconds, 4)
         if self.context is not None:
             out["context"] = self.context
@@ -89,7 +91,7 @@ def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
     if free is None or need <= free:
         return None
     where = "" if device.type == "cpu" else f" on {device}"
-    return (f"at full resolution ({hw[0]}x{hw[1]} = {hw[0] * hw[1]:,} pixels) the model needs about "
+    return (f"at full resolution ({hw[1]}x{hw[0]} = {hw[0] * hw[1]:,} pixels) the model needs about "
             f"{format_bytes(need)} of memory, more than the {format_bytes(free)} available{where}; "
             "classify it without full resolution")
 
@@ -200,7 +202,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
             h, w = batch.shape[-2:]
             for path, seconds, _ in keys:
                 yield ClassifyResult(path, seconds=seconds + share,
-                                     error=f"out of memory running the model on {h}x{w} "
+                                     error=f"out of memory running the model on {w}x{h} "
                                            f"(batch of {len(keys)}); try a smaller --batch-size or no --full-res")
             continue
         share = (time.perf_counter() - start) / len(keys)

@@ -39,27 +39,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .context import GlobalResult, resized_rows
-from .engine import to_tensor
+from .engine import normalized_batch
 from .errors import UsageError
 from .io.readers import ImageReader
+from .stages import parse_stages
 from .tiling import Tile, TileGrid
 
 #: Stages (1-based, as on the command line) whose maps the features use by default.
 DEFAULT_CLUSTER_STAGES = (1, 2)
 
 
-def parse_stages(text: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"1,2"`` → (1, 2); stages are 1-4 and each appears once."""
-    if text is None:
-        return DEFAULT_CLUSTER_STAGES
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        stages = tuple(int(str(s).strip()) for s in items if str(s).strip())
-    except ValueError:
-        raise UsageError(f"--cluster-stages takes stage numbers 1-4 separated by commas, not {text!r}") from None
-    if not stages or any(s < 1 or s > 4 for s in stages) or len(set(stages)) != len(stages):
-        raise UsageError(f"--cluster-stages takes distinct stage numbers 1-4 separated by commas, not {text!r}")
-    return tuple(sorted(stages))
+def parse_cluster_stages(text: str | Sequence[int] | None) -> tuple[int, ...]:
+    """The stages whose features are clustered: ``"1,2"`` → (1, 2); None → :data:`DEFAULT_CLUSTER_STAGES`."""
+    return parse_stages(text, default=DEFAULT_CLUSTER_STAGES, what="cluster stages")
 
 
 def stage_features(maps: Sequence[Tensor], stages: Sequence[int]) -> Tensor:
@@ -212,7 +204,7 @@ def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k
     chunks = []
     with torch.inference_mode():
         for done, t in enumerate(tiles, 1):
-            f = embedder(to_tensor(reader.read_region(t.y, t.x, t.h, t.w), mean, std, device))[0]
+            f = embedder(normalized_batch(reader.read_region(t.y, t.x, t.h, t.w), mean, std, device))[0]
             vh = min(f.shape[1], -(-(reader.height - t.y) // 4))
             vw = min(f.shape[2], -(-(reader.width - t.x) // 4))
             f = f[:, :vh, :vw].flatten(1).T.float().cpu()  # (cells, D)

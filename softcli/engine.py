@@ -53,6 +53,8 @@ from .tiling import Tile, TileGrid
 DenseFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 #: ``on_tile(done, total)`` after each tile, for progress bars.
 TileCallback = Callable[[int, int], None]
+#: ``progress(phase, done, total)`` of a run in named phases (segment, fit); the CLI draws one bar per phase.
+PhaseProgressFn = Callable[[str, int, int], None]
 #: ``on_band(tile_row, sums)`` once the output rows of a tile row are in the sink; ``sums``: per output, the
 #: float64 sum over those rows of each channel (what :meth:`Stitcher.pooled` adds up).
 BandCallback = Callable[[int, list[np.ndarray]], None]
@@ -272,7 +274,7 @@ class Stitcher:
             expect = (band.shape[0], tile.h // s, tile.w // s)
             if tuple(out.shape) != expect:
                 raise ValueError(f"{spec.name}: tile output {tuple(out.shape)}, expected {expect} "
-                                 f"(a stride-{s} map of a {tile.h}x{tile.w} tile)")
+                                 f"(a stride-{s} map of a {tile.w}x{tile.h} tile)")
             wy, wx = self.grid.axis_weights(tile, s, self.blend)
             x0 = tile.x // s
             band[:, :, x0:x0 + out.shape[2]] += out * wy[None, :, None] * wx[None, None, :]
@@ -308,7 +310,7 @@ class Stitcher:
         self._row += 1
 
 
-def to_tensor(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
+def normalized_batch(region: np.ndarray, mean: Sequence[float], std: Sequence[float],
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Float RGB (h, w, 3) in [0, 1] → normalised (1, 3, h, w) float32 tensor on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(region.transpose(2, 0, 1)))[None]
@@ -352,7 +354,7 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, outputs: Sequenc
     written tile row.
     """
     if (grid.height, grid.width) != (reader.height, reader.width):
-        raise ValueError(f"grid is for {grid.height}x{grid.width}, image is {reader.height}x{reader.width}")
+        raise ValueError(f"grid is for {grid.width}x{grid.height}, image is {reader.width}x{reader.height}")
     runs = [(0, grid.rows)] if rows is None else contiguous_runs(rows)
     if any(r0 < 0 or r1 > grid.rows for r0, r1 in runs):
         raise ValueError(f"tile rows out of range 0..{grid.rows - 1}")
@@ -370,7 +372,7 @@ def run_dense(fn: DenseFn, reader: ImageReader, grid: TileGrid, outputs: Sequenc
                 while tile.row > stitcher._row:
                     _flush(stitcher, on_band)
                 if skip is None or not skip(tile):
-                    x = to_tensor(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
+                    x = normalized_batch(reader.read_region(tile.y, tile.x, tile.h, tile.w), mean, std, device)
                     maps = fn(x)
                     del x
                     outs = [m[0].float().cpu().numpy() for m in maps]

@@ -34,8 +34,10 @@ from .engine import DiskSink, MapSink, MemorySink, OutputSpec, TileCallback, run
 from .errors import InputError, UsageError
 from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
-from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from .io.image import pixel_limit
+from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
 from .resources import device_memory_available, format_bytes
+from .stages import parse_stages
 from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
 from .tissue import compute_tissue, counting_skip
@@ -46,24 +48,6 @@ from .context import (CONTEXT_MODES, LayerCheckpoints, ReaderSource, choose_cont
                       open_checkpoints, plan_global, run_global,
                       tissue_context)
 from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
-
-#: Default ``--max-memory``: what one run may use for image, activations and maps.
-DEFAULT_MAX_MEMORY = 2 * 2**30
-STAGE_STRIDES = (4, 8, 16, 32)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def parse_stages(text: str | Sequence[int]) -> list[int]:
-    """``"1,2,3,4"``, ``"4"`` or a list → sorted unique stage numbers in 1..4."""
-    items = text.replace(" ", "").split(",") if isinstance(text, str) else list(text)
-    try:
-        stages = sorted({int(s) for s in items if str(s) != ""})
-    except ValueError:
-        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}") from None
-    if not stages or any(s not in (1, 2, 3, 4) for s in stages):
-        raise UsageError(f"--stages takes numbers 1-4 separated by commas, not {text!r}")
-    return stages
 
 
 @dataclass
@@ -156,7 +140,7 @@ class FeaturesResult:
         plan["tiles"] = self.plan.tiles
         return {
             "input": self.input, "output": self.output, "format": self.format, "level": self.level,
-            "image_size": list(self.image_size), "maps": self.maps, "strides": self.strides,
+            "image_size": list(self.image_size), "width": self.image_size[1], "height": self.image_size[0], "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "resumed_rows": self.resumed_rows,
@@ -168,7 +152,7 @@ class FeaturesResult:
 
 def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.PathLike[str],
                   stages: str | Sequence[int] = (1, 2, 3, 4), pool: bool = False,
-                  blend: str = "linear", model_source: str | None = None) -> tuple[list[int], str]:
+                  blend: str = "linear", model_source: str | None = None) -> tuple[tuple[int, ...], str]:
     """Everything about a request that can be wrong before a model is loaded: (stages, output format).
 
     ``model_source``: the weights file of the model in use, which ``out`` must not be.
@@ -189,7 +173,7 @@ def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
     """Refuse before any allocation a plan that needs more memory (on ``device``), or more disk, than there is."""
     free = device_memory_available(torch.device(device))
     if free is not None and plan.estimated_peak_bytes > free:
-        raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[0]}x{plan.tile[1]} tiles needs "
+        raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[1]}x{plan.tile[0]} tiles needs "
                          f"about {format_bytes(plan.estimated_peak_bytes)} of memory, more than the "
                          f"{format_bytes(free)} available on {device}; use a smaller --tile or --max-memory")
     spill = plan.map_bytes if plan.sink == "disk" else 0
@@ -264,12 +248,12 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     adds the mean of the stage-4 map (C_4,). Fails before any compute when the
     output cannot be written or cannot hold what was asked. ``mpp``/``magnification``
     pick the resolution of a slide; ``tissue`` leaves tiles without tissue as zeros
-    (:mod:`softcli.tissue`; the metadata records both).
-    output cannot be written or cannot hold what was asked. With ``resume`` a
-    tiled image keeps its finished bands in ``OUT.partial-state/`` and a rerun
-    continues from them (:mod:`softcli.band_state`). ``dist`` (a
-    :class:`~softcli.cohort.DistContext` under torchrun) splits the tile rows
-    across ranks; rank 0 writes the output. Both apply to ``context="tile"``.
+    (:mod:`softcli.tissue`; the metadata records both). With ``resume`` an
+    image keeps its finished bands (tile context, :mod:`softcli.band_state`) or
+    layer passes (global context, :mod:`softcli.context.resume`) in
+    ``OUT.partial-state/`` and a rerun continues from them. ``dist`` (a
+    :class:`~softcli.cohort.DistContext` under torchrun) splits the tiles across
+    ranks; rank 0 writes the output.
 
     ``context`` (:mod:`softcli.context`): ``auto`` runs the whole image in one
     pass when it fits ``max_memory``, else ``global``; ``global`` streams the
@@ -286,7 +270,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     check_tiling(tile, overlap)
     keep = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
-        stage_list = stage_list + [4]
+        stage_list = [*stage_list, 4]
     cfg = model.config  # type: ignore[attr-defined]
     outputs = stage_outputs(cfg, stage_list)
     names = [o.name for o in outputs]

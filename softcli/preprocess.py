@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import IMAGENET_PRETRAINED_CFG
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 
 #: The eval path cuts the source first when the scaled image would be this many times the crop.
 CUT_FIRST_RATIO = 16
@@ -49,8 +50,8 @@ class Preprocess:
     """The preprocessing half of a model's ``pretrained_cfg``, validated."""
 
     input_size: tuple[int, int] = (224, 224)  # (H, W)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
 
@@ -94,7 +95,7 @@ def min_side(model: Any) -> int:
     return max(4 * 2**i * int(r) for i, r in enumerate(ratios))
 
 
-def to_tensor(image: np.ndarray) -> Tensor:
+def rgb_to_chw(image: np.ndarray) -> Tensor:
     """float RGB (H, W, 3) in [0, 1] → (3, H, W) float32."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {image.shape}")
@@ -162,7 +163,7 @@ def eval_transform(image: np.ndarray, pre: Preprocess) -> Tensor:
     more than :data:`CUT_FIRST_RATIO` times the crop, the array is cut to the
     centre first (see the module docstring).
     """
-    x = to_tensor(image)
+    x = rgb_to_chw(image)
     h, w = x.shape[-2:]
     size = scale_to_cover((h, w), pre.resize_size)
     ch, cw = pre.input_size
@@ -185,7 +186,7 @@ def full_res_size(hw: tuple[int, int], smallest: int = 32) -> tuple[int, int]:
 
 def full_res_transform(image: np.ndarray, pre: Preprocess, smallest: int = 32) -> Tensor:
     """The whole image normalised; scaled up (aspect kept) only when a side is under ``smallest``."""
-    x = to_tensor(image)
+    x = rgb_to_chw(image)
     size = full_res_size((int(x.shape[-2]), int(x.shape[-1])), smallest)
     if size != tuple(x.shape[-2:]):
         x = resize(x, size, pre.interpolation)

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .units import format_bytes  # re-exported: the inverse of the size parser lives with it
+
 __all__ = ["available_memory", "device_memory_available", "free_disk", "format_bytes"]
 
 
@@ -93,13 +95,3 @@ def free_disk(folder: str | os.PathLike[str]) -> int | None:
         return int(shutil.disk_usage(p).free)
     except OSError:
         return None
-
-
-def format_bytes(n: int | float) -> str:
-    """1536 → '1.5 KiB'; sizes in messages, binary units."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(value) < 1024 or unit == "PiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"  # pragma: no cover - loop always returns

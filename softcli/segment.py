@@ -36,11 +36,12 @@ from .backbone_ref import attach_backbone
 from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
                          build_model, model_files, read_checkpoint)
 from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
-                      fit_clusters_global, global_features, parse_stages)
+                      fit_clusters_global, global_features, parse_cluster_stages)
 from .context import (CONTEXT_MODES, ContextChoice, LayerCheckpoints, ReaderSource, choose_context,
                       default_max_memory, open_checkpoints, plan_global, run_global, tissue_context)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .engine import OutputSpec, RowSink, replay_rows, run_dense
+from .engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
 from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
@@ -64,7 +65,6 @@ SEG_META_KEY = "segmentation"
 SCORE_STRIDE = 4
 
 #: ``progress(phase, done, total)``; phases: "fit" (cluster sampling), "label" (tiles), "write" (mask tiles).
-ProgressFn = Callable[[str, int, int], None]
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class LabelSink(RowSink):
         super().allocate(name, shape)
         k, h, w = self.shapes[name]
         if (h, w) != (-(-self.raster.height // self.stride), -(-self.raster.width // self.stride)):
-            raise ValueError(f"score map {h}x{w} does not match a {self.raster.height}x{self.raster.width} mask")
+            raise ValueError(f"score map {w}x{h} does not match a {self.raster.width}x{self.raster.height} mask")
         self._rows = _lerp_index(self.raster.height, h, self.stride)
         self._cols = _lerp_index(self.raster.width, w, self.stride)
         self._k = k
@@ -330,7 +330,7 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
     free = available_memory()
     if free is not None and 2 * bands > free:  # the stitcher's band and the label sink's rows
         raise InputError(f"{image}: a {grid.width}x{grid.height} image with {classes} labels in "
-                         f"{grid.tile_h}x{grid.tile_w} tiles needs about {format_bytes(2 * bands)} of memory for one "
+                         f"{grid.tile_w}x{grid.tile_h} tiles needs about {format_bytes(2 * bands)} of memory for one "
                          f"row of tiles, more than the {format_bytes(free)} available; use a smaller --tile")
     label_bytes = grid.height * grid.width * (1 if classes <= 256 else 2)
     need = label_bytes * (2 if mask_format(out) == "npy" else 1)
@@ -389,7 +389,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
             max_pixels: int | None = DEFAULT_MAX_PIXELS, cluster_tiles: int = 16,
-            progress: ProgressFn | None = None, context: str = "auto",
+            progress: PhaseProgressFn | None = None, context: str = "auto",
             max_memory: int | None = None, mpp: float | None = None, magnification: float | None = None,
             tissue: str | os.PathLike[str] | None = None,
             geojson: str | os.PathLike[str] | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
@@ -423,7 +423,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                          "or --clusters K to cluster the default backbone's features")
     if clusters is not None and not 1 <= clusters <= 256:
         raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
-    stages = parse_stages(cluster_stages)
+    stages = parse_cluster_stages(cluster_stages)
     if cluster_stages is not None and clusters is None:
         raise UsageError("--cluster-stages only applies with --clusters K")
     policy = landmark_policy(landmarks) if landmarks is not None else None
@@ -460,7 +460,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         if policy is not None:
             backbone.set_landmark_policy(policy)
         pre = dict(ck.pretrained_cfg)
-        mean, std = pre.get("mean", IMAGENET_PRETRAINED_CFG["mean"]), pre.get("std", IMAGENET_PRETRAINED_CFG["std"])
+        mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
         params = sum(p.numel() for p in (model or backbone).parameters())
         choice = tissue_context(choose_context(context, reader.height, reader.width, backbone.config, params,
                                                budget), tissue_mask is not None)
@@ -482,7 +482,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             return None if progress is None else (lambda done, total: progress(phase, done, total))
 
         summary: dict[str, Any] = {"input": str(image), "level": reader.level,
-                                   "size": [reader.height, reader.width], "device": str(dev),
+                                   "size": [reader.height, reader.width], "width": reader.width,
+                                   "height": reader.height, "device": str(dev),
                                    "checkpoint": ck.source, "mpp": reader.mpp}
         summary["context"] = choice.to_json()
         stack = contextlib.ExitStack()
@@ -579,6 +580,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)
             write_json(leg, {"mask": Path(out).name, "source": str(image), "size": [raster.height, raster.width],
+                             "width": raster.width, "height": raster.height,
                              "mode": summary["mode"], "mpp": summary["mpp"], **made_by, "labels": entries})
             summary["legend"] = str(leg)
             if geojson is not None:

@@ -139,7 +139,7 @@ class TileGrid:
         if height < 1 or width < 1:
             raise ValueError(f"image has no pixels ({width}x{height})")
         if th < align or tw < align or th % align or tw % align:
-            raise ValueError(f"tile size must be a positive multiple of {align}, not {th}x{tw}")
+            raise ValueError(f"tile size must be a positive multiple of {align}, not {tw}x{th}")
         if overlap < 0 or overlap >= min(th, tw):
             raise ValueError(f"overlap must be at least 0 and smaller than the tile ({min(th, tw)}), not {overlap}")
         self.height, self.width = int(height), int(width)
@@ -202,8 +202,8 @@ class TileGrid:
             raise ValueError(f"stride must divide the alignment {self.align}, not {stride}")
 
     def __repr__(self) -> str:
-        return (f"TileGrid({self.height}x{self.width}: {self.rows}x{self.cols} tiles of "
-                f"{self.tile_h}x{self.tile_w}, overlap ≥ {self.overlap})")
+        return (f"TileGrid({self.width}x{self.height}: {self.cols}x{self.rows} tiles of "
+                f"{self.tile_w}x{self.tile_h}, overlap ≥ {self.overlap})")
 
 
 # --------------------------------------------------------------------------------------
@@ -235,25 +235,3 @@ def choose_tile_size(max_memory_bytes: int, model_config: Mapping[str, Any] | An
     side = int(math.sqrt(max(room, 0) / max(per_px, 1)))
     side = side // align * align
     return max(2 * align, min(cap, side))
-
-
-def parse_memory(text: str | int | None) -> int | None:
-    """``2GB``, ``512MB``, ``1.5GiB`` or a plain number of bytes → bytes (decimal units = binary, as RAM)."""
-    if text is None or isinstance(text, int):
-        return text
-    s = str(text).strip().upper().replace(" ", "")
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 2**40, "GB": 2**30, "MB": 2**20,
-             "KB": 2**10, "T": 2**40, "G": 2**30, "M": 2**20, "K": 2**10, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            num, scale = s[: -len(unit)], mult
-            break
-    else:
-        num, scale = s, 1
-    try:
-        value = float(num)
-    except ValueError:
-        raise ValueError(f"--max-memory takes a size like 2GB or 512MB, not {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"--max-memory must be positive, not {text!r}")
-    return int(value * scale)

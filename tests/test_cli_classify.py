@@ -86,10 +86,11 @@ def test_every_kind_of_file_json_and_broken_ones(workdir):
     for obj in doc:
         assert obj["model"] == "ckpt" and isinstance(obj["seconds"], float) and obj["seconds"] >= 0
         if obj["image"] in BAD:
-            assert set(obj) == {"image", "error", "model", "input_size", "seconds"} and "predictions" not in obj
+            assert set(obj) == {"image", "error", "model", "input_size", "input_width", "input_height", "seconds"}
+            assert "predictions" not in obj
             assert BAD[obj["image"]] in obj["error"]
             continue
-        assert set(obj) == {"image", "predictions", "model", "input_size", "seconds"}
+        assert set(obj) == {"image", "predictions", "model", "input_size", "input_width", "input_height", "seconds"}
         assert obj["input_size"] == [224, 224]
         preds = obj["predictions"]
         assert len(preds) == 5 and all(set(p) == PRED_KEYS for p in preds)
@@ -106,6 +107,7 @@ def test_full_res_sees_each_image_whole_exif_applied(workdir, monkeypatch, capsy
     assert not _error_lines(err)
     doc = json.loads(out)
     assert {o["image"]: tuple(o["input_size"]) for o in doc} == SIZES
+    assert all((o["input_height"], o["input_width"]) == tuple(o["input_size"]) for o in doc)
     assert all(len(o["predictions"]) == 2 for o in doc)
 
 
@@ -114,7 +116,7 @@ def test_tables_on_stdout_and_csv(workdir, monkeypatch, capsys):
     code, out, err = _in_process(["classify", "photo.png", "gray.png", "--weights", "ckpt", "--csv", "out.csv",
                                   "-k", "3"], capsys)
     assert code == 0, err
-    assert "photo.png" in out and "gray.png" in out and "thing" in out and "224×224" in out
+    assert "photo.png" in out and "gray.png" in out and "thing" in out and "input 224x224" in out
     rows = list(csv.DictReader((workdir / "out.csv").open()))
     assert [(row["image"], row["rank"]) for row in rows] == [
         ("photo.png", "1"), ("photo.png", "2"), ("photo.png", "3"),
@@ -187,3 +189,28 @@ def test_golden_weights_probabilities_are_softmax_of_load_model_logits(tmp_path)
     from softcli.labels import imagenet_classes
 
     assert [p["label"] for p in preds] == [imagenet_classes()[i] for i in top]  # 1000 classes, no labels
+
+
+@pytest.mark.parametrize("full_res", [False, True])
+def test_landmarks_reach_the_model(workdir, monkeypatch, capsys, full_res):
+    """--landmarks works on classify as on every command that runs a model, --full-res included."""
+    import softcli.cli.classify as cli_classify
+    from softcli.models.landmarks import LandmarkPolicy
+
+    monkeypatch.chdir(workdir)
+    policies = []
+    load = cli_classify.load_cli_model
+
+    def recording_load(*args, **kwargs):
+        net = load(*args, **kwargs)
+        policies.append(net.landmark_policy)
+        return net
+
+    monkeypatch.setattr(cli_classify, "load_cli_model", recording_load)
+    extra = ["--full-res"] if full_res else []
+    code, out, err = _in_process(["classify", "photo.png", "--weights", "ckpt", "--json", "--landmarks", "7",
+                                  *extra], capsys)
+    assert code == 0, err
+    assert policies == [LandmarkPolicy(mode="budget", budget=7)] and json.loads(out)[0]["predictions"]
+    code, _, err = _in_process(["classify", "photo.png", "--weights", "ckpt", "--landmarks", "many", *extra], capsys)
+    assert code == 2 and err.startswith("error:") and "landmark" in err and len(policies) == 1, err

@@ -84,7 +84,7 @@ def test_plot(soft, tmp_path):
     (["--model", "soft_tiny", "--tokens", "1024"], "does not take --tokens"),
     (["--model", "soft_gigantic"], "unknown model"),
     (["--dtype", "fp8"], "--dtype takes"),
-    (["--max-memory", "lots"], "memory size"),
+    (["--max-memory", "lots"], "--max-memory: cannot read 'lots' as a size"),
     (["--device", "cpu", "--in-process", "--max-memory", "1GB"], "--max-memory works"),
 ])
 def test_usage_errors(capsys, args, message):

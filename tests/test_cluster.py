@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import softcli
 from softcli.checkpoint import IMAGENET_PRETRAINED_CFG
-from softcli.cluster import (StageEmbedder, cluster_scores, fit_clusters, kmeans, parse_stages, sample_tiles,
+from softcli.cluster import (StageEmbedder, cluster_scores, fit_clusters, kmeans, parse_cluster_stages, sample_tiles,
                              stage_features)
-from softcli.engine import to_tensor
+from softcli.engine import normalized_batch
 from softcli.errors import UsageError
 from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
@@ -55,12 +55,12 @@ def test_kmeans_k_centroids_even_with_duplicates():
 
 
 def test_parse_stages():
-    assert parse_stages(None) == (1, 2)
-    assert parse_stages("3,1") == (1, 3)
-    assert parse_stages([4]) == (4,)
-    for bad in ("0", "5", "1,1", "a", ""):
-        with pytest.raises(UsageError):
-            parse_stages(bad)
+    assert parse_cluster_stages(None) == (1, 2)
+    assert parse_cluster_stages("3,1") == (1, 3) == parse_cluster_stages("1,3,3")
+    assert parse_cluster_stages([4]) == (4,)
+    for bad in ("0", "5", "a", ""):
+        with pytest.raises(UsageError, match="cluster stages"):
+            parse_cluster_stages(bad)
 
 
 def test_sample_tiles_spread_over_the_whole_image():
@@ -95,7 +95,7 @@ def test_clusters_recover_regions_whole_image(backbone):
     model = fit_clusters(reader, grid, embedder, 3, mean=MEAN, std=STD, seed=0)
     assert model.k == 3 and model.samples == 64 * 64
     with torch.inference_mode():
-        scores = cluster_scores(model, embedder(to_tensor(img, MEAN, STD)))
+        scores = cluster_scores(model, embedder(normalized_batch(img, MEAN, STD)))
     assert scores.shape == (1, 3, 64, 64)
     labels = F.interpolate(scores, size=gt.shape, mode="bilinear", align_corners=False).argmax(1)[0].numpy()
     assert best_match_miou(labels, gt, 3) >= 0.9
@@ -119,7 +119,7 @@ def test_scores_are_negative_squared_distances(backbone):
     embedder = StageEmbedder(backbone, (1, 2))
     model = fit_clusters(ArrayReader(img), TileGrid(64, 64, tile=64, overlap=0), embedder, 2, mean=MEAN, std=STD)
     with torch.inference_mode():
-        feats = embedder(to_tensor(img, MEAN, STD))
+        feats = embedder(normalized_batch(img, MEAN, STD))
         scores = cluster_scores(model, feats)
     z = (feats[0].flatten(1).T - model.mean) * model.scale
     expect = -torch.cdist(z, model.centroids).square()

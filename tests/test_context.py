@@ -11,7 +11,8 @@ from safetensors.numpy import load_file
 
 import softcli
 from softcli.context import TensorSource, choose_context, run_global
-from softcli.features import IMAGENET_MEAN, IMAGENET_STD, extract_features
+from softcli.constants import IMAGENET_MEAN, IMAGENET_STD
+from softcli.features import extract_features
 from softcli.models import LandmarkPolicy
 from tests.conftest import GOLDEN
 

@@ -13,10 +13,12 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from softcli.errors import OutputError, UsageError
-from softcli.features import extract_features, parse_stages, plan_features
+from softcli.constants import IMAGENET_MEAN, IMAGENET_STD
+from softcli.features import extract_features, plan_features
+from softcli.stages import parse_stages
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(IMAGENET_MEAN, np.float32)
+STD = np.array(IMAGENET_STD, np.float32)
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -82,7 +84,7 @@ def test_formats_agree_and_disk_sink_matches_memory(tiny_model, tmp_path):
     ("f.npy", {}, "holds one array"),
     ("f.ome.tif", {"pool": True}, "--pool needs"),
     ("f.png", {}, "unknown output format"),
-    ("f.npz", {"stages": "1,5"}, "--stages"),
+    ("f.npz", {"stages": "1,5"}, "stages are numbers 1-4"),
     ("f.npz", {"overlap": 48}, "multiple of 32"),
     ("f.npz", {"tile": 100}, "multiple of 32"),
     ("f.npz", {"blend": "cubic"}, "--blend"),
@@ -101,9 +103,9 @@ def test_refuses_to_overwrite_input(tiny_model, tmp_path):
 
 
 def test_parse_stages():
-    assert parse_stages("4,1, 2") == [1, 2, 4]
-    assert parse_stages([3]) == [3]
-    for bad in ("", "0", "a", "1,,x"):
+    assert parse_stages("4,1, 2") == (1, 2, 4) == parse_stages("4,4,2,1")
+    assert parse_stages([3]) == (3,) and parse_stages(None, default=(2, 1)) == (1, 2)
+    for bad in ("", "0", "5", "a", "1,,x", None):
         with pytest.raises(UsageError):
             parse_stages(bad)
 

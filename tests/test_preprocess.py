@@ -96,13 +96,13 @@ def test_batch_same_size_keeps_order_and_breaks_on_size_and_failures():
 @pytest.mark.parametrize("shape", [(40, 2000), (3, 1001), (300, 20000), (2000, 40)])
 def test_elongated_images_are_cut_before_resizing_with_the_same_crop(shape):
     """The cut-first path (resize would be > 16x the crop) gives the crop the full resize gives, to filter rounding."""
-    from softcli.preprocess import normalize, to_tensor
+    from softcli.preprocess import normalize, rgb_to_chw
 
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.stack([np.sin(xx / w * 40 + yy / h), np.cos(xx / w * 17 + yy / h), xx / w], -1) * 0.5 + 0.5
     pre = Preprocess()
-    full = resize(to_tensor(img.astype(np.float32)), scale_to_cover((h, w), pre.resize_size))
+    full = resize(rgb_to_chw(img.astype(np.float32)), scale_to_cover((h, w), pre.resize_size))
     reference = normalize(center_crop(full, pre.input_size), pre)
     out = eval_transform(img.astype(np.float32), pre)
     assert out.shape == reference.shape == (3, 224, 224)

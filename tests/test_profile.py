@@ -27,7 +27,6 @@ from softcli.profile import (
     harness,
     measure,
     model_jobs,
-    parse_bytes,
     run_sweep,
     stage_input_sizes,
 )
@@ -57,18 +56,6 @@ def test_narrow_grid_and_unknown_method_are_usage_errors():
         attention_jobs(["flash"], [1024], s)
     with pytest.raises(UsageError, match="divisible"):
         ProfileSettings(dim=64, heads=3)
-
-
-@pytest.mark.parametrize("text,value", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1e6", 10**6),
-                                        ("64 mb", 64 * 10**6), ("2G", 2 * 10**9)])
-def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
-
-
-@pytest.mark.parametrize("text", ["lots", "-5MB", "4XB", "0"])
-def test_parse_bytes_refuses(text):
-    with pytest.raises(UsageError):
-        parse_bytes(text)
 
 
 def test_soft_is_the_models_attention_at_the_default_policy():

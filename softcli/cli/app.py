@@ -5,6 +5,9 @@ imported (see :data:`COMMAND_MODULES`). Commands parse, call one library
 function and render; they never print tracebacks: :func:`main` maps
 :class:`~softcli.errors.SoftError` to ``error: ...`` on stderr with its exit
 code (1 for failed work, 2 for usage), and ``--debug`` shows the traceback.
+Ctrl-C ends with ``error: interrupted`` (130), SIGTERM with ``error: terminated``
+(143), after ``finally`` blocks removed temporaries. The vocabulary every command
+shares (options, short flags, units, size order) is in ``softcli/cli/README.md``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import Any
 
 import typer
 
@@ -87,16 +91,33 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT). Not a KeyboardInterrupt: Typer turns those into a silent exit 130."""
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C is a plain KeyboardInterrupt
+    raise Interrupted()
+
+
+def _install(signum: int, handler: Callable[[int, FrameType | None], None]) -> Any:
+    """Install ``handler`` unless the signal is ignored (nohup, a background job); the previous handler or None."""
+    try:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            return None
+        return signal.signal(signum, handler)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args, debug_flag = split_debug(sys.argv[1:] if argv is None else argv)
     debug = debug_flag or os.environ.get("SOFTCLI_DEBUG") == "1"
     if debug_flag:
         args = ["--debug", *args]  # the root option, so the app sees it in its usual place
     _register_commands()
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (an embedding program): leave signals alone
-        previous = None
+    previous = _install(signal.SIGTERM, _on_sigterm)
+    previous_int = _install(signal.SIGINT, _on_sigint)
     try:
         rv = app(args=args, prog_name="soft", standalone_mode=False)
     except typer.Exit as exc:
@@ -110,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f" (see 'soft {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else " (see 'soft --help')"
         error_line(exc.format_message() + hint)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, Interrupted):
         error_line("interrupted")
         sys.exit(130)
     except SoftError as exc:
@@ -131,4 +152,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     sys.exit(rv if isinstance(rv, int) else 0)

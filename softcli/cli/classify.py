@@ -13,12 +13,13 @@ from rich.table import Table
 
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
-from ..tiling import parse_memory
 from .app import app, error_line
-from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, WeightsOpt, err_console,
-                     load_cli_model, model_name, print_json, progress_bar)
+from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
+                     MaxPixelsOpt, ModelOpt, MppOpt, WeightsOpt, err_console, load_cli_model, memory_budget,
+                     model_name, parse_landmarks, print_json, progress_bar)
 
 CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input_width", "seconds", "model", "error")
 
@@ -27,9 +28,9 @@ if TYPE_CHECKING:
 
 
 def _table(result: ClassifyResult) -> Table:
-    h, w = result.input_size or (0, 0)
+    h, w = result.input_size or (0, 0)  # (H, W) like array shapes; shown W x H like every size in messages
     table = Table(title=result.display_name, title_justify="left",
-                  caption=f"input {h}×{w} · {result.seconds:.3f} s"
+                  caption=f"input {w}x{h} · {result.seconds:.3f} s"
                           + (f" · context {result.context}" if result.context else ""), caption_justify="left")
     table.add_column("#", justify="right")
     table.add_column("label")
@@ -57,8 +58,7 @@ def _write_csv(path: Path, results: list[ClassifyResult], name: str) -> None:
 
 @app.command()
 def classify(
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", show_default=False,
-                                                help="Image files, folders (searched recursively) or quoted globs.")],
+    inputs: InputsArg = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 5,
@@ -70,14 +70,10 @@ def classify(
                                                   help="Also write every prediction to FILE as CSV.")] = None,
     full_res: Annotated[bool, typer.Option("--full-res", help="Classify the whole image at its native resolution "
                                                               "instead of a centre crop at the model's input size.")] = False,
-    context: Annotated[str, typer.Option("--context", help="With --full-res: auto (one pass when the image fits "
-                                         "--max-memory, else global) or global (exact, streamed over tiles; "
-                                         "the class token sees the whole image).")] = "auto",
-    max_memory: Annotated[str, typer.Option("--max-memory", help="With --full-res: memory budget that picks "
-                                            "the context; auto = half the RAM available now.")] = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N",
-                                            help="Refuse images with more pixels than this (a decompression-bomb "
-                                                 "guard; 0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    context: ContextOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    landmarks: LandmarksOpt = None,
     mpp: MppOpt = None,
     magnification: MagnificationOpt = None,
 ) -> None:
@@ -86,7 +82,9 @@ def classify(
     Each image is resized and centre-cropped as the model's config says (224² and
     ImageNet mean/std for the published checkpoints); [bold]--full-res[/bold] feeds
     the whole image instead, at any size. A missing or broken file is reported on
-    stderr and skipped; the exit status is 1 if any input failed.
+    stderr and skipped; the exit status is 1 if any input failed. --context and
+    --max-memory apply to --full-res (the class token needs the whole image: auto
+    or global, no tiled mode).
 
     Examples:
 
@@ -97,16 +95,17 @@ def classify(
       soft classify huge.tif --weights ckpt.pth --full-res --top-k 3 --csv out.csv
 
       soft classify slide.svs --weights ckpt.pth --full-res --mpp 8   (a slide at 8 µm/px, whole)
+
+      soft classify huge.tif --full-res --landmarks 256 --max-memory 8GiB
     """
     from ..checkpoint import model_files  # the task modules import torch: only when the command runs
     from ..classify import classify_paths
-    from ..context import default_max_memory
 
+    if not inputs:
+        raise UsageError("missing INPUT: give image files, folders or quoted globs")
     pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
-    try:
-        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    budget = memory_budget(max_memory)
+    policy = parse_landmarks(landmarks) if landmarks is not None else None
     if context not in ("auto", "global"):
         raise UsageError(f"--context for classify is auto or global, not {context!r}: the class token needs "
                          "the whole image, so there is no tiled mode")
@@ -117,7 +116,7 @@ def classify(
         check_output_path(csv_file, [i.path for i in items])
     name = model_name(model, weights)
     with err_console.status("loading model"):
-        net = load_cli_model(model, weights, device)
+        net = load_cli_model(model, weights, device, landmarks=policy)
     err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}",
                       highlight=False, soft_wrap=True)
     if csv_file is not None:  # now that the model's own files are known, --csv must not be one of them

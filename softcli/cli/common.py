@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from ..units import SIZE_HELP, parse_size
+
 if TYPE_CHECKING:
     from ..models import SoftModel
 
@@ -85,6 +87,46 @@ WeightsOpt = Annotated[Path | None, typer.Option(
     "--weights", "-w", help="A local checkpoint file or folder (official .pth/.safetensors or softcli).")]
 DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs go to stderr).")]
+LandmarksOpt = Annotated[str | None, typer.Option(
+    "--landmarks", metavar="auto|official|N", help="Landmarks of every SOFT attention: auto (the default), official "
+    "(the published r x r pooling) or a budget N per head.")]
+
+# Inputs and budgets shared by the commands that read images (see softcli/cli/README.md) --------
+
+#: The metavar of the positional input argument, the same in every command and message.
+INPUT_METAVAR = "INPUT"  # usage shows [INPUT]...: Typer adds the dots of a list argument
+InputsArg = Annotated[list[str] | None, typer.Argument(
+    metavar=INPUT_METAVAR, show_default=False, help="Images: files (TIFF/BigTIFF/OME-TIFF and slides read region "
+    "by region, or any Pillow format), folders (searched recursively) or quoted globs.")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", metavar="N", help="Refuse to decode whole an image with more pixels than N, a "
+    "decompression-bomb guard (TIFFs and slides are read region by region; 0 = no limit).")]
+MaxMemoryOpt = Annotated[str, typer.Option(
+    "--max-memory", metavar="SIZE", help="Memory budget that picks the context mode and tile size: auto (half the "
+    f"RAM available now) or a size. {SIZE_HELP}")]
+ContextOpt = Annotated[str, typer.Option(
+    "--context", metavar="auto|global|tile", help="auto (the whole image in one pass when it fits --max-memory, "
+    "else global), global (exact whole-image attention streamed over tiles) or tile (each tile its own context, "
+    "blended; not for classify).")]
+
+
+def size_option(option: str, text: str) -> int:
+    """A size option's value in bytes (:func:`softcli.units.parse_size`); a bad value is a usage error naming it."""
+    from ..errors import UsageError
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def memory_budget(text: str) -> int:
+    """``--max-memory``: ``auto`` (half the RAM available now) or a size, in bytes."""
+    if text.strip().lower() == "auto":
+        from ..context import default_max_memory
+
+        return default_max_memory()
+    return size_option("--max-memory", text)
 
 # Whole-slide options (softcli.io.slide, softcli.tissue) -----------------------------
 

@@ -7,22 +7,20 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
-from ..tiling import parse_memory
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
 from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
-from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console,
-                     load_cli_model, model_name, parse_landmarks, print_json, progress_bar, warn)
+from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
+                     MaxPixelsOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console, load_cli_model,
+                     memory_budget, model_name, parse_landmarks, print_json, progress_bar, warn)
 
 
 @app.command()
 def features(
-    inputs: Annotated[list[str] | None, typer.Argument(
-        metavar="INPUT...", show_default=False, help="Image: TIFF/BigTIFF/OME-TIFF/SVS-like (read region by "
-        "region) or any Pillow format; with --out-dir also folders and quoted globs.")] = None,
+    inputs: InputsArg = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output: .safetensors (keys stage1..stage4, "
                                                                   "(C, H, W) float32), .npy (one stage), .npz, "
                                                                   ".ome.tif (tiled BigTIFF) or .ome.zarr (multiscale "
@@ -36,21 +34,15 @@ def features(
     overlap: Annotated[int | None, typer.Option("--overlap", help="Pixels shared by neighbouring tiles "
                                                                   "(multiple of 32).")] = None,
     level: Annotated[int, typer.Option("--level", help="Pyramid level of a TIFF pyramid (0 = full size).")] = 0,
-    landmarks: Annotated[str, typer.Option("--landmarks", help="auto, official or a landmark budget N.")] = "auto",
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory budget that picks the context mode, tile "
-                                                                 "size and whether maps stay in memory; auto = "
-                                                                 "half the RAM available now.")] = "auto",
-    context: Annotated[str, typer.Option("--context", help="auto (whole image in one pass when it fits "
-                                                           "--max-memory, else global), global (exact whole-image "
-                                                           "attention streamed over tiles) or tile (each tile its "
-                                                           "own context, blended).")] = "auto",
+    landmarks: LandmarksOpt = None,
+    max_memory: MaxMemoryOpt = "auto",
+    context: ContextOpt = "auto",
     blend: Annotated[str, typer.Option("--blend", help="Tile blending: linear or gaussian.")] = "linear",
     pool: Annotated[bool, typer.Option("--pool", help="Also store the mean of the stage-4 map as 'pooled'.")] = False,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse to decode whole a non-TIFF image larger "
-                                                                 "than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
     out_dir: OutDirOpt = None,
     list_file: ListOpt = None,
@@ -80,14 +72,10 @@ def features(
 
     Whole slide at 1 µm/px, tissue only: soft features slide.svs --mpp 1.0 --tissue auto --out feats.safetensors
     """
-    from ..context import default_max_memory  # the task modules import torch: only when the command runs
-    from ..features import FeaturesPlan, check_request, extract_features
+    from ..features import FeaturesPlan, check_request, extract_features  # imports torch: only when the command runs
 
-    try:
-        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    policy = parse_landmarks(landmarks)
+    budget = memory_budget(max_memory)
+    policy = parse_landmarks(landmarks) if landmarks is not None else None
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     check_split(split, wants_cohort(inputs, out_dir, list_file))
     if wants_cohort(inputs, out_dir, list_file):
@@ -97,8 +85,7 @@ def features(
         check_features_options(out_format, stages, pool, blend)  # fail before loading a model
 
         def make_task(dev: str) -> object:
-            net = load_cli_model(model, weights, dev)
-            net.set_landmark_policy(policy)
+            net = load_cli_model(model, weights, dev, landmarks=policy)
             return features_task(net, model_name=model_name(model, weights), out_format=out_format, stages=stages,
                                  tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
                                  pool=pool, max_pixels=max_pixels,
@@ -113,14 +100,13 @@ def features(
     check_request(input, out, stages, pool, blend)  # fail before loading a model
     dist, device = start_tile_split(split, device)
     try:
-        net = load_cli_model(model, weights, device)
-        net.set_landmark_policy(policy)
+        net = load_cli_model(model, weights, device, landmarks=policy)
         with progress_bar(not json_out and (dist is None or dist.is_main)) as progress:
             task = progress.add_task(f"features {input.name}", total=None)
 
             def on_plan(plan: FeaturesPlan) -> None:
                 if plan.estimated_peak_bytes > plan.max_memory_bytes:
-                    warn(f"{plan.tile[0]}x{plan.tile[1]} tiles need about "
+                    warn(f"{plan.tile[1]}x{plan.tile[0]} tiles need about "
                          f"{plan.estimated_peak_bytes / 2**30:.1f} GB, above --max-memory {max_memory}; "
                          "use a smaller --tile")
 
@@ -140,8 +126,8 @@ def features(
         return
     p = result.plan
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.maps.items())
-    err_console.print(f"{result.image_size[0]}x{result.image_size[1]} image, {p.tiles} tile(s) of "
-                      f"{p.tile[0]}x{p.tile[1]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
+    err_console.print(f"{result.image_size[1]}x{result.image_size[0]} image, {p.tiles} tile(s) of "
+                      f"{p.tile[1]}x{p.tile[0]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
     err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
     if result.tissue is not None:
         t = result.tissue

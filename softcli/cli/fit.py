@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UsageError
-from ..io.image import DEFAULT_MAX_PIXELS
+from ..stages import parse_stages
+from ..constants import DEFAULT_MAX_PIXELS
+from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from .app import app
 from .common import (
     DeviceOpt,
@@ -132,8 +134,8 @@ def segment(
     steps: Annotated[int, typer.Option("--steps", min=1, help="FPN head: AdamW steps.")] = 300,
     bundle: BundleOpt = False,
     tile: Annotated[int, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32), as for "
-                                      "soft segment.")] = 1024,
-    overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels.")] = 64,
+                                      "soft segment.")] = DEFAULT_TILE,
+    overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
                                             "pixels than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
     device: DeviceOpt = "auto",
@@ -151,7 +153,6 @@ def segment(
 
       soft segment slide.tif --model tissue-seg --out mask.tif
     """
-    from ..features import parse_stages
     from ..fit import fit_segmenter
 
     summary = _run(fit_segmenter, json_out, data=data, out=out, weights=_spec(model, weights), head=head,

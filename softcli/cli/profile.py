@@ -14,8 +14,9 @@ from rich.table import Table
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..profile.names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
+from ..units import SIZE_HELP
 from .app import app
-from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
+from .common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar, size_option
 
 if TYPE_CHECKING:
     from ..profile import ProfileReport, ProfileResult
@@ -182,8 +183,8 @@ def profile(
                               f"(once {MIN_REPEATS} ran).")] = 10.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Wall-clock seconds per configuration.")] = 600.0,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
-                             "exceeding it is reported as oom.")] = None,
+        "--max-memory", metavar="SIZE", help="CPU, Linux: memory a worker may add beyond its setup, e.g. 8GB; "
+                             f"exceeding it is reported as oom. {SIZE_HELP}")] = None,
     threads: Annotated[int, typer.Option(
         "--threads", help="CPU threads torch uses while measuring, the same for every configuration and shown "
                           "in the output. The default, 1, is what a shared or busy machine can reproduce; "
@@ -218,7 +219,7 @@ def profile(
     Example: soft profile --model soft_tiny --image-size 4096 --device cuda
     """
     from ..api import resolve_device  # the task modules import torch: only when the command runs
-    from ..profile import ProfileSettings, attention_jobs, model_jobs, parse_bytes, run_sweep
+    from ..profile import ProfileSettings, attention_jobs, model_jobs, run_sweep
 
     dev = resolve_device(device)
     if plot is not None:
@@ -234,7 +235,8 @@ def profile(
     settings = ProfileSettings(
         device=str(dev), dim=dim, heads=heads, batch=batch, dtype=dtype, sr_ratio=sr_ratio, landmarks=landmarks,
         repeat=repeat, warmup=warmup, time_budget_s=time_budget, timeout_s=timeout,
-        max_memory_bytes=None if max_memory is None else parse_bytes(max_memory), isolate=not in_process,
+        max_memory_bytes=None if max_memory is None else size_option("--max-memory", max_memory),
+        isolate=not in_process,
         threads=threads)
     if model is not None:
         jobs = model_jobs(model, image_size)

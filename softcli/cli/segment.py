@@ -8,13 +8,16 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
-from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..constants import DEFAULT_MAX_PIXELS
+from ..io.image import pixel_limit
+from ..tiling import DEFAULT_OVERLAP
 from .app import app
 from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
                      single_input, wants_cohort)
 from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
-from .common import (DeviceOpt, JsonOpt, MagnificationOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, model_name,
-                     out_console, phase_progress, print_json, progress_bar)
+from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
+                     MaxPixelsOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, memory_budget, model_name, out_console,
+                     phase_progress, print_json, progress_bar)
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
            "global": "Global context (exact)"}
@@ -22,15 +25,13 @@ _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writ
 
 @app.command()
 def segment(
-    inputs: Annotated[list[str] | None, typer.Argument(
-        metavar="INPUT...", show_default=False, help="Input image (any size; TIFF/BigTIFF/OME-TIFF read tile by "
-        "tile); with --out-dir also folders and quoted globs.")] = None,
+    inputs: InputsArg = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
                                              "pyramidal OME-TIFF, for huge images), .npy or .ome.zarr "
                                              "(multiscale OME-Zarr folder).")] = None,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
-    clusters: Annotated[int | None, typer.Option("--clusters", "-k", help="No trained head: k-means the "
+    clusters: Annotated[int | None, typer.Option("--clusters", metavar="K", help="No trained head: k-means the "
                                                  "backbone features into K labels (fixed seed).")] = None,
     cluster_stages: Annotated[str | None, typer.Option("--cluster-stages", help="Stages whose features "
                                                        "--clusters uses, e.g. 1,2 (default) or 1,2,3.")] = None,
@@ -39,21 +40,15 @@ def segment(
                                        "resolution); the mask has that level's size.")] = 0,
     tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32); "
                                              "default: the largest that fits --max-memory.")] = None,
-    context: Annotated[str, typer.Option("--context", help="auto (whole image in one pass when it fits "
-                                         "--max-memory, else global), global (exact whole-image attention "
-                                         "streamed over tiles; --clusters only) or tile (each tile its own "
-                                         "context, blended).")] = "auto",
-    max_memory: Annotated[str, typer.Option("--max-memory", help="Memory budget that picks the context mode "
-                                            "and tile size; auto = half the RAM available now.")] = "auto",
+    context: ContextOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels; scores are "
-                                         "blended across it before the argmax.")] = 64,
+                                         "blended across it before the argmax.")] = DEFAULT_OVERLAP,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Also write a blended preview of image and "
                                                   "mask (downsampled to at most 2048 px for huge inputs).")] = None,
-    landmarks: Annotated[str | None, typer.Option("--landmarks", help="auto, official or a landmark "
-                                                  "budget per head.")] = None,
+    landmarks: LandmarksOpt = None,
     device: DeviceOpt = "auto",
-    max_pixels: Annotated[int, typer.Option("--max-pixels", metavar="N", help="Refuse to decode whole a non-TIFF "
-                                            "image larger than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
     out_dir: OutDirOpt = None,
     list_file: ListOpt = None,
@@ -70,11 +65,12 @@ def segment(
     resume: ResumeOpt = True,
     split: SplitOpt = "inputs",
 ) -> None:
-    """Label every pixel of IMAGE and write a mask, a legend JSON beside it and optionally an overlay.
+    """Label every pixel of INPUT and write a mask, a legend JSON beside it and optionally an overlay.
 
     With a segmentation checkpoint (SOFT backbone + Semantic-FPN head) the labels
     are its classes. Any backbone checkpoint segments without a trained head by
-    clustering its features: --clusters K.
+    clustering its features: --clusters K. --context global works with --clusters
+    only.
 
     Many images (folders, quoted globs, --list FILE) go to --out-dir DIR as
     NAME.tif + NAME.legend.json with a manifest.jsonl; a rerun skips finished
@@ -90,14 +86,9 @@ def segment(
 
     Example: torchrun --nproc-per-node 4 -m softcli segment huge.tif --weights seg/ --out mask.tif --split tiles
     """
-    from ..context import default_max_memory
     from ..segment import segment as run_segment
-    from ..tiling import parse_memory
 
-    try:
-        budget = default_max_memory() if max_memory == "auto" else parse_memory(max_memory)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    budget = memory_budget(max_memory)
 
     if model is not None and weights is not None:
         raise UsageError("give --model or --weights, not both")

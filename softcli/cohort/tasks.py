@@ -49,7 +49,7 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     ``extra``: further keyword arguments of :func:`~softcli.segment.segment` that change the output
     (JSON values); passed on and recorded in the settings, so new options join cohorts in one place.
     """
-    from ..cluster import parse_stages
+    from ..cluster import parse_cluster_stages
     from ..weights import resolve_weights
     from ..io.masks import legend_path
     from ..segment import segment
@@ -62,7 +62,7 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
         raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
     if cluster_stages is not None and clusters is None:
         raise UsageError("--cluster-stages only applies with --clusters K")
-    stages = parse_stages(cluster_stages)
+    stages = parse_cluster_stages(cluster_stages)
     if landmarks is not None:
         from ..api import landmark_policy
 
@@ -84,9 +84,9 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
 
 
 def check_features_options(out_format: str, stages: str | Sequence[int], pool: bool, blend: str
-                           ) -> tuple[str, list[int]]:
+                           ) -> tuple[str, tuple[int, ...]]:
     """(suffix, stage list) of a features cohort, or the usage error its options deserve (before any model loads)."""
-    from ..features import parse_stages
+    from ..stages import parse_stages
     from ..io.writers import check_feature_request
 
     suffix = _suffix(FEATURE_FORMATS, out_format)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..constants import DEFAULT_MAX_MEMORY, STAGE_STRIDES
 from ..resources import available_memory
 from ..tiling import ALIGN, FIXED_OVERHEAD_BYTES, choose_tile_size, estimate_memory
 
@@ -15,7 +16,7 @@ CONTEXT_MODES = ("auto", "global", "tile")
 GLOBAL_TILE_CAP = 2048
 
 
-def default_max_memory(fallback: int = 2 * 2**30) -> int:
+def default_max_memory(fallback: int = DEFAULT_MAX_MEMORY) -> int:
     """Half of the RAM available now (at least 1 GB); ``fallback`` when that cannot be read."""
     avail = available_memory()
     return fallback if avail is None else max(2**30, avail // 2)
@@ -74,7 +75,7 @@ def plan_global(height: int, width: int, model_config: Any, params: int, max_mem
     a kept stage map); they stay in memory when that takes at most a third of the
     budget. Tiles get the rest, sized with the same per-pixel model as whole passes.
     """
-    held = max(3 * 4 * c * -(-height // s) * -(-width // s) for c, s in zip(stage_channels, (4, 8, 16, 32)))
+    held = max(3 * 4 * c * -(-height // s) * -(-width // s) for c, s in zip(stage_channels, STAGE_STRIDES))
     spill = held > max_memory // 3
     room = max_memory - (0 if spill else held)
     if tile is None:

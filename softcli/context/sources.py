@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import to_tensor
+from ..engine import normalized_batch
 from ..io.readers import ImageReader
 from ..models.soft import SoftStage
 
@@ -34,7 +34,7 @@ class ReaderSource:
         self.mean, self.std, self.device = mean, std, device
 
     def region(self, y0: int, y1: int, x0: int, x1: int) -> Tensor:
-        return to_tensor(self.reader.read_region(y0, x0, y1 - y0, x1 - x0), self.mean, self.std, self.device)
+        return normalized_batch(self.reader.read_region(y0, x0, y1 - y0, x1 - x0), self.mean, self.std, self.device)
 
 
 class TensorSource:

@@ -28,7 +28,8 @@ from ..errors import UsageError
 from ..io.image import DEFAULT_MAX_PIXELS, load_image
 from ..models import SoftModel
 from ..preprocess import Preprocess, batch_same_size, eval_transform
-from .common import ProgressFn, check_out_dir, fit_record, load_backbone
+from ..engine import PhaseProgressFn
+from .common import check_out_dir, fit_record, load_backbone
 from .data import scan_image_folder
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
 
@@ -48,7 +49,7 @@ def stratified_split(targets: Sequence[int], k: int, val: float, rng: np.random.
 
 
 def pooled_features(model: SoftModel, paths: Sequence[Path], *, batch_size: int = 16,
-                    max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: ProgressFn | None = None) -> torch.Tensor:
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: PhaseProgressFn | None = None) -> torch.Tensor:
     """What the classification head sees for each image: the normed stage-4 class token (N, C)."""
     pre = Preprocess.for_model(model)
     device = next(model.parameters()).device
@@ -72,7 +73,7 @@ def fit_classifier(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                    weights: str | os.PathLike[str] | None = None, val: float = 0.2, seed: int = 0,
                    l2: float = DEFAULT_L2, bundle: bool = False, batch_size: int = 16,
                    device: str | torch.device = "cpu", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                   progress: ProgressFn | None = None) -> dict[str, Any]:
+                   progress: PhaseProgressFn | None = None) -> dict[str, Any]:
     """Fit a linear probe on ``data`` (one sub-folder per class) and write the classifier to ``out``."""
     t0 = time.perf_counter()
     if not 0 <= val < 1:

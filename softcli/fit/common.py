@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from ..errors import CheckpointError, OutputError
 from ..models import SoftModel
 
 #: ``progress(phase, done, total)``; phases: "features" (tiles or images), "fit" (solver steps).
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass

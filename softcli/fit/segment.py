@@ -35,14 +35,16 @@ from torch import Tensor
 from ..api import resolve_device
 from ..engine import MemorySink, OutputSpec, RowSink, run_dense
 from ..errors import UsageError
-from ..features import STAGE_STRIDES, stage_maps_fn, stage_outputs
+from ..constants import STAGE_STRIDES
+from ..features import stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
 from ..models.linear_head import LinearHeadConfig, LinearSegHead
 from ..models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
 from ..segment import SCORE_STRIDE, save_segmenter
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
-from .common import ProgressFn, check_out_dir, fit_record, load_backbone
+from ..engine import PhaseProgressFn
+from .common import check_out_dir, fit_record, load_backbone
 from .data import read_label_image, scan_segmentation
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
 
@@ -191,7 +193,7 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                   l2: float = DEFAULT_L2, steps: int = 300, bundle: bool = False,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, device: str | torch.device = "cpu",
                   max_samples: int = DEFAULT_MAX_SAMPLES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                  progress: ProgressFn | None = None) -> dict[str, Any]:
+                  progress: PhaseProgressFn | None = None) -> dict[str, Any]:
     """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary."""
     t0 = time.perf_counter()
     if head not in HEADS:

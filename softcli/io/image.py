@@ -33,11 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, UsageError
+from ..constants import DEFAULT_MAX_PIXELS  # re-exported: the --max-pixels default
 from ..resources import available_memory, format_bytes
-
-#: Pixels (width x height) an image may have before we refuse to decode it whole:
-#: 2^28 ≈ 268 Mpx (16384²), about 3 GB as float RGB. ``--max-pixels`` changes it.
-DEFAULT_MAX_PIXELS = 1 << 28
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ome.tif", ".ome.tiff")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import MASK_TIFF_TILE
 from ..errors import OutputError, UsageError
 from .atomic import MASK_TEMP_PREFIX, atomic_path, check_output_path, make_temp_dir
 from .inputs import json_safe
@@ -41,7 +42,6 @@ OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 PNG_MAX_PIXELS = 1 << 28
 #: Largest palette a PNG (and a TIFF colour map of uint8 labels) holds.
 PALETTE_MAX = 256
-TIFF_TILE = 512
 #: Pyramid levels stop once the longer side is at most this.
 TIFF_MIN_LEVEL_SIDE = 512
 OVERLAY_MAX_SIDE = 2048
@@ -108,7 +108,7 @@ class LabelRaster:
     def write_rows(self, y0: int, labels: np.ndarray) -> None:
         """Store rows [y0, y0 + h) of labels (h, W) and count them."""
         if labels.ndim != 2 or labels.shape[1] != self.width or y0 + labels.shape[0] > self.height:
-            raise ValueError(f"label rows {labels.shape} at {y0} do not fit a {self.height}x{self.width} mask")
+            raise ValueError(f"label rows {labels.shape} at {y0} do not fit a {self.width}x{self.height} mask")
         block = np.ascontiguousarray(labels, dtype=self.dtype)
         self.counts += np.bincount(block.ravel(), minlength=self.num_labels)[: self.num_labels]
         os.pwrite(self._fd, block.data, y0 * self.width * self.dtype.itemsize)
@@ -163,7 +163,7 @@ def write_png(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]],
     img.save(path, format="PNG", optimize=False, compress_level=6, pnginfo=info)
 
 
-def write_npy(raster: LabelRaster, path: Path, chunk_rows: int = 1024) -> None:
+def write_mask_npy(raster: LabelRaster, path: Path, chunk_rows: int = 1024) -> None:
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(raster.dtype),
                                                   "fortran_order": False, "shape": (raster.height, raster.width)})
@@ -190,7 +190,7 @@ def _level_tiles(raster: LabelRaster, factor: int, tile: int) -> Iterator[np.nda
 
 
 def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]], names: Sequence[str],
-               tile: int = TIFF_TILE, on_tile: Callable[[], None] | None = None,
+               tile: int = MASK_TIFF_TILE, on_tile: Callable[[], None] | None = None,
                metadata: Mapping[str, str] | None = None) -> int:
     """Tiled pyramidal OME-TIFF (SubIFDs), deflate, tile by tile. Returns the number of levels."""
     import tifffile
@@ -220,7 +220,7 @@ def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]
     return len(shapes)
 
 
-def tiff_tile_count(height: int, width: int, tile: int = TIFF_TILE) -> int:
+def tiff_tile_count(height: int, width: int, tile: int = MASK_TIFF_TILE) -> int:
     return sum(-(-h // tile) * -(-w // tile) for h, w in pyramid_shapes(height, width))
 
 
@@ -232,7 +232,7 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
     ``metadata`` (string pairs: the run's provenance) goes where the format has room: not in ``.npy``.
     """
     fmt = mask_format(out)
-    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width],
+    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width], "width": raster.width, "height": raster.height,
                             "dtype": raster.dtype.name}
     try:
         if fmt == "zarr":  # a folder (softcli.io.zarr_writer), with its own atomic rename
@@ -245,7 +245,7 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
             if fmt == "png":
                 write_png(raster, tmp, palette, metadata)
             elif fmt == "npy":
-                write_npy(raster, tmp)
+                write_mask_npy(raster, tmp)
             else:
                 info["levels"] = write_tiff(raster, tmp, palette, names, on_tile=on_tile, metadata=metadata)
     except OSError as exc:

@@ -101,7 +101,7 @@ class OpenSlideReader(ImageReader):
             self._downsamples = [float(d) for d in self._slide.level_downsamples]
             if not 0 <= level < len(self.levels):
                 raise UsageError(f"{self.path}: level {level} does not exist; the slide has {len(self.levels)} "
-                                 "level(s): " + ", ".join(f"{i}: {h}x{w}" for i, (h, w) in enumerate(self.levels)))
+                                 "level(s): " + ", ".join(f"{i}: {w}x{h}" for i, (h, w) in enumerate(self.levels)))
             self.level = level
             self.height, self.width = self.levels[level]
             check_pixels(self.path, self.width, self.height, None)
@@ -112,7 +112,7 @@ class OpenSlideReader(ImageReader):
 
     def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         if self.max_pixels is not None and h * w > self.max_pixels:
-            raise _fail(self.path, f"a {h}x{w} region is above the pixel limit of {self.max_pixels:,}")
+            raise _fail(self.path, f"a {w}x{h} region is above the pixel limit of {self.max_pixels:,}")
         ds = self._downsamples[self.level]
         try:
             img = self._slide.read_region((round(x * ds), round(y * ds)), self.level, (w, h))

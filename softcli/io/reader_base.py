@@ -31,7 +31,7 @@ class ImageReader:
     def read_region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels [y, y+h) x [x, x+w) as float32 RGB (h, w, 3) in [0, 1]; outside the image is edge-replicated."""
         if h <= 0 or w <= 0:
-            raise ValueError(f"empty region {h}x{w}")
+            raise ValueError(f"empty region {w}x{h}")
         y0, y1 = max(0, y), min(self.height, y + h)
         x0, x1 = max(0, x), min(self.width, x + w)
         if y0 >= y1 or x0 >= x1:
@@ -63,7 +63,7 @@ class ImageReader:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.path!r}, level={self.level}, {self.height}x{self.width})"
+        return f"{type(self).__name__}({self.path!r}, level={self.level}, {self.width}x{self.height})"
 
 
 class ArrayReader(ImageReader):

@@ -126,10 +126,10 @@ class TiffReader(ImageReader):
         else:
             self._seg_h, self._seg_w = int(min(page.rowsperstrip or length, length)), int(width)
         if self._seg_h <= 0 or self._seg_w <= 0:
-            raise _fail(self.path, f"corrupt TIFF (tile/strip size {self._seg_h}x{self._seg_w})")
+            raise _fail(self.path, f"corrupt TIFF (tile/strip size {self._seg_w}x{self._seg_h})")
         self._check_plausible(page)
         if self.max_pixels is not None and self._seg_h * self._seg_w > self.max_pixels:
-            raise _fail(self.path, f"a {self._seg_h}x{self._seg_w} tile/strip is above the pixel limit")
+            raise _fail(self.path, f"a {self._seg_w}x{self._seg_h} tile/strip is above the pixel limit")
         self._ny = math.ceil(self.height / self._seg_h)
         self._nx = math.ceil(self.width / self._seg_w)
         if len(page.dataoffsets) < self._separate * self._ny * self._nx:
@@ -185,7 +185,7 @@ class TiffReader(ImageReader):
 
     def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         if self.max_pixels is not None and h * w > self.max_pixels:
-            raise _fail(self.path, f"a {h}x{w} region is above the pixel limit of {self.max_pixels:,}")
+            raise _fail(self.path, f"a {w}x{h} region is above the pixel limit of {self.max_pixels:,}")
         raw = np.zeros((self._separate, h, w, self._contig), self._dtype)
         page = self._page
         fh = self._tif.filehandle

@@ -39,12 +39,12 @@ from typing import IO, Protocol
 
 import numpy as np
 
+from ..constants import FEATURE_TIFF_TILE
 from ..errors import UsageError
 from .atomic import atomic_path
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff",
            ".zarr": "zarr"}
-TIFF_TILE = 256
 
 
 def feature_format(path: str | os.PathLike[str]) -> str:
@@ -126,7 +126,7 @@ def _npy_header(shape: Sequence[int]) -> bytes:
     return buf.getvalue()
 
 
-def write_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Path:
+def write_feature_npy(path: str | os.PathLike[str], source: _MapSource, name: str) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(_npy_header(source.shapes[name]))
         _copy_stream(fh, source.iter_bytes(name))
@@ -161,7 +161,7 @@ def _tiff_tiles(source: _MapSource, name: str, tile: int) -> Iterator[np.ndarray
 
 
 def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str], compression: str | None = "zlib",
-                   tile: int = TIFF_TILE, metadata: Mapping[str, str] | None = None,
+                   tile: int = FEATURE_TIFF_TILE, metadata: Mapping[str, str] | None = None,
                    strides: Sequence[int] | None = None, mpp: float | None = None) -> Path:
     """One CYX image per map; ``metadata`` as JSON in each image's description, µm pixel sizes when ``mpp`` is known."""
     import tifffile
@@ -196,7 +196,7 @@ def write_features(path: str | os.PathLike[str], source: _MapSource, names: Sequ
     if fmt == "safetensors":
         write_safetensors(path, source, names, pooled, metadata)
     elif fmt == "npy":
-        write_npy(path, source, names[0])
+        write_feature_npy(path, source, names[0])
         if metadata:
             with atomic_path(sidecar_path(path)) as tmp:
                 tmp.write_text(json.dumps(dict(metadata), indent=2) + "\n", encoding="utf-8")

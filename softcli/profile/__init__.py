@@ -46,7 +46,6 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "ProfileReport": ".settings",
     "ProfileResult": ".settings",
     "ProfileSettings": ".settings",
-    "parse_bytes": ".settings",
     "run_job": ".sweep",
     "run_sweep": ".sweep",
 }
@@ -57,7 +56,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from .jobs import attention_jobs, grid_for, model_jobs, stage_input_sizes
     from .methods import build_attention
     from .names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
-    from .settings import STATUSES, ProfileJob, ProfileReport, ProfileResult, ProfileSettings, parse_bytes
+    from .settings import STATUSES, ProfileJob, ProfileReport, ProfileResult, ProfileSettings
     from .sweep import run_job, run_sweep
 
 __all__ = [
@@ -78,7 +77,6 @@ __all__ = [
     "landmark_count",
     "measure",
     "model_jobs",
-    "parse_bytes",
     "run_job",
     "run_sweep",
     "stage_input_sizes",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -26,7 +25,6 @@ __all__ = [
     "ProfileReport",
     "ProfileResult",
     "ProfileSettings",
-    "parse_bytes",
 ]
 
 STATUSES = ("ok", "oom", "timeout", "error")
@@ -167,19 +165,3 @@ class ProfileReport:
             "threads": self.threads, "loadavg": self.loadavg, "loadavg_end": self.loadavg_end,
             "settings": self.settings, "results": [r.to_dict() for r in self.results],
         }
-
-
-def parse_bytes(text: str) -> int:
-    """``4GB``, ``512MiB``, ``1e9`` → bytes (decimal and binary units)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?i?[bB]?)\s*", text)
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    if m:
-        unit = m.group(2).lower().rstrip("b")
-        try:
-            value = float(m.group(1)) * units[unit]
-        except (KeyError, ValueError):
-            value = -1
-        if value >= 1:
-            return int(value)
-    raise UsageError(f"cannot read {text!r} as a memory size; write e.g. 512MB, 4GB or 4GiB")

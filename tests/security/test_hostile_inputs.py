@@ -381,8 +381,11 @@ def _temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".soft-") or ".partial-" in p.name)
 
 
-def test_sigterm_removes_spill_files(work, tmp_path):
-    """SIGTERM in the middle of a disk-spilling features run: the .soft-maps-* folder goes, as on Ctrl-C."""
+@pytest.mark.parametrize("signum,code,message", [(signal.SIGTERM, 143, b"error: terminated"),
+                                                (signal.SIGINT, 130, b"error: interrupted")])
+def test_sigterm_removes_spill_files(work, tmp_path, signum, code, message):
+    """SIGTERM or Ctrl-C (SIGINT) in the middle of a disk-spilling features run: one error line, the exit
+    status of the signal, and the .soft-maps-* folder goes."""
     rng = np.random.default_rng(3)
     Image.fromarray(_noise(rng, 2048, 2048, 3)).save(tmp_path / "big.png")
     proc = start_capped("features", "big.png", "--out", "f.safetensors", "--weights", str(work / "ckpt"),
@@ -394,13 +397,13 @@ def test_sigterm_removes_spill_files(work, tmp_path):
             assert proc.poll() is None, proc.communicate()[1].decode()
             assert time.monotonic() < deadline, "no spill folder appeared"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, err.decode()
-    assert b"error: terminated" in err and b"Traceback" not in err
+    assert proc.returncode == code, err.decode()
+    assert err.strip().splitlines()[-1] == message and b"Traceback" not in err, err.decode()
     assert _temporaries(tmp_path) == [] and not (tmp_path / "f.safetensors").exists()
 
 
