@@ -28,8 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fit_synthetic import scribbles, texture_scene
-from tests.synthetic import iou_per_class
+from tests.fit_synthetic import scribbles, texture_scene  # noqa: E402 - after the sys.path line
+from tests.synthetic import iou_per_class  # noqa: E402
 
 DEFAULT_VARIANTS = "--stages 1; --stages 1,2; --window 1; --head fpn --steps 100"
 

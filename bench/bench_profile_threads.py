@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from softcli.profile import (
+from softcli.profile import (  # noqa: E402 - after the sys.path line
     ProfileResult,
     ProfileSettings,
     attention_jobs,

@@ -140,7 +140,7 @@ def main() -> None:
             results.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
             gave_up = r["status"] != "ok"
-    print(f"| method | side | seconds | stages 1-3 s | stage 4 s | peak RSS GB | status |")
+    print("| method | side | seconds | stages 1-3 s | stage 4 s | peak RSS GB | status |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         if r["status"] == "ok":

@@ -33,9 +33,8 @@ from torch import Tensor
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError
 from .io.atomic import atomic_dir
+from .models import VARIANTS, SoftConfig, SoftModel, checkpoint_filter_fn, create_soft, infer_config, is_official_layout
 from .resources import available_memory, format_bytes
-from .models import (VARIANTS, SoftConfig, SoftModel, checkpoint_filter_fn, create_soft, infer_config,
-                     is_official_layout)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -354,6 +353,7 @@ def save_pretrained(model: SoftModel, out_dir: str | os.PathLike[str], labels: l
               "pretrained_cfg": pre, **dict(extra or {})}
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if keep is None or keep(k)}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"config": json.dumps(cfg)})  # one key: safetensors orders metadata keys randomly, and the file should hash the same every time
+        # One metadata key: safetensors orders its keys randomly, and the file should hash the same every time.
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"config": json.dumps(cfg)})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)

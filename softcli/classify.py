@@ -196,7 +196,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
                     logits = model(batch.to(device))
                 probs = torch.softmax(logits.float(), dim=-1)
                 top_p, top_i = probs.topk(k, dim=-1)
-            top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+            top_probs, top_ids = top_p.cpu().tolist(), top_i.cpu().tolist()
         except torch.OutOfMemoryError:
             share = (time.perf_counter() - start) / len(keys)
             h, w = batch.shape[-2:]
@@ -207,7 +207,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
             continue
         share = (time.perf_counter() - start) / len(keys)
         size = (int(batch.shape[-2]), int(batch.shape[-1]))
-        for (path, seconds, _), ps, idx in zip(keys, top_p, top_i):
+        for (path, seconds, _), ps, idx in zip(keys, top_probs, top_ids):
             preds = [Prediction(rank=r + 1, index=int(i), label=labels[i], prob=float(p))
                      for r, (p, i) in enumerate(zip(ps, idx))]
             yield ClassifyResult(path, preds, size, seconds + share, context=ran)

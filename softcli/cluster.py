@@ -138,7 +138,7 @@ class ClusterModel:
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
-    def to(self, device: torch.device | str) -> "ClusterModel":
+    def to(self, device: torch.device | str) -> ClusterModel:
         return ClusterModel(self.stages, self.mean.to(device), self.scale.to(device), self.centroids.to(device),
                             self.inertia, self.samples)
 

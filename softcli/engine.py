@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,6 +49,10 @@ import torch
 from .io.atomic import MAPS_TEMP_PREFIX, make_temp_dir
 from .io.readers import ImageReader
 from .tiling import Tile, TileGrid
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
+
 
 DenseFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
 #: ``on_tile(done, total)`` after each tile, for progress bars.
@@ -91,7 +95,7 @@ class RowSink(ABC):
     def write_rows(self, name: str, y0: int, block: np.ndarray) -> None:
         """Take rows [y0, y0 + h) of all channels; ``block`` is (C, h, W) float32 (a stitcher goes top to bottom)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most sinks have nothing to free
         """Free memory / delete temporary files."""
 
     def __enter__(self) -> Self:
@@ -143,7 +147,7 @@ class MemorySink(MapSink):
         return self.arrays[name][channel, y0:y1]
 
     def iter_bytes(self, name: str, chunk: int = 1 << 25) -> Iterator[bytes | memoryview]:
-        flat = memoryview(np.ascontiguousarray(self.arrays[name], dtype="<f4")).cast("B")
+        flat = np.ascontiguousarray(self.arrays[name], dtype="<f4").data.cast("B")
         for s in range(0, len(flat), chunk):
             yield flat[s:s + chunk]
 

@@ -30,24 +30,32 @@ import numpy as np
 import torch
 
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
+from .checkpoint import model_files
+from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
+from .context import (
+    CONTEXT_MODES,
+    LayerCheckpoints,
+    ReaderSource,
+    choose_context,
+    export_map,
+    open_checkpoints,
+    plan_global,
+    run_global,
+    tissue_context,
+)
 from .engine import DiskSink, MapSink, MemorySink, OutputSpec, TileCallback, run_dense
 from .errors import InputError, UsageError
-from .checkpoint import model_files
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import pixel_limit
-from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
-from .resources import device_memory_available, format_bytes
-from .stages import parse_stages
+from .io.provenance import Provenance, provenance
 from .io.readers import ArrayReader, ImageReader
 from .io.slide import open_at_resolution, slide_metadata
-from .tissue import compute_tissue, counting_skip
-from .io.provenance import Provenance, provenance
 from .io.writers import check_feature_request, feature_outputs, write_features
 from .models import SoftModel
-from .context import (CONTEXT_MODES, LayerCheckpoints, ReaderSource, choose_context, export_map,
-                      open_checkpoints, plan_global, run_global,
-                      tissue_context)
-from .tiling import (ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory)
+from .resources import device_memory_available, format_bytes
+from .stages import parse_stages
+from .tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size, estimate_memory
+from .tissue import compute_tissue, counting_skip
 
 
 @dataclass
@@ -140,7 +148,8 @@ class FeaturesResult:
         plan["tiles"] = self.plan.tiles
         return {
             "input": self.input, "output": self.output, "format": self.format, "level": self.level,
-            "image_size": list(self.image_size), "width": self.image_size[1], "height": self.image_size[0], "maps": self.maps, "strides": self.strides,
+            "image_size": list(self.image_size), "width": self.image_size[1], "height": self.image_size[0],
+            "maps": self.maps, "strides": self.strides,
             "pooled_dim": None if self.pooled is None else int(self.pooled.size),
             "landmarks": self.landmarks, "device": self.device, "seconds": round(self.seconds, 3), "plan": plan,
             "resumed_rows": self.resumed_rows,
@@ -228,7 +237,10 @@ def _run_global(model: Any, reader: ImageReader, padded: tuple[int, int], output
         for o, s in zip(outputs, stage_list):
             out_hw = (-(-reader.height // o.stride), -(-reader.width // o.stride))
             sink.allocate(o.name, (o.channels, *out_hw))
-            sums = export_map(res.maps[s], out_hw, lambda y0, block, n=o.name: sink.write_rows(n, y0, block))
+            def write(y0: int, block: np.ndarray, name: str = o.name) -> None:
+                sink.write_rows(name, y0, block)
+
+            sums = export_map(res.maps[s], out_hw, write)
             if pool and s == 4:
                 pooled = (sums / (out_hw[0] * out_hw[1])).astype(np.float32)
     return pooled
@@ -270,7 +282,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     check_tiling(tile, overlap)
     keep = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:
-        stage_list = [*stage_list, 4]
+        stage_list = (*stage_list, 4)
     cfg = model.config  # type: ignore[attr-defined]
     outputs = stage_outputs(cfg, stage_list)
     names = [o.name for o in outputs]

@@ -66,7 +66,7 @@ class Preprocess:
             raise ValueError(f"crop_pct must be in (0, 1], not {self.crop_pct}")
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> "Preprocess":
+    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> Preprocess:
         """From a timm-style ``pretrained_cfg`` (``input_size`` is ``[C, H, W]``); ImageNet defaults fill gaps."""
         merged = {**IMAGENET_PRETRAINED_CFG, **dict(cfg or {})}
         size = list(merged["input_size"])
@@ -79,7 +79,7 @@ class Preprocess:
                    crop_pct=float(merged.get("crop_pct") or 1.0))
 
     @classmethod
-    def for_model(cls, model: Any) -> "Preprocess":
+    def for_model(cls, model: Any) -> Preprocess:
         return cls.from_cfg(getattr(model, "pretrained_cfg", None))
 
     @property

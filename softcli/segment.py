@@ -33,31 +33,67 @@ from torch import Tensor
 
 from .api import landmark_policy
 from .backbone_ref import attach_backbone
-from .checkpoint import (CONFIG_NAME, FORMAT_TAG, IMAGENET_PRETRAINED_CFG, WEIGHTS_NAME, Checkpoint,
-                         build_model, model_files, read_checkpoint)
-from .cluster import (ClusterModel, StageEmbedder, cluster_scores, feature_bands, fit_clusters,
-                      fit_clusters_global, global_features, parse_cluster_stages)
-from .context import (CONTEXT_MODES, ContextChoice, LayerCheckpoints, ReaderSource, choose_context,
-                      default_max_memory, open_checkpoints, plan_global, run_global, tissue_context)
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
+from .checkpoint import (
+    CONFIG_NAME,
+    FORMAT_TAG,
+    IMAGENET_PRETRAINED_CFG,
+    WEIGHTS_NAME,
+    Checkpoint,
+    build_model,
+    model_files,
+    read_checkpoint,
+)
+from .cluster import (
+    ClusterModel,
+    StageEmbedder,
+    cluster_scores,
+    feature_bands,
+    fit_clusters,
+    fit_clusters_global,
+    global_features,
+    parse_cluster_stages,
+)
 from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .context import (
+    CONTEXT_MODES,
+    ContextChoice,
+    LayerCheckpoints,
+    ReaderSource,
+    choose_context,
+    default_max_memory,
+    open_checkpoints,
+    plan_global,
+    run_global,
+    tissue_context,
+)
+from .engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
 from .errors import CheckpointError, InputError, UsageError
 from .io.atomic import atomic_dir, check_disk_space
-from .io.masks import (OVERLAY_MAX_SIDE, LabelRaster, check_mask_outputs, legend, legend_path, mask_format,
-                       tiff_tile_count, write_json, write_mask, write_overlay)
 from .io.geojson import check_geojson_output, write_geojson
+from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from .io.masks import (
+    OVERLAY_MAX_SIDE,
+    LabelRaster,
+    check_mask_outputs,
+    legend,
+    legend_path,
+    mask_format,
+    tiff_tile_count,
+    write_json,
+    write_mask,
+    write_overlay,
+)
 from .io.provenance import provenance
+from .io.reader_base import ImageReader
 from .io.slide import level0_scale, open_at_resolution
 from .io.slide import preview as _preview
-from .io.reader_base import ImageReader
-from .tissue import TissueLabels, compute_tissue, counting_skip, with_background
-from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
 from .models import SoftModel
 from .models.linear_head import LinearHeadConfig, LinearSegHead
 from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
 from .resources import available_memory, format_bytes
 from .tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size
+from .tissue import TissueLabels, compute_tissue, counting_skip, with_background
 
 TASK = "segmentation"
 HEAD_TYPE = "semantic_fpn"

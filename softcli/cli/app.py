@@ -25,7 +25,7 @@ import typer
 try:  # typer >= 0.20 vendors its own copy of click
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click import exceptions as click_exc
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from .. import __version__
 from ..errors import SoftError

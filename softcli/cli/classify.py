@@ -11,15 +11,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..constants import DEFAULT_MAX_PIXELS
 from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
-from ..constants import DEFAULT_MAX_PIXELS
 from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
 from .app import app, error_line
-from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
-                     MaxPixelsOpt, ModelOpt, MppOpt, WeightsOpt, err_console, load_cli_model, memory_budget,
-                     model_name, parse_landmarks, print_json, progress_bar)
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    InputsArg,
+    JsonOpt,
+    LandmarksOpt,
+    MagnificationOpt,
+    MaxMemoryOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    MppOpt,
+    WeightsOpt,
+    err_console,
+    load_cli_model,
+    memory_budget,
+    model_name,
+    parse_landmarks,
+    print_json,
+    progress_bar,
+)
 
 CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input_width", "seconds", "model", "error")
 
@@ -68,8 +85,9 @@ def classify(
     json_out: JsonOpt = False,
     csv_file: Annotated[Path | None, typer.Option("--csv", metavar="FILE", dir_okay=False,
                                                   help="Also write every prediction to FILE as CSV.")] = None,
-    full_res: Annotated[bool, typer.Option("--full-res", help="Classify the whole image at its native resolution "
-                                                              "instead of a centre crop at the model's input size.")] = False,
+    full_res: Annotated[bool, typer.Option(
+        "--full-res", help="Classify the whole image at its native resolution "
+                           "instead of a centre crop at the model's input size.")] = False,
     context: ContextOpt = "auto",
     max_memory: MaxMemoryOpt = "auto",
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,

@@ -10,12 +10,42 @@ import typer
 from ..constants import DEFAULT_MAX_PIXELS
 from ..io.image import pixel_limit
 from .app import app
-from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
-                     single_input, wants_cohort)
-from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
-from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
-                     MaxPixelsOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, err_console, load_cli_model,
-                     memory_budget, model_name, parse_landmarks, print_json, progress_bar, warn)
+from .cohort import (
+    ListOpt,
+    MaxFailuresOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    ResumeOpt,
+    SplitOpt,
+    check_cohort_options,
+    check_split,
+    run_cli_cohort,
+    single_input,
+    start_tile_split,
+    wants_cohort,
+)
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    InputsArg,
+    JsonOpt,
+    LandmarksOpt,
+    MagnificationOpt,
+    MaxMemoryOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    MppOpt,
+    TissueOpt,
+    WeightsOpt,
+    err_console,
+    load_cli_model,
+    memory_budget,
+    model_name,
+    parse_landmarks,
+    print_json,
+    progress_bar,
+    warn,
+)
 
 
 @app.command()

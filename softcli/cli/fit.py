@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..constants import DEFAULT_MAX_PIXELS
 from ..errors import UsageError
 from ..stages import parse_stages
-from ..constants import DEFAULT_MAX_PIXELS
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 from .app import app
 from .common import (

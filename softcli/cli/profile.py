@@ -102,7 +102,8 @@ def _table(report: ProfileReport, model_mode: bool) -> Table:
 
 
 CSV_FIELDS = ("method", "part", "tokens", "grid", "landmarks", "status", "latency_ms", "latency_min_ms",
-              "latency_max_ms", "latency_q1_ms", "latency_q3_ms", "cpu_ms", "repeats", "warmup_calls", "threads", "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
+              "latency_max_ms", "latency_q1_ms", "latency_q3_ms", "cpu_ms", "repeats", "warmup_calls", "threads",
+              "tokens_per_s", "megapixels_per_s", "peak_mem_bytes", "base_mem_bytes",
               "extra_mem_bytes", "flops", "batch", "dim", "heads", "dtype", "image_size", "message")
 
 

@@ -7,17 +7,45 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
 from ..constants import DEFAULT_MAX_PIXELS
+from ..errors import UsageError
 from ..io.image import pixel_limit
 from ..tiling import DEFAULT_OVERLAP
 from .app import app
-from .cohort import (ListOpt, MaxFailuresOpt, OutDirOpt, OverwriteOpt, check_cohort_options, run_cli_cohort,
-                     single_input, wants_cohort)
-from .cohort import ResumeOpt, SplitOpt, check_split, start_tile_split
-from .common import (ContextOpt, DeviceOpt, InputsArg, JsonOpt, LandmarksOpt, MagnificationOpt, MaxMemoryOpt,
-                     MaxPixelsOpt, ModelOpt, MppOpt, TissueOpt, WeightsOpt, memory_budget, model_name, out_console,
-                     phase_progress, print_json, progress_bar)
+from .cohort import (
+    ListOpt,
+    MaxFailuresOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    ResumeOpt,
+    SplitOpt,
+    check_cohort_options,
+    check_split,
+    run_cli_cohort,
+    single_input,
+    start_tile_split,
+    wants_cohort,
+)
+from .common import (
+    ContextOpt,
+    DeviceOpt,
+    InputsArg,
+    JsonOpt,
+    LandmarksOpt,
+    MagnificationOpt,
+    MaxMemoryOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    MppOpt,
+    TissueOpt,
+    WeightsOpt,
+    memory_budget,
+    model_name,
+    out_console,
+    phase_progress,
+    print_json,
+    progress_bar,
+)
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
            "global": "Global context (exact)"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -53,9 +53,10 @@ def list_(json_out: JsonOpt = False) -> None:
     Example: soft weights list --json
     """
     reg = load_registry()
-    rows = [{"name": e.name, "params": e.params, "top1": e.top1, "cached": weights_lib.is_cached(e),
-             "default": e.name == reg.default, "hub": f"{e.hub.repo_id}@{e.hub.revision}",
-             "origin": e.origin.official_name if e.origin else None} for e in reg.entries.values()]
+    rows: list[dict[str, Any]] = [
+        {"name": e.name, "params": e.params, "top1": e.top1, "cached": weights_lib.is_cached(e),
+         "default": e.name == reg.default, "hub": f"{e.hub.repo_id}@{e.hub.revision}",
+         "origin": e.origin.official_name if e.origin else None} for e in reg.entries.values()]
     if json_out:
         print_json(rows)
         return
@@ -92,7 +93,8 @@ def pull(spec: SpecArg,
             if bar is None:
                 bar = stack.enter_context(progress_bar())
                 task = bar.add_task("official release", total=total)
-            bar.update(task, completed=done, total=total)
+            if task is not None:
+                bar.update(task, completed=done, total=total)
 
         res = weights_lib.resolve_weights(spec, download=True, force=force, progress=report)
     if json_out:
@@ -191,7 +193,8 @@ def push(folder: Annotated[Path, typer.Argument(help="A folder made by 'soft wei
     """
     from ..fit.common import verify_loadable
 
-    res = weights_lib.push_folder(folder, repo, private=private, revision=revision, message=message, verify=verify_loadable)
+    res = weights_lib.push_folder(folder, repo, private=private, revision=revision, message=message,
+                                  verify=verify_loadable)
     if json_out:
         print_json(res)
         return

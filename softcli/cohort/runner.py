@@ -131,7 +131,8 @@ def image_pixels(path: str) -> int:
 
 def _base_record(task: CohortTask, path: str, rank: int) -> dict[str, Any]:
     return {"input": path, "path": input_key(path), "command": task.command, "model": task.model,
-            "weights_sha256": task.weights_sha256, "softcli_version": __version__, "settings": task.settings, "settings_key": task.key, "rank": rank}
+            "weights_sha256": task.weights_sha256, "softcli_version": __version__,
+            "settings": task.settings, "settings_key": task.key, "rank": rank}
 
 
 def _plan(items: Sequence[InputItem], out_dir: Path, task: CohortTask, manifest: Manifest, overwrite: bool,

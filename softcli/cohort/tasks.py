@@ -38,7 +38,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return [p for p in model_files(path) if p.is_file()]
 
 
-def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif", clusters: int | None = None,
+def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out_format: str = "tif",
+                 clusters: int | None = None,
                  cluster_stages: str | Sequence[int] | None = None, seed: int = 0, level: int = 0,
                  tile: int | None = None,
                  overlap: int = 64, landmarks: str | None = None, device: str | torch.device = "cpu",
@@ -50,9 +51,9 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     (JSON values); passed on and recorded in the settings, so new options join cohorts in one place.
     """
     from ..cluster import parse_cluster_stages
-    from ..weights import resolve_weights
     from ..io.masks import legend_path
     from ..segment import segment
+    from ..weights import resolve_weights
 
     suffix = _suffix(MASK_FORMATS, out_format)
     if weights is None and clusters is None:
@@ -86,8 +87,8 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
 def check_features_options(out_format: str, stages: str | Sequence[int], pool: bool, blend: str
                            ) -> tuple[str, tuple[int, ...]]:
     """(suffix, stage list) of a features cohort, or the usage error its options deserve (before any model loads)."""
-    from ..stages import parse_stages
     from ..io.writers import check_feature_request
+    from ..stages import parse_stages
 
     suffix = _suffix(FEATURE_FORMATS, out_format)
     stage_list = parse_stages(stages)
@@ -98,7 +99,8 @@ def check_features_options(out_format: str, stages: str | Sequence[int], pool: b
 
 
 def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = "safetensors",
-                  stages: str | Sequence[int] = "1,2,3,4", tile: int | None = None, overlap: int | None = None, level: int = 0,
+                  stages: str | Sequence[int] = "1,2,3,4", tile: int | None = None, overlap: int | None = None,
+                  level: int = 0,
                   max_memory: int | None = None, blend: str = "linear", pool: bool = False,
                   max_pixels: int | None = None, extra: Mapping[str, Any] | None = None) -> CohortTask:
     """``soft features`` per input with a model loaded once: ``NAME.<format>``.

@@ -32,17 +32,24 @@ API::
         result.maps[1].read(y0, y1, x0, x1)     # (h, w, C) float32 of stage 1, channels last
 """
 
-from .modes import (CONTEXT_MODES, GLOBAL_TILE_CAP, ContextChoice, choose_context, tissue_context,
-                    default_max_memory, plan_global)
+from .modes import (
+                    CONTEXT_MODES,
+                    GLOBAL_TILE_CAP,
+                    ContextChoice,
+                    choose_context,
+                    default_max_memory,
+                    plan_global,
+                    tissue_context,
+)
 from .resume import LayerCheckpoints, count_passes, open_checkpoints
 from .run import GlobalResult, StepCallback, count_steps, run_global, stage_sizes
 from .sources import ImageSource, ReaderSource, TensorSource, embed_region, embed_sizes
-from .stores import (ActivationStore, FileStore, MemoryStore, StoreFactory, export_map, resized_rows,
-                     store_rows)
+from .stores import ActivationStore, FileStore, MemoryStore, StoreFactory, export_map, resized_rows, store_rows
 
 __all__ = [
     "CONTEXT_MODES", "GLOBAL_TILE_CAP", "ActivationStore", "ContextChoice", "FileStore", "GlobalResult",
     "ImageSource", "LayerCheckpoints", "MemoryStore", "ReaderSource", "StepCallback", "StoreFactory", "TensorSource",
-    "choose_context", "tissue_context", "count_passes", "count_steps", "default_max_memory", "embed_region", "embed_sizes",
+    "choose_context", "tissue_context", "count_passes", "count_steps", "default_max_memory", "embed_region",
+    "embed_sizes",
     "export_map", "open_checkpoints", "plan_global", "resized_rows", "run_global", "stage_sizes", "store_rows",
 ]

@@ -43,7 +43,7 @@ class GlobalResult:
     def close(self) -> None:
         self.factory.close()
 
-    def __enter__(self) -> "GlobalResult":
+    def __enter__(self) -> GlobalResult:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,11 +24,11 @@ import torch
 from ..api import resolve_device
 from ..backbone_ref import CLASSIFICATION
 from ..checkpoint import save_pretrained
+from ..engine import PhaseProgressFn
 from ..errors import UsageError
 from ..io.image import DEFAULT_MAX_PIXELS, load_image
 from ..models import SoftModel
 from ..preprocess import Preprocess, batch_same_size, eval_transform
-from ..engine import PhaseProgressFn
 from .common import check_out_dir, fit_record, load_backbone
 from .data import scan_image_folder
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
@@ -49,7 +49,8 @@ def stratified_split(targets: Sequence[int], k: int, val: float, rng: np.random.
 
 
 def pooled_features(model: SoftModel, paths: Sequence[Path], *, batch_size: int = 16,
-                    max_pixels: int | None = DEFAULT_MAX_PIXELS, progress: PhaseProgressFn | None = None) -> torch.Tensor:
+                    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    progress: PhaseProgressFn | None = None) -> torch.Tensor:
     """What the classification head sees for each image: the normed stage-4 class token (N, C)."""
     pre = Preprocess.for_model(model)
     device = next(model.parameters()).device
@@ -60,7 +61,7 @@ def pooled_features(model: SoftModel, paths: Sequence[Path], *, batch_size: int 
 
     out: list[torch.Tensor] = []
     with torch.inference_mode():
-        for keys, batch in batch_same_size(tensors(), batch_size):
+        for _keys, batch in batch_same_size(tensors(), batch_size):
             assert batch is not None
             cls_out = model.forward_class_token(batch.to(device))
             out.append(model.norm(cls_out).float().cpu())

@@ -75,8 +75,8 @@ def fit_record(data: str | os.PathLike[str], seed: int, val: float, **more: Any)
 def verify_loadable(folder: Path) -> None:
     """Load a checkpoint folder the way ``soft segment``/``soft classify`` would (for ``soft weights push``)."""
     from ..backbone_ref import attach_backbone, check_publishable
-    from ..weights import resolve_weights
     from ..segment import is_segmentation_checkpoint, segmenter_from_checkpoint
+    from ..weights import resolve_weights
 
     ck = read_checkpoint(folder)
     check_publishable(ck)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import resolve_device
-from ..engine import MemorySink, OutputSpec, RowSink, run_dense
-from ..errors import UsageError
 from ..constants import STAGE_STRIDES
+from ..engine import MemorySink, OutputSpec, PhaseProgressFn, RowSink, run_dense
+from ..errors import UsageError
 from ..features import stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
@@ -43,7 +43,6 @@ from ..models.linear_head import LinearHeadConfig, LinearSegHead
 from ..models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
 from ..segment import SCORE_STRIDE, save_segmenter
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
-from ..engine import PhaseProgressFn
 from .common import check_out_dir, fit_record, load_backbone
 from .data import read_label_image, scan_segmentation
 from .probe import DEFAULT_L2, confusion, fit_linear, scores

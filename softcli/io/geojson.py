@@ -31,7 +31,8 @@ import numpy as np
 from ..errors import UsageError
 from .atomic import atomic_path, check_output_path
 
-#: Longest side of the label grid that is traced (a 40000² mask is traced every 20th pixel); tracing is pure numpy + Python, about 1 s per 10^5 boundary edges.
+#: Longest side of the label grid that is traced (a 40000² mask is traced every 20th pixel); tracing is
+#: pure numpy + Python, about 1 s per 10^5 boundary edges.
 MAX_GRID_SIDE = 2048
 SKIP_NAMES = ("background",)
 

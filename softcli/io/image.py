@@ -28,13 +28,16 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from ..errors import InputError, UsageError
 from ..constants import DEFAULT_MAX_PIXELS  # re-exported: the --max-pixels default
+from ..errors import InputError, UsageError
 from ..resources import available_memory, format_bytes
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs", ".ome.tif", ".ome.tiff")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -130,7 +133,7 @@ def array_to_rgb(arr: np.ndarray, planar: bool | None = None) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def pil_to_rgb(img: "Image.Image") -> np.ndarray:  # noqa: F821 - PIL imported lazily
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """A decoded Pillow image of any mode → float32 RGB (H, W, 3) in [0, 1]."""
     from PIL import Image
 
@@ -192,7 +195,7 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
         with tifffile.TiffFile(p) as tif:
             if page >= len(tif.pages):
                 raise _fail(p, f"has {len(tif.pages)} pages, no page {page}")
-            pg = tif.pages[page]
+            pg = cast(tifffile.TiffPage, tif.pages[page])  # pages are TiffPage unless useframes is set
             width, height = int(pg.imagewidth), int(pg.imagelength)
             check_pixels(p, width, height, max_pixels)
             depth = int(getattr(pg, "imagedepth", 1) or 1)

@@ -133,7 +133,7 @@ class LabelRaster:
             self._fd = -1
         shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> "LabelRaster":
+    def __enter__(self) -> LabelRaster:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -211,7 +211,8 @@ def write_tiff(raster: LabelRaster, path: Path, palette: Sequence[Sequence[int]]
 
     # BigTIFF when the pyramid (4/3 of level 0), uncompressed, could pass 2 GB: a margin below 4 GB offsets.
     with tifffile.TiffWriter(path, bigtiff=raster.nbytes * 4 // 3 > 2**31, ome=True) as tif:
-        meta = {"axes": "YX", "Name": "labels", "Description": json.dumps({**dict(metadata or {}), "labels": list(names)})}
+        description = json.dumps({**dict(metadata or {}), "labels": list(names)})
+        meta = {"axes": "YX", "Name": "labels", "Description": description}
         tif.write(counted(_level_tiles(raster, 1, tile)), shape=shapes[0], subifds=len(shapes) - 1,
                   metadata=meta, **common)
         for level, shape in enumerate(shapes[1:], 1):
@@ -232,7 +233,8 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
     ``metadata`` (string pairs: the run's provenance) goes where the format has room: not in ``.npy``.
     """
     fmt = mask_format(out)
-    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width], "width": raster.width, "height": raster.height,
+    info: dict[str, Any] = {"path": str(out), "format": fmt, "size": [raster.height, raster.width],
+                            "width": raster.width, "height": raster.height,
                             "dtype": raster.dtype.name}
     try:
         if fmt == "zarr":  # a folder (softcli.io.zarr_writer), with its own atomic rename

@@ -55,7 +55,7 @@ class ImageReader:
     def close(self) -> None:
         """Release the file; the reader is unusable afterwards."""
 
-    def __enter__(self) -> "ImageReader":
+    def __enter__(self) -> ImageReader:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -41,10 +41,20 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from ..resources import format_bytes
+from .image import (
+    DEFAULT_MAX_PIXELS,
+    PILLOW_MAGIC,
+    _fail,
+    _open_checks,
+    _reason,
+    array_to_rgb,
+    check_pixels,
+    is_tiff,
+    load_image,
+    pixel_limit,
+)
 from .reader_base import ArrayReader, ImageReader
 from .slidemeta import tiff_slide_info
-from .image import (DEFAULT_MAX_PIXELS, PILLOW_MAGIC, _fail, _open_checks, _reason, array_to_rgb, check_pixels, is_tiff,
-                    load_image, pixel_limit)
 
 #: Above this many pixels, the value range of non-8/16-bit data is estimated from a sample of tiles.
 RANGE_SAMPLE_PIXELS = 1 << 24
@@ -205,7 +215,7 @@ class TiffReader(ImageReader):
                     seg = self._decode(page, data, index)
                     if seg is None:
                         continue
-                    seg = seg.reshape(seg.shape[-3:])  # (h, w, contig samples)
+                    seg = seg.reshape(tuple(seg.shape[-3:]))  # (h, w, contig samples)
                     sy, sx = ty * self._seg_h, tx * self._seg_w
                     a0, a1 = max(y, sy), min(y + h, sy + seg.shape[0], self.height)
                     b0, b1 = max(x, sx), min(x + w, sx + seg.shape[1], self.width)

@@ -160,7 +160,9 @@ def downsampled_rgb(reader: ImageReader, out_h: int, out_w: int, band_bytes: int
 
 
 def preview(reader: ImageReader, path: str, max_side: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
-    """A downsampled RGB preview (longest side ≤ ``max_side``) and its subsampling step; reads a coarser level when there is one."""
+    """A downsampled RGB preview (longest side ≤ ``max_side``) and its subsampling step.
+
+    Reads a coarser level when there is one."""
     step = max(1, math.ceil(max(reader.height, reader.width) / max_side))
     out_h, out_w = -(-reader.height // step), -(-reader.width // step)
     # A coarser pyramid level, when the file has one at least as large as the preview, is much cheaper to read.

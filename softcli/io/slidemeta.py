@@ -22,7 +22,7 @@ class SlideInfo:
     objective_power: float | None = None
     source: str = ""  # where the values came from: aperio, ome, ndpi, openslide, tiff-resolution
 
-    def merged(self, other: "SlideInfo") -> "SlideInfo":
+    def merged(self, other: SlideInfo) -> SlideInfo:
         """Fill what this one lacks from ``other``."""
         return SlideInfo(self.mpp if self.mpp is not None else other.mpp,
                          self.objective_power if self.objective_power is not None else other.objective_power,

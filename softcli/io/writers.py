@@ -35,7 +35,7 @@ import struct
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 
@@ -81,7 +81,8 @@ def feature_outputs(path: str | os.PathLike[str]) -> list[Path]:
 class _MapSource(Protocol):
     """What the writers need from a sink (:class:`~softcli.engine.MapSink` has it)."""
 
-    shapes: Mapping[str, tuple[int, int, int]]
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]: ...
 
     def iter_bytes(self, name: str) -> Iterator[bytes | memoryview]: ...
 
@@ -160,13 +161,14 @@ def _tiff_tiles(source: _MapSource, name: str, tile: int) -> Iterator[np.ndarray
                 yield band[:, x:x + tile]
 
 
-def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str], compression: str | None = "zlib",
+def write_ome_tiff(path: str | os.PathLike[str], source: _MapSource, names: Sequence[str],
+                   compression: str | None = "zlib",
                    tile: int = FEATURE_TIFF_TILE, metadata: Mapping[str, str] | None = None,
                    strides: Sequence[int] | None = None, mpp: float | None = None) -> Path:
     """One CYX image per map; ``metadata`` as JSON in each image's description, µm pixel sizes when ``mpp`` is known."""
     import tifffile
 
-    comp: dict[str, object] = {}
+    comp: dict[str, Any] = {}
     if compression:
         comp = {"compression": compression, "compressionargs": {"level": 1} if compression == "zlib" else {}}
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw:

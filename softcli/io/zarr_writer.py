@@ -122,7 +122,8 @@ def write_label_zarr(raster: Any, path: str | os.PathLike[str], palette: Sequenc
 class _MapRows(Protocol):
     """What the feature writer needs from a map sink (:class:`~softcli.engine.MapSink` has it)."""
 
-    shapes: Mapping[str, tuple[int, int, int]]
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]: ...
 
     def read_rows(self, name: str, channel: int, y0: int, y1: int) -> np.ndarray: ...
 

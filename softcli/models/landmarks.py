@@ -36,7 +36,7 @@ CHUNK_ELEMENTS = 1 << 25
 POLICY_MODES = ("auto", "official", "budget")
 
 
-def spread_indices(full: int, keep: int, device: "torch.device | str | None" = None) -> "torch.Tensor":
+def spread_indices(full: int, keep: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``keep`` evenly spaced indices into ``range(full)``, first and last included."""
     import torch
 
@@ -57,7 +57,7 @@ class LandmarkPolicy:
             raise ValueError("landmark budget must be at least 1")
 
     @classmethod
-    def parse(cls, text: str | int | None) -> "LandmarkPolicy":
+    def parse(cls, text: str | int | None) -> LandmarkPolicy:
         """``auto``, ``official`` or a number (a budget), as the command line takes it."""
         if text is None or text == "auto":
             return cls()

@@ -38,7 +38,7 @@ class HeadConfig:
                 raise ValueError(f"head {name} must be at least 1")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "HeadConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> HeadConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:

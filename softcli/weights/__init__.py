@@ -45,7 +45,8 @@ from .resolve import (
 from .spec import HF_PREFIX, ResolvedWeights, check_revision, parse_hub_spec, spec_kind
 
 __all__ = [
-    "CARD_MARK", "FITTED_KEYS", "HF_PREFIX", "HUB_PATTERNS", "HubAuthError", "HubNotCached", "HubUnavailable", "NotASoftcliFolder",
+    "CARD_MARK", "FITTED_KEYS", "HF_PREFIX", "HUB_PATTERNS", "HubAuthError", "HubNotCached", "HubUnavailable",
+    "NotASoftcliFolder",
     "OriginUnavailable", "Registry", "RegistryEntry", "RegistryError", "ResolvedWeights", "TamperedFile",
     "UnknownModel", "UnverifiableFile", "WeightsError", "WeightsNotCached", "check_revision", "checkpoint_summary",
     "convert_checkpoint", "convert_origin", "fetch_origin", "gdrive_download", "hf_home", "hub_cache",

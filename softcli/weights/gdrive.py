@@ -22,7 +22,10 @@ import urllib.request
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+
+    from typing_extensions import Self
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from ..errors import OriginUnavailable, WeightsError
