@@ -12,8 +12,8 @@ H x W grid):
 
 - ``soft``: :class:`softcli.models.soft.SoftAttention` itself, the module the
   model runs, at the default landmark policy (or ``landmarks``);
-- ``soft-official``: the same module with ``LandmarkPolicy("official")`` and
-  ``official_order = True`` (materialised K1, m = N / r² landmarks);
+- ``soft-official``: the same module with ``LandmarkPolicy("official")`` as
+  :class:`OfficialOrderAttention` (materialised K1, m = N / r² landmarks);
 - ``softmax``: the model's own stage-4 softmax attention
   (``scaled_dot_product_attention``: what a user has today);
 - ``softmax-math``: the same under the ``MATH`` SDPA backend (the N x N matrix
@@ -49,6 +49,7 @@ from .errors import UsageError
 from .resources import device_memory_available, format_bytes
 from .models.landmarks import LandmarkPolicy
 from .models.soft import LOCAL_KERNELS, NEWTON_STEPS, VARIANTS, SoftAttention, SoftmaxAttention, create_soft
+from .models.soft_attention import gaussian_kernel
 
 __all__ = [
     "METHODS", "DEFAULT_METHODS", "DEFAULT_TOKENS", "STATUSES",
@@ -362,6 +363,29 @@ class _GridFree(nn.Module):
             return self.inner(x)
 
 
+class OfficialOrderAttention(SoftAttention):
+    """SoftAttention evaluating (K1·A⁺)·(K1ᵀ·V) with K1 materialised, as the official code does.
+
+    Same numbers as :class:`SoftAttention`, O(N·m²) cost: the baseline that
+    ``soft-official`` and bench/bench_scaling.py measure. Benchmark code only,
+    so the production module carries no switch for it.
+    """
+
+    @classmethod
+    def convert(cls, module: SoftAttention) -> "OfficialOrderAttention":
+        """The same module (same parameters) with the official evaluation order; changed in place."""
+        module.__class__ = cls
+        return module  # type: ignore[return-value]
+
+    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        out_dtype = v.dtype
+        a_pinv = self.landmark_pinv(lm)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            k1 = gaussian_kernel(q, lm)
+            return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
+
+
 def build_attention(method: str, settings: ProfileSettings) -> nn.Module:
     """The module a method measures, in eval mode on CPU in float32; ``forward(x, hw)``."""
     if method in ("soft", "soft-official"):
@@ -369,8 +393,8 @@ def build_attention(method: str, settings: ProfileSettings) -> nn.Module:
         if method == "soft":
             mod.landmark_policy = LandmarkPolicy.parse(settings.landmarks)
         else:
+            mod = OfficialOrderAttention.convert(mod)
             mod.landmark_policy = LandmarkPolicy(mode="official")
-            mod.official_order = True
     elif method in ("softmax", "softmax-math"):
         backend = None
         if method == "softmax-math":
@@ -430,9 +454,7 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
               + 4 * NEWTON_STEPS * b * h * m ** 3 + 2 * b * c * n * k * k)
     if method == "soft-official":
         return float(common + 2 * b * h * n * m * d + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
-    # Chunked unless one chunk covers all tokens (SoftAttention.global_term's rule).
-    chunk = LandmarkPolicy.parse(settings.landmarks).chunk_tokens(n, m, b * h)
-    k1_evals = 1 if chunk >= n else 2
+    k1_evals = SoftAttention.chunk_plan(n, m, b * h).k1_evaluations
     return float(common + k1_evals * 2 * b * h * n * m * d + 4 * b * h * n * m * d + 2 * b * h * m * m * d)
 
 

@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import softcli
 from softcli.errors import UsageError
 from softcli.models import LandmarkPolicy, SoftAttention
-from softcli.profile import (STATUSES, ProfileJob, ProfileSettings, attention_jobs, build_attention, estimate_flops,
+from softcli.profile import (STATUSES, OfficialOrderAttention, ProfileJob, ProfileSettings, attention_jobs,
+                             build_attention, estimate_flops,
                              grid_for, measure, model_jobs, parse_bytes, run_sweep,
                              stage_input_sizes)
 from tests.conftest import TINY_CONFIG
@@ -55,10 +56,10 @@ def test_parse_bytes_refuses(text):
 def test_soft_is_the_models_attention_at_the_default_policy():
     mod = build_attention("soft", ProfileSettings())
     assert type(mod) is SoftAttention
-    assert mod.landmark_policy == LandmarkPolicy() and mod.official_order is False
+    assert mod.landmark_policy == LandmarkPolicy()
     off = build_attention("soft-official", ProfileSettings())
-    assert type(off) is SoftAttention
-    assert off.landmark_policy.mode == "official" and off.official_order is True
+    assert type(off) is OfficialOrderAttention and isinstance(off, SoftAttention)
+    assert off.landmark_policy.mode == "official"
 
 
 def test_soft_measures_the_forward_the_model_runs(monkeypatch):

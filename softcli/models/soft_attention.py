@@ -7,6 +7,8 @@ it. What it computes is ``shared/reference/SOFT.md`` steps 1-8.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +16,10 @@ from torch import Tensor, nn
 from .landmarks import LandmarkPolicy, spread_indices
 
 __all__ = [
+    "K1_CHUNK_ELEMENTS",
+    "K1_ONCE_ELEMENTS",
     "NEWTON_STEPS",
+    "ChunkPlan",
     "SoftAttention",
     "gaussian_kernel",
     "newton_pinv_norm",
@@ -26,6 +31,23 @@ PLAIN_RIDGE = 0.01  # plain SOFT inverts A + 0.01·I
 PLAIN_ALPHA_SCALE = 0.9
 NORM_MAX_HALVINGS = 10
 NORM_TOLERANCE = 1.01
+
+#: K1 (batch·heads·tokens·landmarks values) up to this size, 512 MB in float32, is
+#: evaluated once, whole, and used for both K1ᵀV and K1·W. Beyond it, K1 is
+#: evaluated twice in chunks of K1_CHUNK_ELEMENTS (128 MB), which bounds memory
+#: at the price of a second pass: measured about 2x slower for the global term
+#: (bench/README.md, "Peer backbones").
+K1_ONCE_ELEMENTS = 1 << 27
+K1_CHUNK_ELEMENTS = 1 << 25
+#: Fewest K1 rows in a chunk, however many landmarks and heads.
+K1_MIN_CHUNK_ROWS = 256
+
+
+class ChunkPlan(NamedTuple):
+    """How the global term walks the N x m kernel K1: rows per chunk, and how often K1 is evaluated."""
+
+    rows: int
+    k1_evaluations: int  # 1: whole K1, once; 2: in chunks, once for K1ᵀV and once for K1·W
 
 
 def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -110,11 +132,8 @@ class SoftAttention(nn.Module):
                                     groups=num_heads, bias=False)
         self.proj = nn.Linear(dim, dim)
         self.landmark_policy = LandmarkPolicy()
-        # Rows of K1 evaluated at once; None lets the policy pick from the size.
+        # Rows of K1 evaluated at once; None lets chunk_plan pick from the size.
         self.chunk_tokens: int | None = None
-        # True evaluates (K1·A⁺)·(K1ᵀ·V) with K1 materialised, as the official code
-        # does: same numbers, O(N·m²) cost. Kept as the baseline for benchmarks.
-        self.official_order = False
 
     def landmark_index(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Token rows and columns of the landmark patches the policy keeps on an H x W map.
@@ -173,15 +192,28 @@ class SoftAttention(nn.Module):
             a = gaussian_kernel(lm.float(), lm.float())
             return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
 
-    def _chunk(self, q: Tensor, lm: Tensor) -> int:
-        return self.chunk_tokens or self.landmark_policy.chunk_tokens(q.shape[-2], lm.shape[-2],
-                                                                      q.shape[0] * q.shape[1])
+    @staticmethod
+    def chunk_plan(n_tokens: int, n_landmarks: int, batch_heads: int, rows: int | None = None) -> ChunkPlan:
+        """Rows of K1 per chunk and the number of K1 evaluations, for N tokens and m landmarks.
+
+        ``rows`` forces a chunk size (``SoftAttention.chunk_tokens``). The one rule
+        for both the model and the FLOP estimate of :mod:`softcli.profile`.
+        """
+        if rows is None:
+            if n_tokens * n_landmarks * batch_heads <= K1_ONCE_ELEMENTS:
+                return ChunkPlan(n_tokens, 1)
+            rows = max(K1_MIN_CHUNK_ROWS, K1_CHUNK_ELEMENTS // max(1, n_landmarks * batch_heads))
+        rows = max(1, min(n_tokens, rows))
+        return ChunkPlan(rows, 1 if rows >= n_tokens else 2)
+
+    def _chunk(self, q: Tensor, lm: Tensor) -> ChunkPlan:
+        return self.chunk_plan(q.shape[-2], lm.shape[-2], q.shape[0] * q.shape[1], self.chunk_tokens)
 
     def kernel_values(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
         """K1ᵀ·V (B, h, m, d) in float32 over the given tokens; sums over tiles add up exactly."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, v, lm = q.float(), v.float(), lm.float()
-            n, chunk = q.shape[-2], self._chunk(q, lm)
+            n, chunk = q.shape[-2], self._chunk(q, lm).rows
             ktv: Tensor | None = None
             for s in range(0, n, chunk):
                 k1 = gaussian_kernel(q[:, :, s:s + chunk], lm)
@@ -194,23 +226,19 @@ class SoftAttention(nn.Module):
         """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, lm = q.float(), lm.float()
-            n, chunk = q.shape[-2], self._chunk(q, lm)
+            n, chunk = q.shape[-2], self._chunk(q, lm).rows
             out = torch.empty((*q.shape[:-1], w.shape[-1]), dtype=out_dtype, device=q.device)
             for s in range(0, n, chunk):
                 out[:, :, s:s + chunk] = gaussian_kernel(q[:, :, s:s + chunk], lm) @ w
             return out
 
     def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
-        """K1·(A⁺·(K1ᵀ·V)) in float32, chunked over tokens so K1 is never whole."""
+        """K1·(A⁺·(K1ᵀ·V)) in float32; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
         out_dtype = v.dtype
         a_pinv = self.landmark_pinv(lm)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, v, lm = q.float(), v.float(), lm.float()
-            n = q.shape[-2]
-            if self.official_order:
-                k1 = gaussian_kernel(q, lm)
-                return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
-            if self._chunk(q, lm) >= n:
+            if self._chunk(q, lm).k1_evaluations == 1:
                 k1 = gaussian_kernel(q, lm)
                 return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
             return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
