@@ -42,6 +42,7 @@ def _worker(method: str, side: int, variant: str, repeat: int, threads: int) -> 
     import softcli
     from softcli.models import LandmarkPolicy
     from softcli.models.soft import SoftAttention
+    from softcli.profile import OfficialOrderAttention
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def _worker(method: str, side: int, variant: str, repeat: int, threads: int) -> 
     if method == "official":
         model.set_landmark_policy(LandmarkPolicy("official"))
         for m in model.soft_attention_modules():
-            m.official_order = True
+            OfficialOrderAttention.convert(m)
     elif method.startswith("budget:"):
         model.set_landmark_policy(LandmarkPolicy.parse(method.split(":", 1)[1]))
     elif method == "softmax":

@@ -17,6 +17,7 @@ from softcli.models import LandmarkPolicy, SoftAttention
 from softcli.profile import (
     DEFAULT_THREADS,
     MIN_REPEATS,
+    OfficialOrderAttention,
     STATUSES,
     ProfileJob,
     ProfileSettings,
@@ -61,10 +62,10 @@ def test_narrow_grid_and_unknown_method_are_usage_errors():
 def test_soft_is_the_models_attention_at_the_default_policy():
     mod = build_attention("soft", ProfileSettings())
     assert type(mod) is SoftAttention
-    assert mod.landmark_policy == LandmarkPolicy() and mod.official_order is False
+    assert mod.landmark_policy == LandmarkPolicy()
     off = build_attention("soft-official", ProfileSettings())
-    assert type(off) is SoftAttention
-    assert off.landmark_policy.mode == "official" and off.official_order is True
+    assert type(off) is OfficialOrderAttention and isinstance(off, SoftAttention)
+    assert off.landmark_policy.mode == "official"
 
 
 def test_soft_measures_the_forward_the_model_runs(monkeypatch):

@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 #: speed/fidelity measurements behind the number.
 DEFAULT_LANDMARK_BUDGET = 196
 
-#: Elements of one K1 chunk (batch·heads·rows·landmarks, 128 MB in float32) evaluated
-#: at once. Up to this size K1 is computed once; beyond it, twice in chunks (for K1ᵀV,
-#: then for K1·W), which bounds memory at the price of a second pass of exp.
-CHUNK_ELEMENTS = 1 << 25
-
 POLICY_MODES = ("auto", "official", "budget")
 
 
@@ -97,8 +92,3 @@ class LandmarkPolicy:
                 else:
                     break
         return r, c
-
-    def chunk_tokens(self, tokens: int, landmarks: int, batch_heads: int = 1) -> int:
-        """Rows of K1 per chunk so one chunk holds about CHUNK_ELEMENTS values."""
-        rows = CHUNK_ELEMENTS // max(1, landmarks * batch_heads)
-        return max(256, min(tokens, rows))

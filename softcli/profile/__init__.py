@@ -5,8 +5,8 @@ H x W grid):
 
 - ``soft``: :class:`softcli.models.soft.SoftAttention` itself, the module the
   model runs, at the default landmark policy (or ``landmarks``);
-- ``soft-official``: the same module with ``LandmarkPolicy("official")`` and
-  ``official_order = True`` (materialised K1, m = N / r² landmarks);
+- ``soft-official``: the same module with ``LandmarkPolicy("official")`` as
+  :class:`~softcli.profile.methods.OfficialOrderAttention` (materialised K1, m = N / r² landmarks);
 - ``softmax``: the model's own stage-4 softmax attention
   (``scaled_dot_product_attention``: what a user has today);
 - ``softmax-math``: the same under the ``MATH`` SDPA backend (the N x N matrix
@@ -36,6 +36,7 @@ _LAZY_ATTRIBUTES: dict[str, str] = {
     "model_jobs": ".jobs",
     "stage_input_sizes": ".jobs",
     "build_attention": ".methods",
+    "OfficialOrderAttention": ".methods",
     "DEFAULT_METHODS": ".names",
     "DEFAULT_THREADS": ".names",
     "DEFAULT_TOKENS": ".names",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real names
     from .estimate import estimate_flops, landmark_count
     from .harness import measure
     from .jobs import attention_jobs, grid_for, model_jobs, stage_input_sizes
-    from .methods import build_attention
+    from .methods import OfficialOrderAttention, build_attention
     from .names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
     from .settings import STATUSES, ProfileJob, ProfileReport, ProfileResult, ProfileSettings
     from .sweep import run_job, run_sweep
@@ -65,6 +66,7 @@ __all__ = [
     "DEFAULT_TOKENS",
     "METHODS",
     "MIN_REPEATS",
+    "OfficialOrderAttention",
     "ProfileJob",
     "ProfileReport",
     "ProfileResult",

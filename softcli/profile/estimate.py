@@ -6,7 +6,7 @@ import torch
 
 from ..models.landmarks import LandmarkPolicy
 from ..models.nystromformer import NYSTROM_LANDMARKS, NYSTROM_PINV_ITERS
-from ..models.soft import NEWTON_STEPS
+from ..models.soft import NEWTON_STEPS, SoftAttention
 from ..resources import device_memory_available
 from .settings import DTYPES, ProfileSettings
 
@@ -73,7 +73,5 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
               + 4 * NEWTON_STEPS * b * h * m ** 3 + 2 * b * c * n * k * k)
     if method == "soft-official":
         return float(common + 2 * b * h * n * m * d + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
-    # Chunked unless one chunk covers all tokens (SoftAttention.global_term's rule).
-    chunk = LandmarkPolicy.parse(settings.landmarks).chunk_tokens(n, m, b * h)
-    k1_evals = 1 if chunk >= n else 2
+    k1_evals = SoftAttention.chunk_plan(n, m, b * h).k1_evaluations
     return float(common + k1_evals * 2 * b * h * n * m * d + 4 * b * h * n * m * d + 2 * b * h * m * m * d)

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from ..models.landmarks import LandmarkPolicy
 from ..models.nystromformer import NystromAttention
 from ..models.soft import SoftAttention, SoftmaxAttention, SoftModel, create_soft
+from ..models.soft_attention import gaussian_kernel
 from .settings import METHODS, ProfileSettings
 
 __all__ = ["build_attention", "random_model"]
@@ -33,6 +34,29 @@ class _GridFree(nn.Module):
             return self.inner(x)
 
 
+class OfficialOrderAttention(SoftAttention):
+    """SoftAttention evaluating (K1·A⁺)·(K1ᵀ·V) with K1 materialised, as the official code does.
+
+    Same numbers as :class:`SoftAttention`, O(N·m²) cost: the baseline that
+    ``soft-official`` and bench/bench_scaling.py measure. Benchmark code only,
+    so the production module carries no switch for it.
+    """
+
+    @classmethod
+    def convert(cls, module: SoftAttention) -> OfficialOrderAttention:
+        """The same module (same parameters) with the official evaluation order; changed in place."""
+        module.__class__ = cls
+        return module  # type: ignore[return-value]
+
+    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        out_dtype = v.dtype
+        a_pinv = self.landmark_pinv(lm)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            k1 = gaussian_kernel(q, lm)
+            return ((k1 @ a_pinv) @ (k1.transpose(-1, -2) @ v)).to(out_dtype)
+
+
 def build_attention(method: str, settings: ProfileSettings) -> nn.Module:
     """The module a method measures, in eval mode on CPU in float32; ``forward(x, hw)``."""
     mod: nn.Module
@@ -41,8 +65,8 @@ def build_attention(method: str, settings: ProfileSettings) -> nn.Module:
         if method == "soft":
             mod.landmark_policy = LandmarkPolicy.parse(settings.landmarks)
         else:
+            mod = OfficialOrderAttention.convert(mod)
             mod.landmark_policy = LandmarkPolicy(mode="official")
-            mod.official_order = True
     elif method in ("softmax", "softmax-math"):
         backend = None
         if method == "softmax-math":

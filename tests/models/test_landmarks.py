@@ -7,8 +7,9 @@ import torch
 
 import softcli
 from softcli.models import DEFAULT_LANDMARK_BUDGET, LandmarkPolicy
-from softcli.models import soft as soft_module
+from softcli.models import soft_attention as soft_module
 from softcli.models.landmarks import spread_indices
+from softcli.profile import OfficialOrderAttention
 from tests.conftest import TINY_CONFIG
 
 
@@ -79,13 +80,27 @@ def test_chunked_kernels_equal_whole(tiny_model):
     assert torch.allclose(whole, chunked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n,m,bh,rows,plan", [
+    (1000, 196, 2, None, (1000, 1)),                 # small K1: whole, once
+    (262144, 196, 2, None, (262144, 1)),             # 2048² stage 1: 411 MB, still once
+    (1048576, 196, 2, None, (85598, 2)),             # 4096² stage 1: chunked, twice
+    (4096, 200000, 1, None, (256, 2)),               # never fewer than 256 rows a chunk
+    (1000, 16, 4, 37, (37, 2)),                      # a forced chunk size
+    (30, 16, 4, 37, (30, 1)),                        # forced, but one chunk covers all
+])
+def test_chunk_plan(n, m, bh, rows, plan):
+    from softcli.models.soft_attention import SoftAttention
+
+    assert tuple(SoftAttention.chunk_plan(n, m, bh, rows)) == plan
+
+
 def test_official_order_gives_the_same_numbers(golden):
     model = softcli.load_model(golden / "mini_plain.weights.safetensors")
     x = torch.rand(1, 3, 224, 224)
     with torch.inference_mode():
         ours = model(x)
         for m in model.soft_attention_modules():
-            m.official_order = True
+            OfficialOrderAttention.convert(m)
         official = model(x)
     assert torch.allclose(ours, official, atol=1e-5, rtol=1e-4)
 

@@ -1,0 +1,270 @@
+"""The softmax-free attention of SOFT stages 1-3: Gaussian kernel, Newton pseudo-inverse, local conv.
+
+Split from :mod:`softcli.models.soft` (which re-exports everything here) so the
+attention math, the part tuned for speed, lives apart from the network around
+it. What it computes is ``shared/reference/SOFT.md`` steps 1-8.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .landmarks import LandmarkPolicy, spread_indices
+
+__all__ = [
+    "K1_CHUNK_ELEMENTS",
+    "K1_ONCE_ELEMENTS",
+    "NEWTON_STEPS",
+    "ChunkPlan",
+    "SoftAttention",
+    "gaussian_kernel",
+    "newton_pinv_norm",
+    "newton_pinv_plain",
+]
+
+NEWTON_STEPS = 20
+PLAIN_RIDGE = 0.01  # plain SOFT inverts A + 0.01·I
+PLAIN_ALPHA_SCALE = 0.9
+NORM_MAX_HALVINGS = 10
+NORM_TOLERANCE = 1.01
+
+#: K1 (batch·heads·tokens·landmarks values) up to this size, 512 MB in float32, is
+#: evaluated once, whole, and used for both K1ᵀV and K1·W. Beyond it, K1 is
+#: evaluated twice in chunks of K1_CHUNK_ELEMENTS (128 MB), which bounds memory
+#: at the price of a second pass: measured about 2x slower for the global term
+#: (bench/README.md, "Peer backbones").
+K1_ONCE_ELEMENTS = 1 << 27
+K1_CHUNK_ELEMENTS = 1 << 25
+#: Fewest K1 rows in a chunk, however many landmarks and heads.
+K1_MIN_CHUNK_ROWS = 256
+
+
+class ChunkPlan(NamedTuple):
+    """How the global term walks the N x m kernel K1: rows per chunk, and how often K1 is evaluated."""
+
+    rows: int
+    k1_evaluations: int  # 1: whole K1, once; 2: in chunks, once for K1ᵀV and once for K1·W
+
+
+def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """exp(-|a_i - b_j|² / 2) for rows of ``a`` (..., n, d) and ``b`` (..., m, d).
+
+    Written as exp(a·b - |a|²/2 - |b|²/2) with in-place steps on the one (n, m)
+    buffer the matmul allocates: the kernel is the largest tensor of the
+    attention, so every extra pass or temporary over it costs time and memory.
+    The exponent is -|a-b|²/2 ≤ 0; clamping it removes rounding above 0.
+    """
+    k = a @ b.transpose(-1, -2)
+    k.sub_(0.5 * (a * a).sum(-1, keepdim=True))
+    k.sub_(0.5 * (b * b).sum(-1).unsqueeze(-2))
+    return k.clamp_max_(0.0).exp_()
+
+
+def newton_pinv_plain(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
+    """Truncated Newton-Schulz pseudo-inverse of plain SOFT (A + 0.01·I), per (image, head)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    p = a + PLAIN_RIDGE * eye
+    row_max = a.sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # (B, h, 1, 1)
+    v = (PLAIN_ALPHA_SCALE * 2.0 / row_max.square()) * p
+    return _newton_steps(v, p, steps)
+
+
+def _newton_steps(v: Tensor, p: Tensor, steps: int) -> Tensor:
+    """``steps`` times V ← 2V − V·P·V, as one matmul and one fused baddbmm per step."""
+    shape = v.shape
+    v, p = v.reshape(-1, *shape[-2:]), p.reshape(-1, *shape[-2:])
+    for _ in range(steps):
+        v = torch.baddbmm(v, v @ p, v, beta=2.0, alpha=-1.0)
+    return v.reshape(shape)
+
+
+def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
+    """SOFT-Norm pseudo-inverse D·V·D, with alpha and its halving test taken per image.
+
+    ``a`` is (B, h, m, m). The official code takes alpha over the whole batch; here
+    each batch item scales independently, so a prediction never depends on the
+    other images in the batch.
+    """
+    b = a.shape[0]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    rows = a.sum(-1)  # (B, h, m)
+    alpha = 2.0 / rows.reshape(b, -1).amax(-1).square()  # (B,)
+    alpha = alpha.view(b, 1, 1, 1)
+
+    def residual(al: Tensor) -> Tensor:
+        r = (eye - a @ (al * a)).abs().sum(-2)  # column sums, (B, h, m)
+        return r.reshape(b, -1).amax(-1).view(b, 1, 1, 1)
+
+    for _ in range(NORM_MAX_HALVINGS):
+        failing = residual(alpha) > NORM_TOLERANCE
+        if not bool(failing.any()):
+            break
+        alpha = torch.where(failing, alpha * 0.5, alpha)
+    v = _newton_steps(alpha * a, a, steps)
+    d = rows.clamp_min(torch.finfo(a.dtype).tiny).rsqrt()
+    return d.unsqueeze(-1) * v * d.unsqueeze(-2)
+
+
+class SoftAttention(nn.Module):
+    """Softmax-free attention of stages 1-3: Gaussian kernel, Newton pseudo-inverse, local conv.
+
+    Parameter names follow our layout; :func:`checkpoint_filter_fn` maps the
+    official ``att.mha.*`` names onto them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, local_kernel: int, norm: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.norm = norm
+        d = self.head_dim
+        self.q = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.landmark_conv = nn.Conv2d(d, d, sr_ratio, sr_ratio, bias=False)
+        self.landmark_norm = nn.LayerNorm(d, eps=1e-5)
+        self.local_conv = nn.Conv2d(num_heads, num_heads, local_kernel, padding=local_kernel // 2,
+                                    groups=num_heads, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.landmark_policy = LandmarkPolicy()
+        # Rows of K1 evaluated at once; None lets chunk_plan pick from the size.
+        self.chunk_tokens: int | None = None
+
+    def landmark_index(self, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Token rows and columns of the landmark patches the policy keeps on an H x W map.
+
+        Each kept patch contributes its r consecutive rows (columns); the lists
+        are ascending, so patches come out in row-major landmark order. The
+        choice depends only on the whole map's size, never on a tile.
+        """
+        r = self.sr_ratio
+        full = (hw[0] // r, hw[1] // r)
+        grid = self.landmark_policy.grid(*full)
+        offsets = torch.arange(r)
+        rows = (spread_indices(full[0], grid[0])[:, None] * r + offsets).flatten()
+        cols = (spread_indices(full[1], grid[1])[:, None] * r + offsets).flatten()
+        return rows, cols
+
+    def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Landmarks L (B, h, m, d) from the scaled queries (B, h, N, d).
+
+        Officially one landmark per r x r patch. When the policy keeps fewer,
+        the kept ones are an evenly spaced subset of the official patches (only
+        those are convolved): measured far closer to the official output than
+        averaging landmarks (bench/README.md, "Landmark policy").
+        """
+        b, h, n, d = q.shape
+        r = self.sr_ratio
+        qmap = q.transpose(2, 3).reshape(b * h, d, hw[0], hw[1])
+        full = (hw[0] // r, hw[1] // r)
+        if self.landmark_policy.grid(*full) != full:
+            rows, cols = self.landmark_index(hw)
+            qmap = qmap.index_select(2, rows.to(q.device)).index_select(3, cols.to(q.device))
+        return self.landmarks_from_patches(qmap, b)
+
+    def landmarks_from_patches(self, qmap: Tensor, batch: int) -> Tensor:
+        """(B·h, d, rows, cols) map of kept patches (whole r x r patches) → landmarks (B, h, m, d).
+
+        The r x r conv has stride r and drops a remainder; LayerNorm and GELU
+        are per landmark, so a band of patch rows gives exactly its landmarks.
+        """
+        d = self.head_dim
+        lm = self.landmark_conv(qmap)  # (B·h, d, grid rows, grid cols)
+        lm = lm.flatten(2).transpose(1, 2).reshape(batch, self.num_heads, -1, d)
+        return F.gelu(self.landmark_norm(lm))
+
+    def queries_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (B, N, C) → scaled queries and values, (B, h, N, d) each."""
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
+        v = self.v(x).view(b, n, h, d).transpose(1, 2)
+        return q, v
+
+    def landmark_pinv(self, lm: Tensor) -> Tensor:
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
+        with torch.autocast(device_type=lm.device.type, enabled=False):
+            a = gaussian_kernel(lm.float(), lm.float())
+            return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
+
+    @staticmethod
+    def chunk_plan(n_tokens: int, n_landmarks: int, batch_heads: int, rows: int | None = None) -> ChunkPlan:
+        """Rows of K1 per chunk and the number of K1 evaluations, for N tokens and m landmarks.
+
+        ``rows`` forces a chunk size (``SoftAttention.chunk_tokens``). The one rule
+        for both the model and the FLOP estimate of :mod:`softcli.profile`.
+        """
+        if rows is None:
+            if n_tokens * n_landmarks * batch_heads <= K1_ONCE_ELEMENTS:
+                return ChunkPlan(n_tokens, 1)
+            rows = max(K1_MIN_CHUNK_ROWS, K1_CHUNK_ELEMENTS // max(1, n_landmarks * batch_heads))
+        rows = max(1, min(n_tokens, rows))
+        return ChunkPlan(rows, 1 if rows >= n_tokens else 2)
+
+    def _chunk(self, q: Tensor, lm: Tensor) -> ChunkPlan:
+        return self.chunk_plan(q.shape[-2], lm.shape[-2], q.shape[0] * q.shape[1], self.chunk_tokens)
+
+    def kernel_values(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1ᵀ·V (B, h, m, d) in float32 over the given tokens; sums over tiles add up exactly."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            n, chunk = q.shape[-2], self._chunk(q, lm).rows
+            ktv: Tensor | None = None
+            for s in range(0, n, chunk):
+                k1 = gaussian_kernel(q[:, :, s:s + chunk], lm)
+                part = k1.transpose(-1, -2) @ v[:, :, s:s + chunk]
+                ktv = part if ktv is None else ktv.add_(part)
+            assert ktv is not None
+            return ktv
+
+    def kernel_apply(self, q: Tensor, lm: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole."""
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, lm = q.float(), lm.float()
+            n, chunk = q.shape[-2], self._chunk(q, lm).rows
+            out = torch.empty((*q.shape[:-1], w.shape[-1]), dtype=out_dtype, device=q.device)
+            for s in range(0, n, chunk):
+                out[:, :, s:s + chunk] = gaussian_kernel(q[:, :, s:s + chunk], lm) @ w
+            return out
+
+    def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
+        """K1·(A⁺·(K1ᵀ·V)) in float32; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
+        out_dtype = v.dtype
+        a_pinv = self.landmark_pinv(lm)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            q, v, lm = q.float(), v.float(), lm.float()
+            if self._chunk(q, lm).k1_evaluations == 1:
+                k1 = gaussian_kernel(q, lm)
+                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
+            return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
+
+    def local_term(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
+        """``attn.conv``: one k x k filter per head, shared by the head's d channels.
+
+        The official code convolves V viewed as (B·d, h, H, W) with groups = h; the
+        same numbers come from one depthwise conv over (B, h·d, H, W) with each
+        head's filter repeated d times, which runs several times faster on CPU
+        (measured: 0.054 s vs 0.384 s at 65536 tokens, 64 channels).
+        """
+        b, h, n, d = v.shape
+        weight = self.local_conv.weight.repeat_interleave(d, dim=0)  # (h·d, 1, k, k)
+        vmap = v.transpose(2, 3).reshape(b, h * d, hw[0], hw[1])
+        k = weight.shape[-1]
+        out = F.conv2d(vmap, weight, padding=k // 2, groups=h * d)
+        return out.reshape(b, h, d, n).transpose(2, 3)
+
+    def merge_heads(self, out: Tensor) -> Tensor:
+        """(B, h, N, d) → ``ff`` of the merged (B, N, C) tokens."""
+        b, h, n, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        q, v = self.queries_values(x)
+        out = self.global_term(q, v, self.landmarks(q, hw))
+        out = out + self.local_term(v, hw)
+        return self.merge_heads(out)
