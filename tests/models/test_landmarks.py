@@ -82,8 +82,9 @@ def test_chunked_kernels_equal_whole(tiny_model):
 
 @pytest.mark.parametrize("n,m,bh,rows,plan", [
     (1000, 196, 2, None, (1000, 1)),                 # small K1: whole, once
-    (262144, 196, 2, None, (262144, 1)),             # 2048² stage 1: 411 MB, still once
-    (1048576, 196, 2, None, (85598, 2)),             # 4096² stage 1: chunked, twice
+    (16384, 196, 2, None, (16384, 1)),               # 25 MB: still whole, once
+    (65536, 196, 2, None, (2674, 2)),                # 103 MB: 4 MB chunks that stay in cache, twice
+    (262144, 196, 2, None, (2674, 2)),               # 2048² stage 1
     (4096, 200000, 1, None, (256, 2)),               # never fewer than 256 rows a chunk
     (1000, 16, 4, 37, (37, 2)),                      # a forced chunk size
     (30, 16, 4, 37, (30, 1)),                        # forced, but one chunk covers all
