@@ -49,10 +49,17 @@ def soft_capped(*args: str | os.PathLike[str] | bytes, cwd: Path, timeout: float
                           env=env, timeout=timeout)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C acts as in a terminal, even when the test runner was started in the
+    background (a non-interactive shell starts background jobs with SIGINT ignored, and softcli
+    rightly keeps an inherited ignore, as under nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_capped(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, **_ENV, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", _MAIN.format(cap=CAP), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 def errors(proc: subprocess.CompletedProcess) -> list[str]:

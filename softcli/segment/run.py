@@ -1,29 +1,11 @@
-"""``soft segment``: dense labels for images of any size, with a trained head or by clustering.
-
-The pipeline, for both modes::
-
-    reader ─ TileGrid ─ per-tile scores at stride 4 ─ Stitcher (blend overlaps) ─ LabelSink ─ LabelRaster ─ writers
-                          │                                                         │
-                          ├ head:     SoftSegmenter logits                           bilinear ×4, argmax
-                          └ clusters: −‖standardised features − centroid‖²
-
-Scores are blended across tile overlaps *before* the argmax (the engine's
-normalised weights), then upsampled to pixels row band by row band in
-:class:`LabelSink`, so neither the scores nor the labels of the whole image are
-ever in memory. Segmentation checkpoints are softcli folders (or safetensors /
-``.pth`` files) holding ``backbone.*`` + ``head.*`` weights; their config.json
-adds ``task: "segmentation"``, the head config, class names and a palette
-(:func:`save_segmenter`, :func:`load_segmenter`).
-"""
+"""The streamed ``soft segment`` run: tiles → blended scores → :class:`LabelSink` → mask writers."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api import landmark_policy
-from .backbone_ref import attach_backbone
-from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
-from .checkpoint import (
-    CONFIG_NAME,
-    FORMAT_TAG,
-    IMAGENET_PRETRAINED_CFG,
-    WEIGHTS_NAME,
+from ..api import landmark_policy
+from ..backbone_ref import attach_backbone
+from ..band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
+from ..checkpoint import (
     Checkpoint,
     build_model,
     model_files,
     read_checkpoint,
 )
-from .cluster import (
+from ..cluster import (
     ClusterModel,
     StageEmbedder,
     cluster_scores,
@@ -54,8 +32,8 @@ from .cluster import (
     global_features,
     parse_cluster_stages,
 )
-from .constants import IMAGENET_MEAN, IMAGENET_STD
-from .context import (
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..context import (
     CONTEXT_MODES,
     ContextChoice,
     LayerCheckpoints,
@@ -67,12 +45,12 @@ from .context import (
     run_global,
     tissue_context,
 )
-from .engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
-from .errors import CheckpointError, InputError, UsageError
-from .io.atomic import atomic_dir, check_disk_space
-from .io.geojson import check_geojson_output, write_geojson
-from .io.image import DEFAULT_MAX_PIXELS, pixel_limit
-from .io.masks import (
+from ..engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
+from ..errors import InputError, UsageError
+from ..io.atomic import check_disk_space
+from ..io.geojson import check_geojson_output, write_geojson
+from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
+from ..io.masks import (
     OVERLAY_MAX_SIDE,
     LabelRaster,
     check_mask_outputs,
@@ -84,178 +62,16 @@ from .io.masks import (
     write_mask,
     write_overlay,
 )
-from .io.provenance import provenance
-from .io.reader_base import ImageReader
-from .io.slide import level0_scale, open_at_resolution
-from .io.slide import preview as _preview
-from .models import SoftModel
-from .models.linear_head import LinearHeadConfig, LinearSegHead
-from .models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
-from .resources import available_memory, format_bytes
-from .tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size
-from .tissue import TissueLabels, compute_tissue, counting_skip, with_background
-
-TASK = "segmentation"
-HEAD_TYPE = "semantic_fpn"
-SEG_META_KEY = "segmentation"
-SCORE_STRIDE = 4
-
-#: ``progress(phase, done, total)``; phases: "fit" (cluster sampling), "label" (tiles), "write" (mask tiles).
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-
-@dataclass
-class SegmenterInfo:
-    """What a segmentation checkpoint says beyond its weights."""
-
-    class_names: list[str]
-    palette: list[list[int]]
-    pretrained_cfg: dict[str, Any] = field(default_factory=lambda: dict(IMAGENET_PRETRAINED_CFG))
-    source: str = ""
-
-
-def _check_names_palette(names: Sequence[str], palette: Sequence[Sequence[int]], k: int, where: str) -> None:
-    if len(names) != k or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{where}: 'class_names' must be {k} strings (the head has {k} classes)")
-    if len(palette) != k or not all(isinstance(c, (list, tuple)) and len(c) == 3 and
-                                    all(isinstance(v, int) and 0 <= v <= 255 for v in c) for c in palette):
-        raise CheckpointError(f"{where}: 'palette' must be {k} [r, g, b] triples of integers 0-255")
-
-
-def save_segmenter(model: SoftSegmenter, out_dir: str | os.PathLike[str], class_names: Sequence[str],
-                   palette: Sequence[Sequence[int]] | None = None,
-                   pretrained_cfg: Mapping[str, Any] | None = None, *,
-                   backbone_ref: Mapping[str, Any] | None = None,
-                   extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a segmentation checkpoint in the softcli folder layout, atomically.
-
-    ``model.safetensors`` holds ``backbone.*`` (our key layout) and ``head.*``;
-    config.json is a softcli config (``model_config`` = the backbone) plus
-    ``task``, ``head``, ``class_names`` and ``palette``. With ``backbone_ref``
-    (see :mod:`softcli.backbone_ref`) only ``head.*`` is written and the
-    backbone is referenced by sha256; ``extra`` adds config.json entries.
-    """
-    from safetensors.torch import save_file
-
-    k = model.num_classes
-    palette = [list(map(int, c)) for c in (palette if palette is not None else default_palette(k))]
-    _check_names_palette(list(class_names), palette, k, str(out_dir))
-    backbone_cfg = model.backbone.config.to_dict()
-    pre = dict(pretrained_cfg or getattr(model.backbone, "pretrained_cfg", None) or IMAGENET_PRETRAINED_CFG)
-    head_type = getattr(model.head, "head_type", HEAD_TYPE)
-    config = {"architecture": "soft", "format": FORMAT_TAG, "model_config": backbone_cfg, "labels": None,
-              "pretrained_cfg": pre, "task": TASK, "head": {"type": head_type, **model.head.config.to_dict()},
-              "class_names": list(class_names), "palette": palette, **dict(extra or {})}
-    state = {k_: v.detach().to("cpu").contiguous() for k_, v in model.state_dict().items()}
-    if backbone_ref is not None:
-        config["backbone"] = dict(backbone_ref)
-        state = {k_: v for k_, v in state.items() if k_.startswith("head.")}
-    with atomic_dir(out_dir) as tmp:
-        # The metadata repeats the segmentation part of config.json, so a lone .safetensors file is complete.
-        seg_meta = {k: config[k] for k in ("task", "head", "class_names", "palette") + (
-            ("backbone",) if backbone_ref is not None else ())}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG, "config": json.dumps(backbone_cfg),
-                                                            SEG_META_KEY: json.dumps(seg_meta)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(out_dir)
-
-
-def _read_segmentation_metadata(ck: Checkpoint) -> None:
-    """A lone .safetensors file has no config.json: take task/head/names/palette from its metadata."""
-    if ck.extra.get("task") or not ck.source.lower().endswith(".safetensors"):
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(ck.source, framework="pt") as fh:
-            text = (fh.metadata() or {}).get(SEG_META_KEY)
-        data = json.loads(text) if text else None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ck.source}: unreadable segmentation metadata ({exc})") from None
-    if isinstance(data, Mapping):
-        ck.extra = {**data, **ck.extra}
-
-
-def is_segmentation_checkpoint(ck: Checkpoint) -> bool:
-    return ck.extra.get("task") == TASK or any(k.startswith("head.lateral.") for k in ck.state_dict)
-
-
-def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
-    """Head architecture from weight shapes (checkpoints without config); GroupNorm groups assumed default."""
-    try:
-        return HeadConfig(num_classes=int(sd["head.classifier.weight"].shape[0]),
-                          fpn_channels=int(sd["head.lateral.0.weight"].shape[0]),
-                          channels=int(sd["head.classifier.weight"].shape[1]))
-    except KeyError as exc:
-        raise CheckpointError(f"{source}: segmentation head incomplete (no {exc.args[0]})") from None
-
-
-def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
-                                                                                               SegmenterInfo]:
-    """Load a segmentation checkpoint (softcli folder, safetensors or .pth with backbone.* + head.*)."""
-    ck = attach_backbone(read_checkpoint(path), _resolve_spec)
-    return segmenter_from_checkpoint(ck, device)
-
-
-def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
-                                                                                           SegmenterInfo]:
-    """Build a :class:`SoftSegmenter` from a checkpoint read by :func:`read_checkpoint`, checking every shape."""
-    _read_segmentation_metadata(ck)
-    if not is_segmentation_checkpoint(ck):
-        what = "a classification" if ck.extra.get("task") == "classification" else "a backbone"
-        raise CheckpointError(f"{ck.source}: {what} checkpoint with no segmentation head; "
-                              "use --clusters K to segment without one")
-    backbone_sd = {k[len("backbone."):]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
-    head_sd = {k[len("head."):]: v for k, v in ck.state_dict.items() if k.startswith("head.")}
-    other = [k for k in ck.state_dict if not k.startswith(("backbone.", "head."))]
-    if other:
-        raise CheckpointError(f"{ck.source}: unexpected key {other[0]} in a segmentation checkpoint "
-                              "(expected backbone.* and head.*)")
-    backbone = build_model(Checkpoint(backbone_sd, ck.config, ck.source, ck.format, None, ck.pretrained_cfg), "cpu")
-    head_meta = ck.extra.get("head")
-    head_type = head_meta.get("type", HEAD_TYPE) if isinstance(head_meta, Mapping) else HEAD_TYPE
-    head_kinds: dict[str, tuple[Any, Any]] = {HEAD_TYPE: (HeadConfig, SemanticFPNHead),
-                                              LinearSegHead.head_type: (LinearHeadConfig, LinearSegHead)}
-    if head_type not in head_kinds:
-        raise CheckpointError(f"{ck.source}: unknown segmentation head {head_type!r} "
-                              f"(softcli has {', '.join(head_kinds)})")
-    config_cls, head_cls = head_kinds[head_type]
-    if isinstance(head_meta, Mapping):
-        try:
-            head_cfg = config_cls.from_dict({k: v for k, v in head_meta.items() if k != "type"})
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
-        stored = _infer_head_config(ck.state_dict, ck.source) if head_type == HEAD_TYPE else None
-        for name in ("num_classes", "fpn_channels", "channels") if stored else ():  # sizes must match the weights
-            if getattr(head_cfg, name) != getattr(stored, name):
-                raise CheckpointError(f"{ck.source}: does not fit the {HEAD_TYPE} head: its config says {name} = "
-                                      f"{getattr(head_cfg, name)} but the weights have {getattr(stored, name)}")
-    else:
-        head_cfg = _infer_head_config(ck.state_dict, ck.source)
-    head = head_cls(backbone.config.embed_dims, head_cfg)
-    expected = head.state_dict()
-    for k, v in expected.items():
-        if k not in head_sd:
-            raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: missing head.{k}")
-        if tuple(head_sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: head.{k} has shape "
-                                  f"{tuple(head_sd[k].shape)}, expected {tuple(v.shape)}")
-    extra = [k for k in head_sd if k not in expected]
-    if extra:
-        raise CheckpointError(f"{ck.source}: does not fit the {head_type} head: unexpected head.{extra[0]}")
-    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in head_sd.values()):
-        raise CheckpointError(f"{ck.source}: head weights contain NaN or infinity")
-    head.load_state_dict(head_sd, strict=True)
-    k = head_cfg.num_classes
-    names = ck.extra.get("class_names")
-    names = list(names) if isinstance(names, list) else [f"class {i}" for i in range(k)]
-    palette = ck.extra.get("palette")
-    palette = [list(c) for c in palette] if isinstance(palette, list) else default_palette(k)
-    _check_names_palette(names, palette, k, ck.source)
-    model = SoftSegmenter(backbone, head).to(device).eval()
-    return model, SegmenterInfo(names, palette, dict(ck.pretrained_cfg), ck.source)
-
+from ..io.provenance import provenance
+from ..io.reader_base import ImageReader
+from ..io.slide import level0_scale, open_at_resolution
+from ..io.slide import preview as _preview
+from ..models import SoftModel
+from ..models.segmentation import SoftSegmenter, default_palette
+from ..resources import available_memory, format_bytes
+from ..tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size
+from ..tissue import TissueLabels, compute_tissue, counting_skip, with_background
+from .segmenter import SCORE_STRIDE, is_segmentation_checkpoint, resolve_checkpoint_path, segmenter_from_checkpoint
 
 # -- streaming argmax ---------------------------------------------------------------------------
 
@@ -332,16 +148,9 @@ class LabelSink(RowSink):
 
 # -- the job ------------------------------------------------------------------------------------
 
-def _resolve_spec(spec: str | os.PathLike[str] | None) -> Path:
-    """A model spec (registry name, hf-hub:ORG/REPO[@REV], folder or file) → a local checkpoint path."""
-    from .weights import resolve_weights
-
-    return Path(resolve_weights(spec).path)
-
-
 def _default_spec() -> str:
     """The registry's default model name (what a run without weights clusters the features of)."""
-    from .weights.registry import load_registry
+    from ..weights.registry import load_registry
 
     return load_registry().default
 
@@ -451,7 +260,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     so does tissue masking, which global context has nothing to skip in);
     ``tile``: overlapping tiles of ``tile`` pixels (default: the largest that fit).
     """
-    from .api import resolve_device
+    from ..api import resolve_device
 
     t_start = time.perf_counter()
     if weights is None and clusters is None:
@@ -483,7 +292,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             raise UsageError(f"--tile/--overlap: {exc}") from None
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
                            num_classes=clusters, overlay=overlay)
-        ck = attach_backbone(read_checkpoint(_resolve_spec(weights)), _resolve_spec)
+        ck = attach_backbone(read_checkpoint(resolve_checkpoint_path(weights)), resolve_checkpoint_path)
         check_mask_outputs(out, [image], overlay=overlay, models=model_files(ck.source))
         model, backbone, names, palette = _models_for(ck, clusters, dev)
         if context == "global" and tissue is None:
