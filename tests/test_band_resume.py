@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +18,8 @@ from softcli.io.atomic import remove_stale_temporaries
 from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
 
-from .conftest import REPO, run_soft
+from .conftest import run_soft
+from .killing import kill_after_recorded, one_thread_env
 from .synthetic import ONE_THREAD_ENV
 
 
@@ -38,12 +36,6 @@ def blocky_tiff(path: Path, side: int, seed: int = 0) -> Path:
     small = (rng.random((side // 32, side // 32, 3)) * 255).astype(np.uint8)
     tifffile.imwrite(path, np.repeat(np.repeat(small, 32, 0), 32, 1), tile=(512, 512), compression="zlib")
     return path
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **ONE_THREAD_ENV}
-    env.pop("SOFTCLI_DEBUG", None)
-    return env
 
 
 # -- the engine: any subset of tile rows, run in pieces, gives the same maps ------------------------
@@ -98,25 +90,6 @@ def test_state_kept_by_the_sweep_and_replaced_when_settings_change(tmp_path):
 
 # -- the command line: SIGKILL after some bands, rerun, same output as a clean run -----------------
 
-def _kill_after_bands(args: list[str], state: Path, bands: int, cwd: Path) -> int:
-    """Start ``soft ARGS``, SIGKILL it once ``bands`` tile rows are recorded as finished; return how many were."""
-    proc = subprocess.Popen([sys.executable, "-m", "softcli", *args], env=_env(), cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not ((state / "done").is_dir() and len(list((state / "done").glob("*.json"))) >= bands):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "no band finished in time"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    return len(list((state / "done").glob("*.json")))
-
-
 def _segment_killed_then_resumed(weights: Path, tmp_path: Path, side: int, tile: int, kill_after: int) -> None:
     """SIGKILL ``soft segment`` after ``kill_after`` bands, rerun: the mask equals a --no-resume run, byte for byte."""
     image = blocky_tiff(tmp_path / "big.tif", side)
@@ -129,7 +102,7 @@ def _segment_killed_then_resumed(weights: Path, tmp_path: Path, side: int, tile:
     out = tmp_path / "run" / "mask.png"
     state = state_folder(out)
     rows = -(-side // (tile - 64))
-    done = _kill_after_bands([*common, "--out", str(out)], state, kill_after, tmp_path)
+    done = kill_after_recorded([*common, "--out", str(out)], state, kill_after, tmp_path)
     assert not out.exists() and (state / "state.json").is_file()
     assert kill_after <= done < rows, "the kill came after the last band"
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
@@ -156,7 +129,7 @@ def test_features_killed_then_resumed_equals_clean_run(weights, tmp_path):
     clean = run_soft(*common, "--out", tmp_path / "clean.safetensors", "--no-resume", env=ONE_THREAD_ENV)
     assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "f.safetensors"
-    done = _kill_after_bands([*common, "--out", str(out)], state_folder(out), 2, tmp_path)
+    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 2, tmp_path)
     assert done < 11 and not out.exists()
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()
@@ -191,7 +164,7 @@ def test_changed_settings_start_afresh(weights, tmp_path):
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "softcli", *args], env=_env(), capture_output=True, timeout=600, check=False)
+                           "-m", "softcli", *args], env=one_thread_env(), capture_output=True, timeout=600, check=False)
 
 
 @pytest.mark.parametrize("side", [2048, pytest.param(4096, marks=pytest.mark.slow)])

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +14,9 @@ from softcli.context import LayerCheckpoints, TensorSource, count_passes, run_gl
 from softcli.errors import OutputError
 
 from .conftest import run_soft
+from .killing import kill_after_recorded
 from .synthetic import ONE_THREAD_ENV
-from .test_band_resume import _env, _torchrun, blocky_tiff
+from .test_band_resume import _torchrun, blocky_tiff
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +84,6 @@ def test_missing_map_of_a_finished_pass_is_an_error_not_zeros(tiny_model, tmp_pa
 
 # -- the command line: SIGKILL after some passes, rerun, same output as an uninterrupted run ---------------
 
-def _kill_after_passes(args: list[str], state: Path, passes: int, cwd: Path) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "softcli", *args], env=_env(), cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not ((state / "done").is_dir() and len(list((state / "done").glob("*.json"))) >= passes):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "no pass finished in time"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    return len(list((state / "done").glob("*.json")))
-
-
 def test_segment_global_killed_then_resumed_equals_clean_run(weights, tmp_path):
     image = blocky_tiff(tmp_path / "img.tif", 1024, seed=6)
     common = ["segment", str(image), "--weights", str(weights), "--clusters", "3", "--device", "cpu",
@@ -115,7 +94,7 @@ def test_segment_global_killed_then_resumed_equals_clean_run(weights, tmp_path):
     assert clean.returncode == 0, clean.stderr.decode()
     assert json.loads(clean.stdout)["context"]["mode"] == "global"
     out = tmp_path / "run" / "mask.png"
-    done = _kill_after_passes([*common, "--out", str(out)], state_folder(out), 4, tmp_path)
+    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 4, tmp_path)
     assert not out.exists()
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()
@@ -132,7 +111,7 @@ def test_features_global_killed_then_resumed_equals_clean_run(weights, tmp_path)
     clean = run_soft(*common, "--out", tmp_path / "clean.safetensors", "--no-resume", env=ONE_THREAD_ENV)
     assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "f.safetensors"
-    done = _kill_after_passes([*common, "--out", str(out)], state_folder(out), 5, tmp_path)
+    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 5, tmp_path)
     assert done < 11 and not out.exists()
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()
@@ -182,7 +161,7 @@ def test_cohort_resumes_the_image_in_progress_at_its_last_pass(weights, tmp_path
     assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "run"
     # Largest first: a.tif runs, then b.tif; kill b.tif's run after 4 of its passes.
-    done = _kill_after_passes([*common, "--out-dir", str(out)], state_folder(out / "b.png"), 4, tmp_path)
+    done = kill_after_recorded([*common, "--out-dir", str(out)], state_folder(out / "b.png"), 4, tmp_path)
     assert (out / "a.png").is_file() and not (out / "b.png").exists()
     again = run_soft(*common, "--out-dir", out, env=ONE_THREAD_ENV)
     assert again.returncode == 0, again.stderr.decode()
