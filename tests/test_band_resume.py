@@ -167,17 +167,18 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
                            "-m", "softcli", *args], env=one_thread_env(), capture_output=True, timeout=600, check=False)
 
 
-@pytest.mark.parametrize("side", [2048, pytest.param(4096, marks=pytest.mark.slow)])
-def test_split_tiles_two_ranks_equal_one_process(weights, tmp_path, side):
+@pytest.mark.parametrize("side,tile", [(1024, 256), pytest.param(4096, 512, marks=pytest.mark.slow)])
+def test_split_tiles_two_ranks_equal_one_process(weights, tmp_path, side, tile):
     """``torchrun --nproc-per-node 2 -m softcli segment|features IMG --out F --split tiles`` on gloo.
 
-    2048² (16 tiles of 512) by default, the 4096² of issue 13 with ``-m slow``: the same code path.
+    1024² in 4x4 tiles of 256 by default, the 4096² of issue 13 (64 tiles of 512) with
+    ``-m slow``: the same code path, the same split of tile rows across the two ranks.
     """
     image = blocky_tiff(tmp_path / "big.tif", side, seed=5)
     seg = ["segment", str(image), "--weights", str(weights), "--clusters", "3", "--device", "cpu",
-           "--tile", "512", "--overlap", "64", "--context", "tile"]
+           "--tile", str(tile), "--overlap", "64", "--context", "tile"]
     feats = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "4", "--pool",
-             "--tile", "512", "--overlap", "64", "--context", "tile"]
+             "--tile", str(tile), "--overlap", "64", "--context", "tile"]
     for args, name in ((seg, "mask.png"), (feats, "f.safetensors")):
         one = run_soft(*args, "--out", tmp_path / f"one-{name}", env=ONE_THREAD_ENV)
         assert one.returncode == 0, one.stderr.decode()

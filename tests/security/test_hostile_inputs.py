@@ -226,7 +226,7 @@ def test_whole_decode_beyond_memory_refused_without_pixel_limit(work, tmp_path):
 
 
 def test_extreme_aspect_ratio_classify(work, tmp_path):
-    """3x100000: the default crop works in bounded memory; --full-res streams it (global context) or is refused."""
+    """3x100000: the default crop works in bounded memory; --full-res with a one-pass budget is refused."""
     rng = np.random.default_rng(1)
     Image.fromarray(_noise(rng, 3, 100_000, 3)).save(tmp_path / "line.png")
     Image.fromarray(_noise(rng, 100_000, 3, 3)).save(tmp_path / "column.png")
@@ -235,21 +235,26 @@ def test_extreme_aspect_ratio_classify(work, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     doc = json.loads(proc.stdout)
     assert [d["input_size"] for d in doc] == [[224, 224]] * 3 and all(d["predictions"] for d in doc)
-
-    # --full-res: 32x1066667 after the minimum-side resize. One pass would need ~4 GB, so the default
-    # context streams it exactly (global) within the cap...
-    proc = soft_capped("classify", "line.png", work / "good.png", "--weights", work / "ckpt", "--json",
-                       "--full-res", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr.decode()
-    doc = json.loads(proc.stdout)
-    assert doc[0]["input_size"] == [32, 1066667] and doc[0]["context"].startswith("global")
-    assert doc[0]["predictions"] and doc[1]["predictions"]
-    # ...and a budget that asks for one pass anyway is refused by the estimate, that image only.
+    # A budget that asks for one pass at full resolution is refused by the estimate, that image only.
     proc = soft_capped("classify", "line.png", work / "good.png", "--weights", work / "ckpt", "--json",
                        "--full-res", "--max-memory", "100GB", cwd=tmp_path)
     assert_clean_failure(proc, "line.png", "at full resolution", "more than the")
     doc = json.loads(proc.stdout)
     assert "error" in doc[0] and doc[1]["predictions"]
+
+
+@pytest.mark.parametrize("length", [20_000, pytest.param(100_000, marks=pytest.mark.slow)])
+def test_extreme_aspect_ratio_full_res_streams_in_global_context(work, tmp_path, length):
+    """3xN --full-res: 32x(N·32/3) after the minimum-side resize; one pass would not fit the 2 GB cap,
+    so the default context streams it exactly (global). 3x100000 (32x1066667, ~13 s) runs under -m slow."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(_noise(rng, 3, length, 3)).save(tmp_path / "line.png")
+    proc = soft_capped("classify", "line.png", work / "good.png", "--weights", work / "ckpt", "--json",
+                       "--full-res", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    doc = json.loads(proc.stdout)
+    assert doc[0]["input_size"] == [32, round(length * 32 / 3)] and doc[0]["context"].startswith("global")
+    assert doc[0]["predictions"] and doc[1]["predictions"]
 
 
 def in_process(args: list[str | os.PathLike[str]], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
