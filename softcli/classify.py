@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .context import TensorSource, choose_context, default_max_memory, plan_global, run_global
+from .context import ContextChoice, TensorSource, choose_context, default_max_memory, plan_global, run_global
 from .errors import CheckpointError, InputError, UsageError
 from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
@@ -96,14 +96,19 @@ def full_res_memory_error(model: Any, hw: tuple[int, int]) -> str | None:
             "classify it without full resolution")
 
 
+#: What each prepared image carries: its path, seconds so far, an error, and with ``full_res`` the
+#: context it will run in (chosen once, from its size).
+PreparedKey = tuple[str, float, str | None, ContextChoice | None]
+
+
 def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smallest: int,
-             max_pixels: int | None, model: Any, context: str, budget: int, mpp: float | None = None,
-             magnification: float | None = None) -> Iterator[tuple[tuple[str, float, str | None], torch.Tensor | None]]:
+             max_pixels: int | None, model: Any, context: str, budget: int, params: int, mpp: float | None = None,
+             magnification: float | None = None) -> Iterator[tuple[PreparedKey, torch.Tensor | None]]:
     """Decode and preprocess lazily: one image in memory at a time (plus the batch being filled)."""
     for item in items:
         start = time.perf_counter()
         if item.error is not None:
-            yield (item.path, 0.0, item.error), None
+            yield (item.path, 0.0, item.error, None), None
             continue
         try:
             image = load_for_crop(item.path, None if full_res else min(pre.resize_size), mpp=mpp,
@@ -111,27 +116,26 @@ def _prepare(items: Sequence[InputItem], pre: Preprocess, full_res: bool, smalle
             if image is None:
                 image = load_image(item.path, max_pixels=max_pixels)
         except (InputError, UsageError) as exc:
-            yield (item.path, time.perf_counter() - start, _reason(exc, item.path)), None
+            yield (item.path, time.perf_counter() - start, _reason(exc, item.path), None), None
             continue
+        choice = None
         if full_res:
-            hw = full_res_size(image.shape[:2], smallest)
-            params = sum(p.numel() for p in model.parameters())
-            streamed = choose_context(context, hw[0], hw[1], model.config, params, budget).mode == "global"
-            too_big = None if streamed else full_res_memory_error(model, hw)  # global context bounds memory
+            hw = full_res_size(image.shape[:2], smallest)  # the size full_res_transform gives
+            choice = choose_context(context, hw[0], hw[1], model.config, params, budget)
+            too_big = None if choice.mode == "global" else full_res_memory_error(model, hw)  # global bounds memory
             if too_big is not None:
                 del image
-                yield (item.path, time.perf_counter() - start, too_big), None
+                yield (item.path, time.perf_counter() - start, too_big, None), None
                 continue
         tensor = full_res_transform(image, pre, smallest) if full_res else eval_transform(image, pre)
         del image
-        yield (item.path, time.perf_counter() - start, None), tensor
+        yield (item.path, time.perf_counter() - start, None, choice), tensor
 
 
-def _full_res_logits(model: Any, x: torch.Tensor, context: str, max_memory: int) -> tuple[torch.Tensor, str]:
+def _full_res_logits(model: Any, x: torch.Tensor, choice: ContextChoice, params: int,
+                     max_memory: int) -> tuple[torch.Tensor, str]:
     """Logits of one whole image and the context that ran: one pass when it fits, else global (exact)."""
     cfg = model.config
-    params = sum(p.numel() for p in model.parameters())
-    choice = choose_context(context, int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory)
     if choice.mode == "whole":
         return model(x), f"whole: {choice.reason}"
     tile, spill = plan_global(int(x.shape[-2]), int(x.shape[-1]), cfg, params, max_memory, cfg.embed_dims)
@@ -179,11 +183,12 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device
+    params = sum(p.numel() for p in model.parameters())
     prepared = _prepare(items, pre, full_res, min_side(model), max_pixels, model,  # type: ignore[arg-type]
-                        context, budget, mpp, magnification)
+                        context, budget, params, mpp, magnification)
     for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
         if batch is None:
-            path, seconds, error = keys[0]
+            path, seconds, error, _ = keys[0]
             yield ClassifyResult(path, seconds=seconds, error=error)
             continue
         start = time.perf_counter()
@@ -191,7 +196,9 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
         try:
             with torch.inference_mode():
                 if full_res:
-                    logits, ran = _full_res_logits(model, batch.to(device), context, budget)
+                    choice = keys[0][3]
+                    assert choice is not None  # _prepare chose it for every full-resolution image
+                    logits, ran = _full_res_logits(model, batch.to(device), choice, params, budget)
                 else:
                     logits = model(batch.to(device))
                 probs = torch.softmax(logits.float(), dim=-1)
@@ -200,14 +207,14 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
         except torch.OutOfMemoryError:
             share = (time.perf_counter() - start) / len(keys)
             h, w = batch.shape[-2:]
-            for path, seconds, _ in keys:
+            for path, seconds, _, _ in keys:
                 yield ClassifyResult(path, seconds=seconds + share,
                                      error=f"out of memory running the model on {w}x{h} "
                                            f"(batch of {len(keys)}); try a smaller --batch-size or no --full-res")
             continue
         share = (time.perf_counter() - start) / len(keys)
         size = (int(batch.shape[-2]), int(batch.shape[-1]))
-        for (path, seconds, _), ps, idx in zip(keys, top_probs, top_ids):
+        for (path, seconds, _, _), ps, idx in zip(keys, top_probs, top_ids):
             preds = [Prediction(rank=r + 1, index=int(i), label=labels[i], prob=float(p))
                      for r, (p, i) in enumerate(zip(ps, idx))]
             yield ClassifyResult(path, preds, size, seconds + share, context=ran)

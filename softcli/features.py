@@ -33,9 +33,9 @@ from .band_state import BandState, file_identity, grid_identity, run_bands, tens
 from .checkpoint import model_files
 from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
 from .context import (
-    CONTEXT_MODES,
     LayerCheckpoints,
     ReaderSource,
+    check_context_mode,
     choose_context,
     export_map,
     open_checkpoints,
@@ -172,9 +172,14 @@ def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.Path
     fmt = check_feature_request(out, len(stage_list), pool)
     for path in feature_outputs(out):
         check_output_path(path, [] if isinstance(image, np.ndarray) else [image], model_files(model_source))
+    check_blend(blend)
+    return stage_list, fmt
+
+
+def check_blend(blend: str) -> None:
+    """How tile overlaps are weighted (:class:`~softcli.engine.Stitcher`): linear or gaussian."""
     if blend not in ("linear", "gaussian"):
         raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
-    return stage_list, fmt
 
 
 def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
@@ -277,8 +282,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     """
     stage_list, fmt = check_request(image, out, stages, pool, blend, getattr(model, "source", None))
     max_pixels = pixel_limit(max_pixels)
-    if context not in CONTEXT_MODES:
-        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}")
+    check_context_mode(context)
     check_tiling(tile, overlap)
     keep = [f"stage{s}" for s in stage_list]
     if pool and 4 not in stage_list:

@@ -167,6 +167,23 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
                            "-m", "softcli", *args], env=one_thread_env(), capture_output=True, timeout=600, check=False)
 
 
+def split_and_single_runs(seg: list[str], feats: list[str], tmp_path: Path,
+                          single: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Run ``soft segment`` (``seg``) and ``soft features`` (``feats``) as one process (plus ``single``) and
+    under 2-rank torchrun with ``--split tiles``; check both succeed, leave no state and give the same mask
+    bytes; return the feature maps (one process, two ranks) for the caller's comparison."""
+    from safetensors.numpy import load_file
+
+    for args, name in ((seg, "mask.png"), (feats, "f.safetensors")):
+        one = run_soft(*args, "--out", tmp_path / f"one-{name}", *single, env=ONE_THREAD_ENV)
+        assert one.returncode == 0, one.stderr.decode()
+        two = _torchrun(*args, "--out", str(tmp_path / f"two-{name}"), "--split", "tiles")
+        assert two.returncode == 0, two.stderr.decode()
+        assert not state_folder(tmp_path / f"two-{name}").exists()
+    assert (tmp_path / "two-mask.png").read_bytes() == (tmp_path / "one-mask.png").read_bytes()
+    return load_file(tmp_path / "one-f.safetensors"), load_file(tmp_path / "two-f.safetensors")
+
+
 @pytest.mark.parametrize("side,tile", [(1024, 256), pytest.param(4096, 512, marks=pytest.mark.slow)])
 def test_split_tiles_two_ranks_equal_one_process(weights, tmp_path, side, tile):
     """``torchrun --nproc-per-node 2 -m softcli segment|features IMG --out F --split tiles`` on gloo.
@@ -179,16 +196,7 @@ def test_split_tiles_two_ranks_equal_one_process(weights, tmp_path, side, tile):
            "--tile", str(tile), "--overlap", "64", "--context", "tile"]
     feats = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "4", "--pool",
              "--tile", str(tile), "--overlap", "64", "--context", "tile"]
-    for args, name in ((seg, "mask.png"), (feats, "f.safetensors")):
-        one = run_soft(*args, "--out", tmp_path / f"one-{name}", env=ONE_THREAD_ENV)
-        assert one.returncode == 0, one.stderr.decode()
-        two = _torchrun(*args, "--out", str(tmp_path / f"two-{name}"), "--split", "tiles")
-        assert two.returncode == 0, two.stderr.decode()
-        assert not state_folder(tmp_path / f"two-{name}").exists()
-    assert (tmp_path / "two-mask.png").read_bytes() == (tmp_path / "one-mask.png").read_bytes()
-    from safetensors.numpy import load_file
-
-    a, b = load_file(tmp_path / "one-f.safetensors"), load_file(tmp_path / "two-f.safetensors")
+    a, b = split_and_single_runs(seg, feats, tmp_path)
     for key in ("stage4", "pooled"):
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6)
 

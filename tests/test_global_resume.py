@@ -16,7 +16,7 @@ from softcli.errors import OutputError
 from .conftest import run_soft
 from .killing import kill_after_recorded
 from .synthetic import ONE_THREAD_ENV
-from .test_band_resume import _torchrun, blocky_tiff
+from .test_band_resume import blocky_tiff, split_and_single_runs
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +133,7 @@ def test_split_tiles_global_two_ranks_equal_one_process(weights, tmp_path):
            "--tile", "256", "--context", "global"]
     feats = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "1,4", "--pool",
              "--tile", "256", "--context", "global"]
-    for args, name in ((seg, "mask.png"), (feats, "f.safetensors")):
-        one = run_soft(*args, "--out", tmp_path / f"one-{name}", "--no-resume", env=ONE_THREAD_ENV)
-        assert one.returncode == 0, one.stderr.decode()
-        two = _torchrun(*args, "--out", str(tmp_path / f"two-{name}"), "--split", "tiles")
-        assert two.returncode == 0, two.stderr.decode()
-        assert not state_folder(tmp_path / f"two-{name}").exists()
-    assert (tmp_path / "two-mask.png").read_bytes() == (tmp_path / "one-mask.png").read_bytes()
-    from safetensors.numpy import load_file
-
-    a, b = load_file(tmp_path / "one-f.safetensors"), load_file(tmp_path / "two-f.safetensors")
+    a, b = split_and_single_runs(seg, feats, tmp_path, single=("--no-resume",))
     for key in ("stage1", "stage4", "pooled"):
         np.testing.assert_array_equal(b[key], a[key])
 

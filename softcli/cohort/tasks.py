@@ -50,20 +50,12 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     ``extra``: further keyword arguments of :func:`~softcli.segment.segment` that change the output
     (JSON values); passed on and recorded in the settings, so new options join cohorts in one place.
     """
-    from ..cluster import parse_cluster_stages
     from ..io.masks import legend_path
-    from ..segment import segment
+    from ..segment import check_model_request, segment
     from ..weights import resolve_weights
 
     suffix = _suffix(MASK_FORMATS, out_format)
-    if weights is None and clusters is None:
-        raise UsageError("no segmentation model given: pass --weights/--model with a segmentation checkpoint, "
-                         "or --clusters K to cluster the default backbone's features")
-    if clusters is not None and not 1 <= clusters <= 256:
-        raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
-    if cluster_stages is not None and clusters is None:
-        raise UsageError("--cluster-stages only applies with --clusters K")
-    stages = parse_cluster_stages(cluster_stages)
+    stages = check_model_request(weights, clusters, cluster_stages)
     if landmarks is not None:
         from ..api import landmark_policy
 
@@ -87,14 +79,14 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
 def check_features_options(out_format: str, stages: str | Sequence[int], pool: bool, blend: str
                            ) -> tuple[str, tuple[int, ...]]:
     """(suffix, stage list) of a features cohort, or the usage error its options deserve (before any model loads)."""
+    from ..features import check_blend
     from ..io.writers import check_feature_request
     from ..stages import parse_stages
 
     suffix = _suffix(FEATURE_FORMATS, out_format)
     stage_list = parse_stages(stages)
     check_feature_request(f"x{suffix}", len(stage_list), pool)
-    if blend not in ("linear", "gaussian"):
-        raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
+    check_blend(blend)
     return suffix, stage_list
 
 

@@ -36,6 +36,7 @@ from .modes import (
                     CONTEXT_MODES,
                     GLOBAL_TILE_CAP,
                     ContextChoice,
+                    check_context_mode,
                     choose_context,
                     default_max_memory,
                     plan_global,
@@ -49,6 +50,7 @@ from .stores import ActivationStore, FileStore, MemoryStore, StoreFactory, expor
 __all__ = [
     "CONTEXT_MODES", "GLOBAL_TILE_CAP", "ActivationStore", "ContextChoice", "FileStore", "GlobalResult",
     "ImageSource", "LayerCheckpoints", "MemoryStore", "ReaderSource", "StepCallback", "StoreFactory", "TensorSource",
+    "check_context_mode",
     "choose_context", "tissue_context", "count_passes", "count_steps", "default_max_memory", "embed_region",
     "embed_sizes",
     "export_map", "open_checkpoints", "plan_global", "resized_rows", "run_global", "stage_sizes", "store_rows",

@@ -7,10 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..constants import DEFAULT_MAX_MEMORY, STAGE_STRIDES
+from ..errors import UsageError
 from ..resources import available_memory
 from ..tiling import ALIGN, FIXED_OVERHEAD_BYTES, choose_tile_size, estimate_memory
 
 CONTEXT_MODES = ("auto", "global", "tile")
+
+
+def check_context_mode(requested: str) -> None:
+    """A usage error for a context that is not one of :data:`CONTEXT_MODES`, before any work."""
+    if requested not in CONTEXT_MODES:
+        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {requested!r}")
 #: Largest default tile side (pixels at stride 1) of the global mode: big tiles cost
 #: nothing in exactness, only working memory, and amortise the per-tile overhead.
 GLOBAL_TILE_CAP = 2048

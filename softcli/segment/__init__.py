@@ -20,7 +20,7 @@ Modules: :mod:`.segmenter` (checkpoints) and :mod:`.run` (the streamed run).
 
 from __future__ import annotations
 
-from .run import LabelSink, segment
+from .run import LabelSink, check_model_request, segment
 from .segmenter import (
     HEAD_TYPE,
     SCORE_STRIDE,
@@ -38,6 +38,7 @@ __all__ = [
     "SCORE_STRIDE",
     "SEG_META_KEY",
     "TASK",
+    "check_model_request",
     "LabelSink",
     "SegmenterInfo",
     "is_segmentation_checkpoint",

@@ -34,10 +34,10 @@ from ..cluster import (
 )
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..context import (
-    CONTEXT_MODES,
     ContextChoice,
     LayerCheckpoints,
     ReaderSource,
+    check_context_mode,
     choose_context,
     default_max_memory,
     open_checkpoints,
@@ -147,6 +147,20 @@ class LabelSink(RowSink):
 
 
 # -- the job ------------------------------------------------------------------------------------
+
+def check_model_request(weights: object, clusters: int | None,
+                        cluster_stages: str | Sequence[int] | None) -> tuple[int, ...]:
+    """The usage errors of a model/clusters choice, before anything loads; the stages clusters read."""
+    if weights is None and clusters is None:
+        raise UsageError("no segmentation model given: pass --weights/--model with a segmentation checkpoint, "
+                         "or --clusters K to cluster the default backbone's features")
+    if clusters is not None and not 1 <= clusters <= 256:
+        raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
+    stages = parse_cluster_stages(cluster_stages)
+    if cluster_stages is not None and clusters is None:
+        raise UsageError("--cluster-stages only applies with --clusters K")
+    return stages
+
 
 def _default_spec() -> str:
     """The registry's default model name (what a run without weights clusters the features of)."""
@@ -263,21 +277,13 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
     from ..api import resolve_device
 
     t_start = time.perf_counter()
-    if weights is None and clusters is None:
-        raise UsageError("no segmentation model given: pass --weights/--model with a segmentation checkpoint, "
-                         "or --clusters K to cluster the default backbone's features")
-    if clusters is not None and not 1 <= clusters <= 256:
-        raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
-    stages = parse_cluster_stages(cluster_stages)
-    if cluster_stages is not None and clusters is None:
-        raise UsageError("--cluster-stages only applies with --clusters K")
+    stages = check_model_request(weights, clusters, cluster_stages)
     policy = landmark_policy(landmarks) if landmarks is not None else None
     mask_format(out)  # unknown extension → usage error before anything is opened
     max_pixels = pixel_limit(max_pixels)
     dev = resolve_device(device)
 
-    if context not in CONTEXT_MODES:
-        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {context!r}")
+    check_context_mode(context)
     if context == "global" and clusters is None:
         raise UsageError("global context needs --clusters K: a trained head normalises over the whole map "
                          "(GroupNorm), which tiles cannot reproduce exactly; use --context tile or auto")
