@@ -27,7 +27,7 @@ def create_model(name_or_config: str | Mapping[str, Any] | SoftConfig, num_class
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA, then MPS, then CPU; an explicit device must exist."""
-    from .errors import UsageError
+    from .errors import ParameterError
 
     if isinstance(device, torch.device):
         return device
@@ -39,12 +39,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    except RuntimeError as exc:
+        raise ParameterError(f"unknown `device` {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but PyTorch sees no CUDA GPU here")
+        raise ParameterError("`device` cuda asked for, but PyTorch sees no CUDA GPU here")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps asked for, but MPS is not available here")
+        raise ParameterError("`device` mps asked for, but MPS is not available here")
     return dev
 
 
@@ -60,13 +60,13 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     returns logits; ``forward_features(x)`` the four stage maps.
     """
     from .backbone_ref import SEGMENTATION, attach_backbone
-    from .errors import CheckpointError
+    from .errors import SegmentationCheckpoint
     from .weights import resolve_weights
 
     resolved = resolve_weights(path)
     ck = read_checkpoint(resolved.path, use_ema=use_ema)
     if ck.extra.get("task") == SEGMENTATION:
-        raise CheckpointError(f"{ck.source}: a segmentation checkpoint; label pixels with 'soft segment --model'")
+        raise SegmentationCheckpoint(f"{ck.source}: a segmentation checkpoint, not a classifier or backbone")
     ck = attach_backbone(ck, lambda spec: Path(resolve_weights(spec).path))
     model = build_model(ck, resolve_device(device))
     model.spec = resolved.spec  # type: ignore[assignment]  # how it was asked for: outputs record it (softcli.io.provenance)
@@ -77,11 +77,12 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
 
 def landmark_policy(value: LandmarkPolicy | str | int) -> LandmarkPolicy:
     """``--landmarks`` / ``landmarks=`` (auto, official or a budget N) → a policy; a bad value is a usage error."""
-    from .errors import UsageError
+    from .errors import ParameterError
+    from .models.landmarks import POLICY_CHOICES
 
     if isinstance(value, LandmarkPolicy):
         return value
     try:
         return LandmarkPolicy.parse(value)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise ParameterError(f"`landmarks` takes {POLICY_CHOICES}, not {value!r}") from exc

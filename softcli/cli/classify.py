@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
+from .advice import cli_text
 from .app import app, error_line
 from .common import (
     ContextOpt,
@@ -151,7 +152,7 @@ def classify(
                                      magnification=magnification):
             results.append(result)
             if result.error is not None:
-                error_line(f"{result.display_name}: {result.error}")
+                error_line(f"{result.display_name}: {cli_text(result.error_template or result.error)}")
             elif show_tables:
                 out.print(_table(result))
             progress.advance(task)

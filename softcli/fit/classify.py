@@ -25,7 +25,7 @@ from ..api import resolve_device
 from ..backbone_ref import CLASSIFICATION
 from ..checkpoint import save_pretrained
 from ..engine import PhaseProgressFn
-from ..errors import UsageError
+from ..errors import ParameterError
 from ..io.image import DEFAULT_MAX_PIXELS, load_image
 from ..models import SoftModel
 from ..preprocess import Preprocess, batch_same_size, eval_transform
@@ -78,9 +78,9 @@ def fit_classifier(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Fit a linear probe on ``data`` (one sub-folder per class) and write the classifier to ``out``."""
     t0 = time.perf_counter()
     if not 0 <= val < 1:
-        raise UsageError(f"--val must be in [0, 1), not {val}")
+        raise ParameterError(f"`val` must be in [0, 1), not {val}")
     if batch_size < 1 or l2 < 0:
-        raise UsageError("--batch-size must be at least 1 and --l2 not negative")
+        raise ParameterError("`batch_size` must be at least 1 and `l2` not negative")
     check_out_dir(out, data)
     ds = scan_image_folder(data)
     k = len(ds.class_names)

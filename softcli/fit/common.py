@@ -48,21 +48,21 @@ def check_out_dir(out: str | os.PathLike[str], data: str | os.PathLike[str]) -> 
     dest = Path(out)
     src = Path(data).resolve()
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"--out {dest} is a file; give a folder")
+        raise OutputError(f"`out` {dest} is a file; give a folder")
     if dest.resolve() == src or src in dest.resolve().parents or dest.resolve() in src.parents:
-        raise OutputError(f"--out {dest} overlaps the training data {data}; choose another folder")
+        raise OutputError(f"`out` {dest} overlaps the training data {data}; choose another folder")
     if dest.is_dir() and any(dest.iterdir()):
         try:
             ours = json.loads((dest / CONFIG_NAME).read_text()).get("format") == "softcli"
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise OutputError(f"--out {dest} is a folder with other files in it; give a new or empty folder")
+            raise OutputError(f"`out` {dest} is a folder with other files in it; give a new or empty folder")
     parent = dest.resolve().parent
     if not parent.is_dir():
-        raise OutputError(f"--out {dest}: folder {parent} does not exist")
+        raise OutputError(f"`out` {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {dest}: folder {parent} is not writable")
+        raise OutputError(f"`out` {dest}: folder {parent} is not writable")
     return dest
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from ..api import resolve_device
 from ..constants import STAGE_STRIDES
 from ..engine import MemorySink, OutputSpec, PhaseProgressFn, RowSink, run_dense
-from ..errors import UsageError
+from ..errors import ParameterError
 from ..features import stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
@@ -174,8 +174,8 @@ def _check_train_classes(samples: Sequence[CellSamples], names: Sequence[str], v
         present |= set(np.unique(s.classes[~s.is_val]).tolist())
     missing = [names[c] for c in range(len(names)) if c not in present]
     if missing:
-        raise UsageError(f"with --val {val:g}, class {missing[0]!r} has no labelled pixels left to fit on; "
-                         "label it in more images/places, or pass --val 0")
+        raise ParameterError(f"with `val` {val:g}, class {missing[0]!r} has no labelled pixels left to fit on; "
+                         "label it in more images/places, or pass `val=0`")
 
 
 @dataclass
@@ -196,15 +196,15 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary."""
     t0 = time.perf_counter()
     if head not in HEADS:
-        raise UsageError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
+        raise ParameterError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
     if not 0 <= val < 1:
-        raise UsageError(f"--val must be in [0, 1), not {val}")
+        raise ParameterError(f"`val` must be in [0, 1), not {val}")
     if steps < 1 or max_samples < 1 or l2 < 0:
-        raise UsageError("--steps and the sample cap must be at least 1, and --l2 not negative")
+        raise ParameterError("`steps` and `max_samples` must be at least 1, and `l2` not negative")
     try:
         head_cfg = LinearHeadConfig(num_classes=2, stages=tuple(stages), window=window)
     except ValueError as exc:
-        raise UsageError(f"--stages/--window: {exc}") from None
+        raise ParameterError(f"`stages`/`window`: {exc}") from exc
     check_out_dir(out, data)
     ds = scan_segmentation(data, max_pixels)
     k = ds.num_classes
@@ -213,7 +213,7 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
         try:
             TileGrid(item.height, item.width, tile=tile, overlap=overlap)
         except ValueError as exc:
-            raise UsageError(f"--tile/--overlap: {exc}") from None
+            raise ParameterError(f"`tile`/`overlap`: {exc}") from exc
     bb = load_backbone(weights, dev)
     backbone = bb.model
     pre = bb.checkpoint.pretrained_cfg
@@ -235,9 +235,9 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     else:
         need = sum(4 * c * it.height * it.width // s ** 2 for it in ds.items for c, s in zip(dims, STAGE_STRIDES))
         if need > FPN_MAX_MAP_BYTES:
-            raise UsageError(f"--head fpn keeps the stage maps of all training images in memory ({need / 2**30:.1f} "
-                             f"GB here, limit {FPN_MAX_MAP_BYTES / 2**30:.0f} GB); use the linear head, or "
-                             "fewer/smaller images")
+            raise ParameterError(f"`head=fpn` keeps the stage maps of all training images in memory "
+                                 f"({need / 2**30:.1f} GB here, limit {FPN_MAX_MAP_BYTES / 2**30:.0f} GB); "
+                                 "use the linear head, or fewer/smaller images")
         stage_specs = stage_outputs(backbone.config, (1, 2, 3, 4))
         feats = _Features(stage_maps_fn(backbone, stage_specs), stage_specs)
 

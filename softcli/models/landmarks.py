@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_LANDMARK_BUDGET = 196
 
 POLICY_MODES = ("auto", "official", "budget")
+#: What a landmark policy may be written as (``--landmarks``, ``landmarks=``).
+POLICY_CHOICES = "auto, official or a positive number"
 
 
 def spread_indices(full: int, keep: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -60,10 +62,10 @@ class LandmarkPolicy:
             return cls(mode="official")
         try:
             budget = int(text)
-        except (TypeError, ValueError):
-            raise ValueError(f"--landmarks takes auto, official or a positive number, not {text!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a landmark policy is {POLICY_CHOICES}, not {text!r}") from exc
         if budget < 1:
-            raise ValueError(f"--landmarks takes auto, official or a positive number, not {text!r}")
+            raise ValueError(f"a landmark policy is {POLICY_CHOICES}, not {text!r}")
         return cls(mode="budget", budget=budget)
 
     def __str__(self) -> str:
