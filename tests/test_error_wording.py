@@ -163,3 +163,33 @@ def test_max_memory_has_one_default_half_the_available_ram(monkeypatch):
     monkeypatch.setattr(modes, "available_memory", lambda: 2**31)
     plan = plan_features(4096, 4096, channels, strides)[1]
     assert plan.max_memory_bytes == 2**30 and plan.sink == "disk"  # half of 2 GiB, not a fixed 2 GiB
+
+
+def test_per_input_errors_use_cli_words_on_the_command_line_and_python_names_in_data(tmp_path, rgb_png, soft):
+    """A failed input's reason: ``--max-pixels`` on stderr (classify, a cohort), ``max_pixels`` in the manifest."""
+    import json
+
+    import torch
+
+    import softcli
+    from softcli.classify import classify
+
+    from .conftest import TINY_CONFIG
+
+    torch.manual_seed(0)
+    net = softcli.create_model(TINY_CONFIG, num_classes=10)
+    folder = softcli.save_pretrained(net, tmp_path / "tiny")
+    hint = "(a decompression-bomb guard; raise it with {})"
+    [result] = classify(net, [rgb_png], max_pixels=100)
+    assert result.error is not None and result.error.endswith(hint.format("max_pixels"))
+    r = soft("classify", rgb_png, "--model", folder, "--max-pixels", "100")
+    assert r.returncode == 1 and r.stderr.decode().splitlines()[-2].endswith(hint.format("--max-pixels"))
+    second = rgb_png.with_name("img2.png")
+    second.write_bytes(rgb_png.read_bytes())
+    r = soft("features", rgb_png, second, "--out-dir", tmp_path / "out", "--model", folder,
+             "--max-pixels", "100")
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.decode().splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and all(line.endswith(hint.format("--max-pixels")) for line in lines), r.stderr.decode()
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert any(rec.get("error", "").endswith(hint.format("max_pixels")) for rec in records), records
