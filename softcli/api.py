@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import build_model, read_checkpoint
+from .checkpoint import Checkpoint, build_model, read_checkpoint
 from .models import LandmarkPolicy, SoftConfig, SoftModel, create_soft
 
 
@@ -70,9 +70,52 @@ def load_model(path: str | os.PathLike[str] | None, device: str | torch.device =
     ck = attach_backbone(ck, lambda spec: Path(resolve_weights(spec).path))
     model = build_model(ck, resolve_device(device))
     model.spec = resolved.spec  # type: ignore[assignment]  # how it was asked for: outputs record it (softcli.io.provenance)
-    if landmarks is not None:
-        model.set_landmark_policy(landmark_policy(landmarks))
+    use_landmarks(model, landmarks, ck)
     return model
+
+
+#: config.json entry of a fitted head: the landmark policy its training features were extracted with.
+FITTED_LANDMARKS_KEY = "landmarks"
+
+
+def fitted_landmarks(ck: Checkpoint) -> LandmarkPolicy | None:
+    """The landmark policy ``soft fit`` trained the checkpoint's head with (None: not a fitted head, or older)."""
+    from .errors import CheckpointError
+
+    text = ck.extra.get(FITTED_LANDMARKS_KEY)
+    if text is None:
+        return None
+    try:
+        return LandmarkPolicy.parse(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.source}: bad {FITTED_LANDMARKS_KEY!r} entry in its config ({exc})") from exc
+
+
+def use_landmarks(model: SoftModel, asked: LandmarkPolicy | str | int | None, ck: Checkpoint) -> str:
+    """Set ``model``'s landmark policy: ``asked``, else the one its head was fitted with, else the default.
+
+    Returns where it came from (``"asked"``, ``"fitted"`` or ``"default"``), also
+    kept as ``model.landmarks_source``; ``model.fitted_landmarks`` is the fitted one
+    (or None), so a caller can say when ``asked`` overrides it.
+    """
+    fitted = fitted_landmarks(ck)
+    chosen = landmark_policy(asked) if asked is not None else fitted
+    source = "asked" if asked is not None else "fitted" if fitted is not None else "default"
+    if chosen is not None:
+        model.set_landmark_policy(chosen)
+    model.fitted_landmarks = fitted  # type: ignore[assignment]
+    model.landmarks_source = source  # type: ignore[assignment]
+    return source
+
+
+def landmarks_summary(model: SoftModel) -> dict[str, Any]:
+    """For ``--json``: the policy a model runs with, where it came from, and the fitted one if ``asked`` overrode it."""
+    fitted = getattr(model, "fitted_landmarks", None)
+    out: dict[str, Any] = {"policy": str(model.landmark_policy),
+                           "source": getattr(model, "landmarks_source", "default")}
+    if fitted is not None and fitted != model.landmark_policy:
+        out["fitted"] = str(fitted)
+    return out
 
 
 def landmark_policy(value: LandmarkPolicy | str | int) -> LandmarkPolicy:

@@ -39,11 +39,12 @@ from ..errors import ParameterError
 from ..features import stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
+from ..models import LandmarkPolicy
 from ..models.linear_head import LinearHeadConfig, LinearSegHead
 from ..models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
 from ..segment import SCORE_STRIDE, save_segmenter
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
-from .common import check_out_dir, fit_record, load_backbone
+from .common import check_out_dir, fit_extra, fit_record, load_backbone
 from .data import read_label_image, scan_segmentation
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
 
@@ -192,8 +193,13 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                   l2: float = DEFAULT_L2, steps: int = 300, bundle: bool = False,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, device: str | torch.device = "cpu",
                   max_samples: int = DEFAULT_MAX_SAMPLES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  landmarks: LandmarkPolicy | str | int | None = None,
                   progress: PhaseProgressFn | None = None) -> dict[str, Any]:
-    """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary."""
+    """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary.
+
+    ``landmarks``: the policy the features are extracted with (default auto); the
+    head records it and segments with it unless told otherwise (:func:`softcli.api.use_landmarks`).
+    """
     t0 = time.perf_counter()
     if head not in HEADS:
         raise ParameterError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
@@ -214,7 +220,7 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
             TileGrid(item.height, item.width, tile=tile, overlap=overlap)
         except ValueError as exc:
             raise ParameterError(f"`tile`/`overlap`: {exc}") from exc
-    bb = load_backbone(weights, dev)
+    bb = load_backbone(weights, dev, landmarks)
     backbone = bb.model
     pre = bb.checkpoint.pretrained_cfg
     rng = np.random.default_rng(seed)
@@ -295,11 +301,12 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                         **({"val_scores": {"accuracy": val_scores["accuracy"], "mean_iou": val_scores["mean_iou"]}}
                            if val_scores else {}))
     save_segmenter(model, out, ds.class_names, ds.palette, pretrained_cfg=pre,
-                   backbone_ref=None if bundle else bb.reference, extra={"fit": record})
+                   backbone_ref=None if bundle else bb.reference, extra={"fit": record, **fit_extra(bb)})
     return {"task": "segmentation", "out": str(out), "head": {"type": getattr(seg_head, "head_type", "semantic_fpn"),
                                                                **seg_head.config.to_dict()},  # type: ignore
             "classes": ds.class_names, "palette": ds.palette,
             "backbone": {**bb.reference, "bundled": bundle}, "device": str(dev),
+            "landmarks": str(bb.model.landmark_policy),
             "images": len(ds.items), "held_out": held_out, "labelled_pixels": ds.pixel_counts,
             "samples": {"train": int(sum((~s.is_val).sum() for s in samples)),
                         "val": int(sum(s.is_val.sum() for s in samples))},

@@ -55,11 +55,14 @@ class LandmarkPolicy:
 
     @classmethod
     def parse(cls, text: str | int | None) -> LandmarkPolicy:
-        """``auto``, ``official`` or a number (a budget), as the command line takes it."""
+        """``auto``, ``official`` or a number (a budget), as the command line takes it; or ``str(policy)``."""
         if text is None or text == "auto":
             return cls()
         if text == "official":
             return cls(mode="official")
+        mode, colon, number = str(text).partition(":")
+        if colon and mode in ("auto", "budget") and number.isdigit() and int(number) >= 1:
+            return cls(mode=mode, budget=int(number))  # str(policy), as metadata records it
         try:
             budget = int(text)
         except (TypeError, ValueError) as exc:

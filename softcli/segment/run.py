@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import landmark_policy
+from ..api import landmark_policy, landmarks_summary, use_landmarks
 from ..backbone_ref import attach_backbone
 from ..band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from ..checkpoint import (
@@ -308,8 +308,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             names, palette = with_background(names, palette)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
-        if policy is not None:
-            backbone.set_landmark_policy(policy)
+        use_landmarks(backbone, policy, ck)  # asked, else the fitted head's, else the default
         pre = dict(ck.pretrained_cfg)
         mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
         params = sum(p.numel() for p in (model or backbone).parameters())
@@ -326,7 +325,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             grid = TileGrid(reader.height, reader.width, tile=side, overlap=min(overlap, side - ALIGN))
         if dist is not None and choice.mode == "whole":
             raise ParameterError("splitting the tiles across ranks needs `context` tile or global "
-                             "(this run: the whole image in one pass)")
+                                 "(this run: the whole image in one pass)")
         _check_resources(image, out, grid, len(names))
 
         def report(phase: str) -> Callable[[int, int], None] | None:
@@ -337,6 +336,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                    "height": reader.height, "device": str(dev),
                                    "checkpoint": ck.source, "mpp": reader.mpp}
         summary["context"] = choice.to_json()
+        summary["landmarks"] = landmarks_summary(backbone)
         stack = contextlib.ExitStack()
         fill: Callable[[LabelSink], None] | None = None
         checkpoints: LayerCheckpoints | None = None
