@@ -29,6 +29,15 @@ def _strings(node: ast.AST) -> list[str]:
     return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
 
 
+def _shape(node: ast.expr) -> str:
+    """A message expression as text, each formatted value as ``x`` (``f"`{name}` must"`` → ``"`x` must"``)."""
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_shape(v) if isinstance(v, ast.Constant) else "x" for v in node.values)
+    if isinstance(node, ast.BinOp):  # "a" "b" + f"..."
+        return _shape(node.left) + _shape(node.right)
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "x"
+
+
 def flag_sites(path: Path, root: Path = SOFTCLI.parent) -> list[str]:
     """``file:line: text`` of every string in a raise, or in an error/warning/log call, that names a CLI flag."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -50,6 +59,17 @@ def test_the_library_never_names_a_cli_flag():
     offenders = [site for p in sorted(library) for site in flag_sites(p)]
     assert not offenders, "library messages name CLI flags; name the parameter in backticks instead " \
                           "(softcli.errors):\n" + "\n".join(offenders)
+
+
+def test_every_parameter_error_names_its_parameter():
+    """``ParameterError`` refuses a message without a parameter in backticks: no raise site may hit that."""
+    bare = []
+    for path in sorted(SOFTCLI.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and _name(node.func) == "ParameterError" and node.args:
+                if not re.search(r"`[a-z][a-z0-9_]*(=[^`]*)?`", _shape(node.args[0])):
+                    bare.append(f"{path.relative_to(SOFTCLI.parent)}:{node.lineno}")
+    assert not bare, bare
 
 
 def test_the_flag_check_finds_a_flag(tmp_path):
