@@ -72,6 +72,33 @@ def test_every_parameter_error_names_its_parameter():
     assert not bare, bare
 
 
+#: Parameters some library message names that no command sets (reachable from Python only).
+PYTHON_ONLY = {"max_samples", "local_kernel"}
+
+
+def test_every_parameter_a_message_names_is_an_option_of_some_command():
+    """The mapping cannot send the command line to a flag that does not exist."""
+    from typer.main import get_command
+
+    from softcli.cli.app import _register_commands, app
+    from softcli.errors import param_names
+
+    _register_commands()
+    options: set[str] = set()
+    for cmd in get_command(app).commands.values():  # type: ignore[attr-defined]
+        for sub in getattr(cmd, "commands", {}).values() or [cmd]:
+            options |= {o for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+    named = {name for path in SOFTCLI.rglob("*.py") if "cli" not in path.relative_to(SOFTCLI).parts[:1]
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Raise) and node.exc is not None
+             for name in param_names(_shape(node.exc.args[0]) if isinstance(node.exc, ast.Call) and node.exc.args
+                                     else "")}
+    assert {"overlap", "clusters", "weights", "timeout_s", "max_memory_bytes"} <= named
+    missing = {name: option_for(name) for name in named - PYTHON_ONLY - {"x"}  # x: a formatted name
+               if not set(option_for(name).split("/")) <= options}
+    assert not missing, missing
+
+
 def test_the_flag_check_finds_a_flag(tmp_path):
     """The walk above can fail: a raise, an error call and a warning naming a flag are all found."""
     bad = tmp_path / "probe.py"

@@ -205,8 +205,10 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise ParameterError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
     if not 0 <= val < 1:
         raise ParameterError(f"`val` must be in [0, 1), not {val}")
-    if steps < 1 or max_samples < 1 or l2 < 0:
-        raise ParameterError("`steps` and `max_samples` must be at least 1, and `l2` not negative")
+    if steps < 1 or l2 < 0:
+        raise ParameterError("`steps` must be at least 1 and `l2` not negative")
+    if max_samples < 1:
+        raise ParameterError("`max_samples` must be at least 1")  # no command-line option: Python only
     try:
         head_cfg = LinearHeadConfig(num_classes=2, stages=tuple(stages), window=window)
     except ValueError as exc:
