@@ -43,9 +43,9 @@ class SoftError(Exception):
 
     exit_code: int = 1
 
-    def __init__(self, message: str = "", *args: object) -> None:
-        self.template = message
-        super().__init__(render_params(message), *args)
+    def __init__(self, message: object = "", *args: object) -> None:
+        self.template = message if isinstance(message, str) else str(message)
+        super().__init__(render_params(self.template), *args)
 
 
 class CheckpointError(SoftError):
