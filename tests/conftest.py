@@ -185,8 +185,10 @@ _CPU_SECONDS: dict[str, float] = {}
 def _cpu_now() -> float:
     import resource
 
+    from tests import zygote
+
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + zygote.cpu_seconds()
 
 
 @pytest.hookimpl(hookwrapper=True)
