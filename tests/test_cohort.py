@@ -20,6 +20,7 @@ from softcli.cohort.manifest import append_line, part_path, read_lines
 
 from .conftest import REPO, run_soft
 from .synthetic import ONE_THREAD_ENV
+from .zygote import soft_process
 
 SIZES = [(96, 128), (160, 96), (128, 128), (64, 200), (100, 100), (200, 64)]
 
@@ -117,8 +118,8 @@ def test_kill_after_two_outputs_then_resume_equals_clean_run(images, weights, cl
     """SIGKILL once two inputs are recorded; the rerun skips those and the result equals a clean run."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), **ONE_THREAD_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "softcli", *map(str, seg_args([images], out, weights))],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = soft_process(seg_args([images], out, weights), env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)  # forked from the warm zygote: a real process to kill
     part = part_path(out, 0)
     deadline = time.monotonic() + 120
     try:
