@@ -13,14 +13,17 @@ signals delivered by ``kill``; only interpreter start-up is shared.
 
 Fork safety: the zygote never runs a tensor operation (torch creates its
 intra-op thread pool lazily, on the first parallel op) and it is started with
-``OMP_NUM_THREADS`` set, so OpenBLAS starts no thread either: it checks it has
+``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS`` set, so numpy's OpenBLAS starts
+no thread either (:func:`zygote_for`): it checks it has
 exactly one thread before serving, and refuses to start otherwise (a forked
 child gets only the forking thread, so locks held by another thread would stay
 held forever in the child).
 
-Linux only (``fork``, ``pidfd_open``, ``SCM_RIGHTS``); elsewhere, and for an
-environment the zygote was not started with, runs fall back to a plain
-``python -c`` subprocess doing the same.
+Any ``python -c CODE ARGS`` can run this way (:func:`run_python`); ``soft ARGS``
+is one such code (:data:`SOFT_MAIN`). Linux only (``fork``, ``pidfd_open``,
+``SCM_RIGHTS``); elsewhere runs fall back to a plain ``python -c`` subprocess
+doing the same. A zygote serves one set of import-time variables
+(:data:`IMPORT_TIME_PREFIXES`); another set starts another zygote.
 """
 
 from __future__ import annotations
@@ -39,20 +42,20 @@ from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Variables read once, at import or library load (thread pools, the Hub client): a zygote serves only
-#: runs whose values of these equal its own, since a forked child cannot change them any more.
-IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "HF_", "HUGGINGFACE_", "PYTHON", "LD_",
-                        "MALLOC_", "TORCH_", "CUDA_", "PYTORCH_")
-#: Imported by the zygote before it forks: what ``soft classify|features|segment`` imports (not the Hub
-#: client, which reads its variables at import).
+#: Variables read once, at import or library load (thread pools, the allocator, the interpreter): a zygote
+#: serves only runs whose values of these equal its own, since a forked child cannot change them any more.
+#: (The Hub client's HF_* variables are not among them: the zygote never imports huggingface_hub, so each
+#: forked run imports it afresh under its own environment, as a new process would.)
+IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "PYTHON", "LD_", "MALLOC_", "TORCH_",
+                        "CUDA_", "PYTORCH_")
+#: Imported by the zygote before it forks: what ``soft classify|features|segment`` imports.
 PRELOAD = ("torch", "numpy", "PIL.Image", "tifffile", "safetensors.torch", "softcli", "softcli.cli.app",
            "softcli.classify", "softcli.features", "softcli.segment", "softcli.engine", "softcli.cluster",
            "softcli.checkpoint", "softcli.io.readers", "softcli.io.writers", "softcli.context.run")
-#: A fresh ``python -c`` doing what a forked child does: the fallback, and the reference for it.
-_FRESH_MAIN = ("import resource, sys\n"
-               "cap = {cap!r}\n"
-               "if cap is not None: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
-               "from softcli.cli.app import main; main(sys.argv[1:])")
+#: What ``soft ARGS`` is, as ``python -c`` code (the arguments are ``sys.argv[1:]``).
+SOFT_MAIN = "import sys; from softcli.cli.app import main; main(sys.argv[1:])"
+#: A fresh interpreter's version of the cap a forked run sets before running its code (the fallback).
+_CAP_PREFIX = "import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))\n"
 
 DEVNULL = subprocess.DEVNULL
 PIPE = subprocess.PIPE
@@ -137,8 +140,11 @@ class ForkedProcess:
 class Zygote:
     """One warm process that forks a child per run (see the module docstring)."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], serves: tuple[tuple[str, str], ...] | None = None):
+        """Start a zygote in ``env``; it serves runs whose :func:`import_time_key` is ``serves`` (default:
+        ``env``'s own)."""
         self.env = dict(env)
+        self.serves = import_time_key(env) if serves is None else serves
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fd = theirs.fileno()
         code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.zygote import serve; serve({fd})"
@@ -158,12 +164,13 @@ class Zygote:
         self.threads: int = info["threads"]
         _account(info["cpu"])  # its start-up: what each fresh interpreter would have paid
 
-    def spawn(self, args: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+    def spawn(self, code: str, args: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
               cap: int | None = None, stdin: bytes | None = None, stdout: int | None = PIPE,
               stderr: int | None = PIPE) -> ForkedProcess:
-        """Fork a run of ``soft ARGS``; ``stdout``/``stderr``: PIPE (captured), DEVNULL or None (inherit)."""
+        """Fork a run of ``python -c CODE ARGS``; ``stdout``/``stderr``: PIPE (captured), DEVNULL or None
+        (this process's own)."""
         env = dict(self.env if env is None else env)
-        if import_time_key(env) != import_time_key(self.env):
+        if import_time_key(env) != self.serves:
             raise ValueError("this environment changes variables read at import: start a zygote with it")
         files: dict[str, IO[bytes] | None] = {}
         fds: list[int] = []
@@ -182,7 +189,7 @@ class Zygote:
             else:
                 fds.append(1 if name == "stdout" else 2)  # this process's own
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        request = {"args": args, "cwd": str(cwd or os.getcwd()), "env": env, "cap": cap}
+        request = {"code": code, "args": args, "cwd": str(cwd or os.getcwd()), "env": env, "cap": cap}
         try:
             socket.send_fds(self._sock, [json.dumps(request).encode()], [theirs.fileno(), *fds])
         finally:
@@ -196,13 +203,13 @@ class Zygote:
             if not chunk:
                 raise RuntimeError("the zygote ended without starting the run")
             line += chunk
-        return ForkedProcess(["soft", *args], int(json.loads(line)["pid"]), ours, files)
+        return ForkedProcess([sys.executable, "-c", code, *args], int(json.loads(line)["pid"]), ours, files)
 
-    def run(self, args: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
+    def run(self, code: str, args: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None,
             cap: int | None = None, input: bytes | None = None, timeout: float | None = None
             ) -> subprocess.CompletedProcess:
         """Like ``subprocess.run(..., capture_output=True)``: run to the end (killed after ``timeout`` s)."""
-        proc = self.spawn(args, cwd=cwd, env=env, cap=cap, stdin=input)
+        proc = self.spawn(code, args, cwd=cwd, env=env, cap=cap, stdin=input)
         try:
             out, err = proc.communicate(timeout)
         except subprocess.TimeoutExpired:
@@ -235,13 +242,20 @@ def cpu_seconds() -> float:
 
 
 def zygote_for(env: dict[str, str]) -> Zygote | None:
-    """The session's zygote for this environment's import-time variables (started on first use);
-    None where forking is not supported or the thread pools are not pinned to one thread."""
-    if not supported() or env.get("OMP_NUM_THREADS") != "1":
+    """The session's zygote for this environment's import-time variables (started on first use), or None
+    where forking is not supported.
+
+    Without a thread count in ``env``, the zygote is started with ``OPENBLAS_NUM_THREADS=1`` (numpy's BLAS
+    would otherwise start a thread at import, and a process with threads cannot fork safely); its runs still
+    see exactly ``env``, and torch's own thread pool is untouched (its size comes from ``env`` as usual)."""
+    if not supported():
         return None
     key = import_time_key(env)
     if key not in _ZYGOTES:
-        _ZYGOTES[key] = Zygote(env)
+        start_env = dict(env)
+        if "OMP_NUM_THREADS" not in env and "OPENBLAS_NUM_THREADS" not in env:
+            start_env["OPENBLAS_NUM_THREADS"] = "1"
+        _ZYGOTES[key] = Zygote(start_env, serves=key)
     return _ZYGOTES[key]
 
 
@@ -252,30 +266,42 @@ def _close_all() -> None:
     _ZYGOTES.clear()
 
 
-def soft_process(args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str], cwd: Path | str | None = None,
-                 cap: int | None = None, stdout: int | None = PIPE, stderr: int | None = PIPE
-                 ) -> ForkedProcess | subprocess.Popen:
-    """Start ``soft ARGS`` (capped at ``cap`` bytes of address space): forked from the zygote where it can
-    serve ``env``, else a fresh interpreter. The handle is Popen-like either way."""
+def python_process(code: str, args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str],
+                   cwd: Path | str | None = None, cap: int | None = None, stdout: int | None = PIPE,
+                   stderr: int | None = PIPE) -> ForkedProcess | subprocess.Popen:
+    """Start ``python -c CODE ARGS`` in ``env`` and ``cwd``, capped at ``cap`` bytes of address space: forked
+    from the zygote where it can serve ``env``, else a fresh interpreter. The handle is Popen-like either
+    way; SIGINT in the run acts as Ctrl-C in a terminal."""
     str_args = [os.fsdecode(a) for a in args]
     zygote = zygote_for(env)
     if zygote is not None:
-        return zygote.spawn(str_args, cwd=cwd, env=env, cap=cap, stdout=stdout, stderr=stderr)
-    return subprocess.Popen([sys.executable, "-c", _FRESH_MAIN.format(cap=cap), *str_args], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            preexec_fn=_default_sigint)
+        return zygote.spawn(code, str_args, cwd=cwd, env=env, cap=cap, stdout=stdout, stderr=stderr)
+    prefix = _CAP_PREFIX.format(cap=cap) if cap is not None else ""
+    return subprocess.Popen([sys.executable, "-c", prefix + code, *str_args], cwd=cwd, env=env,
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, preexec_fn=_default_sigint)
 
 
-def run_soft_process(args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str],
-                     cwd: Path | str | None = None, cap: int | None = None, timeout: float | None = None
-                     ) -> subprocess.CompletedProcess:
-    """Run ``soft ARGS`` to the end in a process of its own (see :func:`soft_process`), capturing output."""
+def run_python(code: str, args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str],
+               cwd: Path | str | None = None, cap: int | None = None, timeout: float | None = None,
+               input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Like ``subprocess.run([python, "-c", CODE, *ARGS], capture_output=True)`` (see :func:`python_process`)."""
     str_args = [os.fsdecode(a) for a in args]
     zygote = zygote_for(env)
     if zygote is not None:
-        return zygote.run(str_args, cwd=cwd, env=env, cap=cap, timeout=timeout)
-    return subprocess.run([sys.executable, "-c", _FRESH_MAIN.format(cap=cap), *str_args], capture_output=True,
-                          cwd=cwd, env=env, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
+        return zygote.run(code, str_args, cwd=cwd, env=env, cap=cap, timeout=timeout, input=input)
+    prefix = _CAP_PREFIX.format(cap=cap) if cap is not None else ""
+    return subprocess.run([sys.executable, "-c", prefix + code, *str_args], capture_output=True, cwd=cwd,
+                          env=env, timeout=timeout, input=input, preexec_fn=_default_sigint)
+
+
+def soft_process(args: list[str | os.PathLike[str] | bytes], **kwargs: Any) -> ForkedProcess | subprocess.Popen:
+    """Start ``soft ARGS`` in a process of its own (keywords as :func:`python_process`)."""
+    return python_process(SOFT_MAIN, args, **kwargs)
+
+
+def run_soft_process(args: list[str | os.PathLike[str] | bytes], **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run ``soft ARGS`` to the end in a process of its own, capturing output (keywords as :func:`run_python`)."""
+    return run_python(SOFT_MAIN, args, **kwargs)
 
 
 def _default_sigint() -> None:
@@ -302,6 +328,9 @@ def serve(control_fd: int) -> None:
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         control.sendall(json.dumps({"error": f"{threads} threads after the imports; fork would be unsafe"}).encode())
+        return
+    if "huggingface_hub" in sys.modules:  # it reads HF_* at import: each run must import it under its own env
+        control.sendall(json.dumps({"error": "huggingface_hub was imported before forking"}).encode())
         return
     import resource
 
@@ -352,7 +381,7 @@ def _fork_run(request: dict[str, Any], fds: list[int], close_in_child: list[sock
 
 
 def _child(request: dict[str, Any], fds: list[int]) -> int:
-    """In the forked child: become ``soft ARGS`` started as ``python -c`` would start it, run, return the status."""
+    """In the forked child: become ``python -c CODE ARGS`` as a fresh interpreter would run it; the status."""
     import resource
     import traceback
 
@@ -368,12 +397,11 @@ def _child(request: dict[str, Any], fds: list[int]) -> int:
     os.environ.update(request["env"])
     if request["cap"] is not None:
         resource.setrlimit(resource.RLIMIT_AS, (request["cap"], request["cap"]))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = ["-c", *request["args"]]
-    from softcli.cli.app import main
-
     try:
-        main(request["args"])
+        exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
         code = 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
