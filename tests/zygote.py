@@ -13,8 +13,8 @@ signals delivered by ``kill``; only interpreter start-up is shared.
 
 Fork safety: the zygote never runs a tensor operation (torch creates its
 intra-op thread pool lazily, on the first parallel op) and it is started with
-``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS`` set, so numpy's OpenBLAS starts
-no thread either (:func:`zygote_for`): it checks it has
+``OPENBLAS_NUM_THREADS=1``, so numpy's OpenBLAS starts no thread either
+(:func:`zygote_for`): it checks it has
 exactly one thread before serving, and refuses to start otherwise (a forked
 child gets only the forking thread, so locks held by another thread would stay
 held forever in the child).
@@ -227,7 +227,7 @@ class Zygote:
             self.process.wait()
 
 
-_ZYGOTES: dict[tuple[tuple[str, str], ...], Zygote] = {}
+_ZYGOTES: dict[tuple[tuple[str, str], ...], Zygote | None] = {}
 _CPU_SECONDS = [0.0]
 
 
@@ -243,26 +243,28 @@ def cpu_seconds() -> float:
 
 def zygote_for(env: dict[str, str]) -> Zygote | None:
     """The session's zygote for this environment's import-time variables (started on first use), or None
-    where forking is not supported.
+    where forking is not supported or the zygote could not start (callers then start a fresh interpreter).
 
-    Without a thread count in ``env``, the zygote is started with ``OPENBLAS_NUM_THREADS=1`` (numpy's BLAS
-    would otherwise start a thread at import, and a process with threads cannot fork safely); its runs still
-    see exactly ``env``, and torch's own thread pool is untouched (its size comes from ``env`` as usual)."""
+    The zygote is started with ``OPENBLAS_NUM_THREADS=1`` unless ``env`` sets it (numpy's BLAS would otherwise
+    start threads at import, and a process with threads cannot fork safely); its runs still see exactly
+    ``env``, and torch's own thread pool is untouched (sized from ``env`` as usual, in each run)."""
     if not supported():
         return None
     key = import_time_key(env)
     if key not in _ZYGOTES:
-        start_env = dict(env)
-        if "OMP_NUM_THREADS" not in env and "OPENBLAS_NUM_THREADS" not in env:
-            start_env["OPENBLAS_NUM_THREADS"] = "1"
-        _ZYGOTES[key] = Zygote(start_env, serves=key)
+        try:
+            _ZYGOTES[key] = Zygote({"OPENBLAS_NUM_THREADS": "1", **env}, serves=key)
+        except RuntimeError as exc:
+            print(f"tests/zygote.py: {exc}; these runs start fresh interpreters", file=sys.stderr)
+            _ZYGOTES[key] = None
     return _ZYGOTES[key]
 
 
 @atexit.register
 def _close_all() -> None:
     for zygote in _ZYGOTES.values():
-        zygote.close()
+        if zygote is not None:
+            zygote.close()
     _ZYGOTES.clear()
 
 
@@ -409,7 +411,8 @@ def _child(request: dict[str, Any], fds: list[int]) -> int:
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:  # as the interpreter does: die of SIGINT
+    except KeyboardInterrupt:  # as the interpreter does: the traceback, then die of SIGINT
+        traceback.print_exc()
         _finish()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
