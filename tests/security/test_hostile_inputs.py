@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_CONFIG
+from tests.synthetic import ONE_THREAD_ENV
 from tests.zygote import ForkedProcess, run_soft_process, soft_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux-only")
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /
 #: Address-space cap of every command below: torch + a tiny model need ~0.8 GB of it.
 CAP = 2 * 2**30
 #: One thread keeps the capped processes small and the timings stable on a shared machine.
-_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+_ENV = ONE_THREAD_ENV
 
 
 def _capped_env() -> dict[str, str]:
