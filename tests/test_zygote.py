@@ -100,3 +100,13 @@ def test_a_run_that_changes_import_time_variables_is_refused():
     assert server is not None
     with pytest.raises(ValueError, match="variables read at import"):
         server.spawn("pass", [], env={**ENV, "OMP_NUM_THREADS": "2"})
+
+
+def test_torchrun_ranks_are_forks_of_the_zygote():
+    """torchrun starts the cheap forwarder per rank; each rank runs as a fork, with torchrun's variables."""
+    code = "import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.getppid())"
+    r = zygote.torchrun(2, [], ENV, timeout=120, code=code)
+    assert r.returncode == 0, r.stderr.decode()
+    server = zygote.zygote_for(ENV)
+    assert server is not None
+    assert sorted(r.stdout.decode().split("\n")[:-1]) == [f"{rank} 2 {server.process.pid}" for rank in (0, 1)]

@@ -61,8 +61,13 @@ DEVNULL = subprocess.DEVNULL
 PIPE = subprocess.PIPE
 
 
+#: ... except these, read only when used (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING for its ranks).
+_READ_WHEN_USED = ("TORCH_NCCL_",)
+
+
 def import_time_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)))
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(_READ_WHEN_USED)))
 
 
 def supported() -> bool:
@@ -146,8 +151,11 @@ class Zygote:
         self.env = dict(env)
         self.serves = import_time_key(env) if serves is None else serves
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._folder = tempfile.TemporaryDirectory(prefix="soft-zygote-")
+        self.listen_path = os.path.join(self._folder.name, "socket")
         fd = theirs.fileno()
-        code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.zygote import serve; serve({fd})"
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.zygote import serve; "
+                f"serve({fd}, {self.listen_path!r}, {json.dumps(self.serves)!r})")
         # Its own session: the runner's Ctrl-C goes to the runner, not to the zygote or a run in flight.
         self.process = subprocess.Popen([sys.executable, "-c", code], env=self.env, cwd=REPO,
                                         pass_fds=[fd], stdin=subprocess.DEVNULL,
@@ -218,6 +226,11 @@ class Zygote:
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)  # type: ignore[arg-type]
 
+    def forward_env(self, env: dict[str, str], code: str = SOFT_MAIN) -> dict[str, str]:
+        """``env`` plus where :func:`forward` finds this zygote and the code it asks for (for a launcher that
+        starts :data:`FORWARD`)."""
+        return {**env, SOCKET_ENV: self.listen_path, CODE_ENV: code}
+
     def close(self) -> None:
         self._sock.close()  # the zygote ends when its socket closes
         try:
@@ -225,6 +238,7 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._folder.cleanup()
 
 
 _ZYGOTES: dict[tuple[tuple[str, str], ...], Zygote | None] = {}
@@ -315,9 +329,12 @@ def _default_sigint() -> None:
 
 # -- the zygote side ---------------------------------------------------------------------------
 
-def serve(control_fd: int) -> None:
+def serve(control_fd: int, listen_path: str, serves: str) -> None:
     """The zygote's loop: import, check it is single-threaded, then fork one child per request and report
-    each child's wait status on the request's own socket when it ends."""
+    each child's wait status on the request's own socket when it ends.
+
+    Requests come from the test runner (``control_fd``) and from :func:`forward` (connections to
+    ``listen_path``); ``serves`` is the JSON of the import-time variables runs must have (else refused)."""
     import importlib
     import select
 
@@ -336,22 +353,39 @@ def serve(control_fd: int) -> None:
         return
     import resource
 
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(listen_path)
+    listener.listen(8)
+    key = [list(kv) for kv in json.loads(serves)]
     own = resource.getrusage(resource.RUSAGE_SELF)
     control.sendall(json.dumps({"threads": threads, "cpu": own.ru_utime + own.ru_stime}).encode())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner's Ctrl-C is for the runner; children reset it
     children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, report socket)
     while True:
-        ready, _, _ = select.select([control.fileno(), *children], [], [])
+        ready, _, _ = select.select([control.fileno(), listener.fileno(), *children], [], [])
         for fd in ready:
-            if fd == control.fileno():
+            if fd in (control.fileno(), listener.fileno()):
+                conn = control if fd == control.fileno() else listener.accept()[0]
                 try:
-                    msg, fds, _, _ = socket.recv_fds(control, 1 << 20, 8)
+                    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 8)
                 except ConnectionResetError:
-                    msg = b""
-                if not msg:  # the test session ended: leave the children to finish on their own
-                    return
+                    msg, fds = b"", []
+                if conn is not control:
+                    conn.close()
+                if not msg:
+                    if conn is control:  # the test session ended: leave the children to finish on their own
+                        return
+                    continue
                 report = socket.socket(fileno=fds[0])
-                pid = _fork_run(json.loads(msg), fds[1:], [control, *(s for _, s in children.values()), report])
+                request = json.loads(msg)
+                if [list(kv) for kv in import_time_key(request["env"])] != key:
+                    report.sendall(json.dumps({"error": "variables read at import differ"}).encode() + b"\n")
+                    report.close()
+                    for fd_ in fds[1:]:
+                        os.close(fd_)
+                    continue
+                keep = [control, listener, *(sock for _, sock in children.values()), report]
+                pid = _fork_run(request, fds[1:], keep)
                 for fd_ in fds[1:]:
                     os.close(fd_)
                 report.sendall(json.dumps({"pid": pid}).encode() + b"\n")
@@ -365,6 +399,46 @@ def serve(control_fd: int) -> None:
                 except OSError:
                     pass  # the test no longer listens
                 report.close()
+
+
+#: Where :func:`forward` finds its zygote, and the code it runs (set by :meth:`Zygote.forward_env`).
+SOCKET_ENV, CODE_ENV = "SOFTCLI_TEST_ZYGOTE", "SOFTCLI_TEST_ZYGOTE_CODE"
+#: ``python -c`` code that runs ``soft ARGS`` as a fork of the zygote named in ``SOFTCLI_TEST_ZYGOTE``.
+FORWARD = f"import sys; sys.path.insert(0, {str(REPO)!r}); from tests.zygote import forward; forward()"
+
+
+def forward() -> None:
+    """Be ``python -c CODE ARGS`` (CODE from ``SOFTCLI_TEST_ZYGOTE_CODE``, ARGS ``sys.argv[1:]``) by asking the
+    zygote for a fork with this process's stdin/stdout/stderr, directory and environment, passing on
+    SIGTERM/SIGINT/SIGHUP, and ending as it ends (its exit status, or death by the same signal). A launcher
+    such as torchrun then starts this cheap process (no torch import) where it would start a fresh
+    interpreter. If the zygote cannot serve this environment, become a fresh interpreter running CODE."""
+    args, code = sys.argv[1:], os.environ[CODE_ENV]
+    request = {"code": code, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "cap": None}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(os.environ[SOCKET_ENV])
+        socket.send_fds(sock, [json.dumps(request).encode()], [theirs.fileno(), 0, 1, 2])
+    theirs.close()
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = ours.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    reply = json.loads(line) if line else {"error": "no answer"}
+    if "error" in reply:
+        os.execv(sys.executable, [sys.executable, "-c", code, *args])
+    pid = int(reply["pid"])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+    data = ours.recv(4096)
+    status = os.waitstatus_to_exitcode(int(json.loads(data)["status"])) if data else 1
+    if status < 0:  # die of the same signal
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+        time.sleep(1)
+    sys.exit(status)
 
 
 def _fork_run(request: dict[str, Any], fds: list[int], close_in_child: list[socket.socket]) -> int:
@@ -437,3 +511,21 @@ def _finish() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def torchrun(nproc: int, args: list[str | os.PathLike[str]], env: dict[str, str], timeout: float = 600,
+             code: str = SOFT_MAIN) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node N -m softcli ARGS`` (or ``python -c CODE ARGS``), captured.
+
+    The launcher is the real one; each rank it starts is :data:`FORWARD` (``--no-python``), which runs as a
+    fork of the zygote (a fresh interpreter where there is none, or where torchrun's variables change an
+    import-time one). The ranks' CPU time is the zygote's, not counted per test by ``--cpu-durations``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                "--no-python", sys.executable, "-c"]
+    str_args = [os.fsdecode(a) for a in args]
+    zygote = zygote_for(env)
+    if zygote is None:
+        cmd, run_env = [*launcher, code, *str_args], env
+    else:
+        cmd, run_env = [*launcher, FORWARD, *str_args], zygote.forward_env(env, code)
+    return subprocess.run(cmd, env=run_env, capture_output=True, timeout=timeout, check=False)
