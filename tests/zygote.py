@@ -48,6 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: forked run imports it afresh under its own environment, as a new process would.)
 IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "PYTHON", "LD_", "MALLOC_", "TORCH_",
                         "CUDA_", "PYTORCH_")
+#: ... except these, read only when used (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING for its ranks).
+_READ_WHEN_USED = ("TORCH_NCCL_",)
 #: Imported by the zygote before it forks: what ``soft classify|features|segment`` imports.
 PRELOAD = ("torch", "numpy", "PIL.Image", "tifffile", "safetensors.torch", "softcli", "softcli.cli.app",
            "softcli.classify", "softcli.features", "softcli.segment", "softcli.engine", "softcli.cluster",
@@ -59,10 +61,6 @@ _CAP_PREFIX = "import resource; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {
 
 DEVNULL = subprocess.DEVNULL
 PIPE = subprocess.PIPE
-
-
-#: ... except these, read only when used (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING for its ranks).
-_READ_WHEN_USED = ("TORCH_NCCL_",)
 
 
 def import_time_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -99,7 +97,7 @@ class ForkedProcess:
         return self.returncode
 
     def _receive_status(self) -> None:
-        data = self._conn.recv(64)
+        data = self._conn.recv(4096)
         if not data:
             raise RuntimeError(f"the zygote ended before reporting on pid {self.pid}")
         report = json.loads(data)
@@ -119,7 +117,10 @@ class ForkedProcess:
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # it ended in the meantime (as Popen.send_signal)
+                pass
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -340,7 +341,10 @@ def serve(control_fd: int, listen_path: str, serves: str) -> None:
 
     control = socket.socket(fileno=control_fd)
     for name in PRELOAD:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a module renamed since: the run imports what it needs, as a fresh one would
+            pass
     from softcli.cli.app import _register_commands
 
     _register_commands()
