@@ -104,12 +104,16 @@ def run_soft(*args: str, env: dict | None = None, cwd: Path | None = None, timeo
     stdout/stderr/stdin, environment, working directory and exit code, so tests
     read the result exactly like a subprocess's (bytes, ``returncode``; an
     exception that escapes ``main`` becomes a traceback on stderr and status 1).
-    A run whose ``env`` sets Hugging Face variables goes to a subprocess
-    (:func:`run_soft_subprocess`): huggingface_hub reads them only at import.
-    ``timeout`` applies to subprocesses only.
+    A run whose ``env`` sets Hugging Face variables goes to a process of its own
+    (forked from the warm zygote, tests/zygote.py): huggingface_hub reads them
+    only at import. ``timeout`` applies to those runs only.
     """
     if env and any(name.startswith(_IMPORT_TIME_ENV) for name in env):
-        return run_soft_subprocess(*args, env=env, cwd=cwd, timeout=timeout, input=input)
+        from tests.zygote import run_soft_process
+
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+        full_env.pop("SOFTCLI_DEBUG", None)
+        return run_soft_process(list(args), env=full_env, cwd=cwd, timeout=timeout, input=input)
     return _run_in_process([str(a) for a in args], env or {}, cwd, input)
 
 
@@ -185,8 +189,10 @@ _CPU_SECONDS: dict[str, float] = {}
 def _cpu_now() -> float:
     import resource
 
+    from tests import zygote
+
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + zygote.cpu_seconds()
 
 
 @pytest.hookimpl(hookwrapper=True)

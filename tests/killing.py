@@ -1,16 +1,19 @@
-"""Kill a real ``soft`` run part-way, for the resume tests (tile bands and global layer passes)."""
+"""Kill a real ``soft`` run part-way, for the resume tests (tile bands and global layer passes).
+
+The run is a process of its own, forked from the session's warm zygote (tests/zygote.py), so SIGKILL
+hits a real process without each test paying the interpreter and torch start-up."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from tests.conftest import REPO
 from tests.synthetic import ONE_THREAD_ENV
+from tests.zygote import soft_process
 
 
 def one_thread_env() -> dict[str, str]:
@@ -24,8 +27,7 @@ def kill_after_recorded(args: list[str], state: Path, count: int, cwd: Path, tim
     """Start ``soft ARGS``; SIGKILL it once ``count`` steps (bands or passes) are recorded in ``state/done``.
 
     Returns how many were recorded when it died (a step may finish between the check and the kill)."""
-    proc = subprocess.Popen([sys.executable, "-m", "softcli", *args], env=one_thread_env(), cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = soft_process(args, env=one_thread_env(), cwd=cwd, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
         while not ((state / "done").is_dir() and len(list((state / "done").glob("*.json"))) >= count):

@@ -124,8 +124,9 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-#: For CLI subprocesses, the same as :func:`single_thread`.
-ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+#: For CLI subprocesses, the same as :func:`single_thread` (every thread-pool variable, so that all the
+#: one-thread runs share one warm zygote, tests/zygote.py).
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def flat_scene(h: int = 1536, w: int = 1536) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from softcli.tiling import TileGrid
 from .conftest import run_soft
 from .killing import kill_after_recorded, one_thread_env
 from .synthetic import ONE_THREAD_ENV
+from .zygote import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def test_changed_settings_start_afresh(weights, tmp_path):
 # -- --split tiles under torchrun ---------------------------------------------------------------
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "softcli", *args], env=one_thread_env(), capture_output=True, timeout=600, check=False)
+    """The real torchrun launcher; its two ranks fork from the warm zygote (tests/zygote.py)."""
+    return torchrun(2, list(args), one_thread_env())
 
 
 def split_and_single_runs(seg: list[str], feats: list[str], tmp_path: Path,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from softcli.cohort.manifest import append_line, part_path, read_lines
 
 from .conftest import REPO, run_soft
 from .synthetic import ONE_THREAD_ENV
+from .zygote import soft_process, torchrun
 
 SIZES = [(96, 128), (160, 96), (128, 128), (64, 200), (100, 100), (200, 64)]
 
@@ -117,8 +117,8 @@ def test_kill_after_two_outputs_then_resume_equals_clean_run(images, weights, cl
     """SIGKILL once two inputs are recorded; the rerun skips those and the result equals a clean run."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), **ONE_THREAD_ENV}
-    proc = subprocess.Popen([sys.executable, "-m", "softcli", *map(str, seg_args([images], out, weights))],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = soft_process(seg_args([images], out, weights), env=env, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)  # forked from the warm zygote: a real process to kill
     part = part_path(out, 0)
     deadline = time.monotonic() + 120
     try:
@@ -220,9 +220,7 @@ def test_torchrun_two_ranks_equal_one_process(images, weights, clean_run, tmp_pa
     broken.write_bytes(b"not an image")
     env = {**os.environ, "PYTHONPATH": str(REPO), **ONE_THREAD_ENV}
     env.pop("SOFTCLI_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "softcli", *map(str, seg_args([images, broken], out, weights))],
-                       env=env, capture_output=True, timeout=300, check=False)
+    r = torchrun(2, seg_args([images, broken], out, weights), env, timeout=300)  # ranks fork from the zygote
     err = r.stderr.decode()
     assert r.returncode == 1, err
     assert files_of(out) == files_of(clean_run)

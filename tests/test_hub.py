@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from softcli.checkpoint import read_checkpoint, save_pretrained
 from softcli.errors import CheckpointError, UsageError
 from tests.conftest import GOLDEN, REPO, TINY_CONFIG, run_soft
 from tests.hub_server import FakeDrive, FakeHub, free_port_closed, hf, hub_env, no_internet  # noqa: F401 (fixtures)
+from tests.zygote import run_python
 
 PROBE = """
 import json, sys, torch, softcli
@@ -38,9 +38,11 @@ print(json.dumps({"logits": y.flatten().tolist(), "source": str(m.source)}))
 
 
 def probe(spec: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Load ``spec`` with softcli.load_model in a fresh process; logits of a fixed input as JSON."""
+    """Load ``spec`` with softcli.load_model in a process of its own (forked from the warm zygote, which has
+    not imported huggingface_hub); logits of a fixed input as JSON."""
     full = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    return subprocess.run([sys.executable, "-c", PROBE, spec], env=full, capture_output=True, text=True, timeout=120)
+    r = run_python(PROBE, [spec], env=full, timeout=120)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 def logits_of(model: torch.nn.Module) -> list[float]:

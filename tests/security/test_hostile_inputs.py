@@ -29,37 +29,33 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_CONFIG
+from tests.synthetic import ONE_THREAD_ENV
+from tests.zygote import ForkedProcess, run_soft_process, soft_process
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS and /proc are Linux-only")
 
 #: Address-space cap of every command below: torch + a tiny model need ~0.8 GB of it.
 CAP = 2 * 2**30
-_MAIN = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap})); "
-         "from softcli.cli.app import main; main(sys.argv[1:])")
 #: One thread keeps the capped processes small and the timings stable on a shared machine.
-_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+_ENV = ONE_THREAD_ENV
+
+
+def _capped_env() -> dict[str, str]:
+    env = {**os.environ, **_ENV, "PYTHONPATH": str(REPO)}
+    env.pop("SOFTCLI_DEBUG", None)
+    return env
 
 
 def soft_capped(*args: str | os.PathLike[str] | bytes, cwd: Path, timeout: float = 120,
                 cap: int = CAP) -> subprocess.CompletedProcess:
-    """``soft ARGS`` in a subprocess limited to ``cap`` bytes of address space."""
-    env = {**os.environ, **_ENV, "PYTHONPATH": str(REPO)}
-    env.pop("SOFTCLI_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", _MAIN.format(cap=cap), *args], capture_output=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    """``soft ARGS`` in a process of its own limited to ``cap`` bytes of address space (forked from the
+    session's warm zygote, tests/zygote.py: a real process without the interpreter and torch start-up)."""
+    return run_soft_process(list(args), env=_capped_env(), cwd=cwd, cap=cap, timeout=timeout)
 
 
-def _default_sigint() -> None:
-    """In the child: Ctrl-C acts as in a terminal, even when the test runner was started in the
-    background (a non-interactive shell starts background jobs with SIGINT ignored, and softcli
-    rightly keeps an inherited ignore, as under nohup)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_capped(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, **_ENV, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", _MAIN.format(cap=CAP), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+def start_capped(*args: str, cwd: Path) -> ForkedProcess | subprocess.Popen:
+    """``soft ARGS`` started capped, for the signal tests: Ctrl-C acts as in a terminal."""
+    return soft_process(list(args), env=_capped_env(), cwd=cwd, cap=CAP)
 
 
 def errors(proc: subprocess.CompletedProcess) -> list[str]:
@@ -208,9 +204,9 @@ def test_tiny_tiff_declaring_100000_squared_refused(work, tmp_path, command):
 
 def test_whole_decode_beyond_memory_refused_without_pixel_limit(work, tmp_path):
     """With --max-pixels 0 a PNG declaring 60000² (10 GB as float RGB) is refused by the memory check."""
-    from PIL import PngImagePlugin  # noqa: F401 - make sure Pillow's PNG plugin exists
-
     import zlib
+
+    from PIL import PngImagePlugin  # noqa: F401 - make sure Pillow's PNG plugin exists
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
