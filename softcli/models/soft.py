@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast, overload
 
@@ -50,6 +50,36 @@ __all__ = [
 
 # Local-term kernel sizes of stages 1-3 (attn.conv); fixed by the official code.
 LOCAL_KERNELS = (9, 5, 3)
+
+#: The per-token tail of a block (residuals, norms, MLP) walks the tokens in row
+#: chunks whose MLP hidden activations hold about this many values (4 MB in
+#: float32): the hidden layer stays in the CPU cache instead of streaming a
+#: full-size temporary (256 MB at 2048², stage 1) through memory, and no
+#: full-size temporaries are allocated (bench/README.md, "Per-token chunks").
+TOKEN_CHUNK_ELEMENTS = 1 << 20
+#: Fewest rows in a chunk, whatever the width.
+TOKEN_CHUNK_MIN_ROWS = 256
+
+
+def per_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor, width: int) -> Tensor:
+    """``fn`` over aligned row chunks of (B, N, ·) tensors, written into one (B, N, ·) result.
+
+    Only for ``fn`` that treat each token on its own (norms, MLPs, residuals):
+    then the result equals ``fn(*tensors)``. ``width`` is the widest
+    intermediate per token, which sets the chunk size.
+    """
+    n = tensors[0].shape[1]
+    rows = max(TOKEN_CHUNK_MIN_ROWS, TOKEN_CHUNK_ELEMENTS // max(1, width))
+    if rows >= n:
+        return fn(*tensors)
+    out: Tensor | None = None
+    for s in range(0, n, rows):
+        part = fn(*(t[:, s:s + rows] for t in tensors))
+        if out is None:
+            out = part.new_empty((part.shape[0], n, part.shape[-1]))
+        out[:, s:s + rows] = part
+    assert out is not None
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,10 +196,17 @@ class SoftBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        return self.finish(x, self.attn(x, hw))
+        # ``proj`` joins the per-token chunks: its output never exists at full size.
+        return per_token_chunks(self._project_finish, x, self.attn.attend(x, hw), width=self.mlp.fc1.out_features)
+
+    def _project_finish(self, x: Tensor, heads: Tensor) -> Tensor:
+        return self._finish_tokens(x, self.attn.proj(heads))
 
     def finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
         """Everything after attention (residual, norms, MLP): per token, so any tile of tokens works."""
+        return per_token_chunks(self._finish_tokens, x, attn_out, width=self.mlp.fc1.out_features)
+
+    def _finish_tokens(self, x: Tensor, attn_out: Tensor) -> Tensor:
         x = self.norm1(x + attn_out)
         return self.norm2(x + self.mlp(x))
 
@@ -205,6 +242,9 @@ class SoftmaxBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
+        return per_token_chunks(self._mlp_tokens, x, width=self.mlp.fc1.out_features)
+
+    def _mlp_tokens(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.norm2(x))
 
 
