@@ -75,7 +75,7 @@ def check_publishable(ck: Checkpoint) -> None:
     ref = reference_of(ck)
     if ref is not None and needs_backbone(ck) and ref.get("kind") not in PORTABLE_KINDS:
         raise CheckpointError(f"{ck.source}: its backbone is the local file {ref.get('spec')}, which nobody "
-                              "else can fetch; fit again with a registry or hf-hub: backbone, or with --bundle")
+                              "else can fetch; fit again with a registry or hf-hub: backbone, or with `bundle`")
 
 
 def attach_backbone(ck: Checkpoint, resolve: Resolver) -> Checkpoint:
@@ -90,7 +90,7 @@ def attach_backbone(ck: Checkpoint, resolve: Resolver) -> Checkpoint:
     try:
         path = resolve(spec)
     except CheckpointError as exc:
-        raise CheckpointError(f"{ck.source}: its backbone {spec} cannot be found ({exc})") from exc
+        raise CheckpointError(f"{ck.source}: its backbone {spec} cannot be found ({exc.template})") from exc
     got = sha256_file(weights_file(path))
     if got != want:
         raise CheckpointError(f"{ck.source}: the backbone {spec} has sha256 {got[:12]}…, the head was fitted on "

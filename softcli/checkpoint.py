@@ -88,8 +88,8 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             raise _fail(path, "corrupt or truncated safetensors file (header length past the end of the file)")
         try:
             header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _fail(path, "corrupt safetensors header (not JSON)") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _fail(path, "corrupt safetensors header (not JSON)") from exc
     if not isinstance(header, dict):
         raise _fail(path, "corrupt safetensors header")
     end = 0
@@ -98,8 +98,8 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             continue
         try:
             end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise _fail(path, f"corrupt safetensors header (entry {key!r})") from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _fail(path, f"corrupt safetensors header (entry {key!r})") from exc
     if 8 + n + end > size:
         raise _fail(path, f"truncated safetensors file ({size} bytes, header needs {8 + n + end})")
     return header
@@ -113,7 +113,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _fail(path, f"cannot read safetensors file ({exc})") from None
+        raise _fail(path, f"cannot read safetensors file ({exc})") from exc
     return tensors, dict(header.get("__metadata__") or {})
 
 
@@ -123,7 +123,7 @@ def _check_zip_sizes(path: Path) -> None:
         with zipfile.ZipFile(path) as zf:
             inflated = sum(info.file_size for info in zf.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _fail(path, f"cannot read PyTorch checkpoint, truncated or corrupt ({exc})") from None
+        raise _fail(path, f"cannot read PyTorch checkpoint, truncated or corrupt ({exc})") from exc
     size = path.stat().st_size
     if inflated > max(ZIP_INFLATION_FLOOR, MAX_ZIP_INFLATION * size):
         raise _fail(path, f"refusing to inflate: its zip members add up to {format_bytes(inflated)} from a "
@@ -150,10 +150,10 @@ def _load_pickle(path: Path) -> Any:
         first = str(exc).strip().splitlines()
         detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
         raise _fail(path, "refusing to unpickle: the file holds Python objects that could run code, "
-                          f"not just tensors and plain data ({detail[:160]})") from None
+                          f"not just tensors and plain data ({detail[:160]})") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _fail(path, f"cannot read PyTorch checkpoint, truncated or corrupt ({msg[:160]})") from None
+        raise _fail(path, f"cannot read PyTorch checkpoint, truncated or corrupt ({msg[:160]})") from exc
 
 
 _STATE_KEYS = ("state_dict", "model", "module", "net")
@@ -188,7 +188,7 @@ def _config_from_sources(sd: Mapping[str, Tensor], meta_config: Any, args: Any, 
             return cfg
         return infer_config(sd)
     except ValueError as exc:
-        raise _fail(path, str(exc)) from None
+        raise _fail(path, str(exc)) from exc
 
 
 def read_checkpoint(path: str | os.PathLike[str], use_ema: bool = False) -> Checkpoint:
@@ -227,7 +227,7 @@ def _parse_json(text: Any, path: Path, what: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _fail(path, f"invalid JSON in {what} ({exc.msg})") from None
+        raise _fail(path, f"invalid JSON in {what} ({exc.msg})") from exc
 
 
 def _apply_project_config(ck: Checkpoint, data: Any, path: Path) -> None:
@@ -239,7 +239,7 @@ def _apply_project_config(ck: Checkpoint, data: Any, path: Path) -> None:
         try:
             ck.config = SoftConfig.from_dict(data["model_config"])
         except (TypeError, ValueError) as exc:
-            raise _fail(path, f"bad model_config ({exc})") from None
+            raise _fail(path, f"bad model_config ({exc})") from exc
     labels = data.get("labels")
     if labels is not None:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):

@@ -12,13 +12,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .context import ContextChoice, TensorSource, choose_context, default_max_memory, plan_global, run_global
-from .errors import CheckpointError, InputError, UsageError
+from .context import ContextChoice, TensorSource, choose_context, memory_budget, plan_global, run_global
+from .errors import CheckpointError, InputError, UsageError, render_params
 from .io.image import DEFAULT_MAX_PIXELS, load_image, pixel_limit
 from .io.inputs import InputItem, display_path, expand_inputs, path_bytes
 from .io.slide import load_for_crop
@@ -46,6 +46,8 @@ class ClassifyResult:
     seconds: float = 0.0  # decode + preprocess + this image's share of its batch's forward pass
     error: str | None = None
     context: str | None = None  # full-res only: "whole" or "global" (softcli.context), with the reason
+    #: ``error`` with the parameters it names in backticks (softcli.errors), for the command line's wording.
+    error_template: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -76,9 +78,14 @@ class ClassifyResult:
         return out
 
 
+def _failed(path: str, seconds: float, reason: str) -> ClassifyResult:
+    """A failed input; ``reason`` may name parameters in backticks (:mod:`softcli.errors`), kept for the CLI."""
+    return ClassifyResult(path, seconds=seconds, error=render_params(reason), error_template=reason)
+
+
 def _reason(exc: InputError | UsageError, path: str) -> str:
-    """The message without its ``path: `` prefix (the result names the path already)."""
-    msg = str(exc)
+    """The message (parameters in backticks) without its ``path: `` prefix (the result names the path already)."""
+    msg = exc.template
     prefix = f"{path}: "
     return msg[len(prefix):] if msg.startswith(prefix) else msg
 
@@ -170,7 +177,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     if context not in ("auto", "global"):
         raise UsageError(f"classification takes context auto or global, not {context!r}: "
                          "the class token needs the whole image, so there is no tiled mode")
-    budget = max_memory or default_max_memory()
+    budget = memory_budget(max_memory)
     items = list(inputs) if all(isinstance(i, InputItem) for i in inputs) else expand_inputs(inputs)  # type: ignore[arg-type]
     source = getattr(model, "source", "the model")
     if not model.config.num_classes:
@@ -179,7 +186,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     try:
         pre = Preprocess.for_model(model)
     except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{source}: unusable pretrained_cfg ({exc})") from None
+        raise CheckpointError(f"{source}: unusable pretrained_cfg ({exc})") from exc
     labels = labels_for(model)
     k = min(top_k, len(labels))
     device = next(model.parameters()).device
@@ -189,7 +196,7 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
     for keys, batch in batch_same_size(prepared, 1 if full_res else batch_size):
         if batch is None:
             path, seconds, error, _ = keys[0]
-            yield ClassifyResult(path, seconds=seconds, error=error)
+            yield _failed(path, seconds, error or "")
             continue
         start = time.perf_counter()
         ran = None
@@ -208,9 +215,8 @@ def classify_paths(model: Any, inputs: Sequence[str | os.PathLike[str]] | Sequen
             share = (time.perf_counter() - start) / len(keys)
             h, w = batch.shape[-2:]
             for path, seconds, _, _ in keys:
-                yield ClassifyResult(path, seconds=seconds + share,
-                                     error=f"out of memory running the model on {w}x{h} "
-                                           f"(batch of {len(keys)}); try a smaller --batch-size or no --full-res")
+                yield _failed(path, seconds + share, f"out of memory running the model on {w}x{h} (batch of "
+                                                     f"{len(keys)}); try a smaller `batch_size` or no `full_res`")
             continue
         share = (time.perf_counter() - start) / len(keys)
         size = (int(batch.shape[-2]), int(batch.shape[-1]))

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .context import GlobalResult, resized_rows
 from .engine import normalized_batch
-from .errors import UsageError
+from .errors import ParameterError
 from .io.readers import ImageReader
 from .stages import parse_stages
 from .tiling import Tile, TileGrid
@@ -194,7 +194,7 @@ def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k
     edge left out), ``max_samples`` vectors in all, drawn with ``seed``.
     """
     if k < 1:
-        raise UsageError("--clusters must be at least 1")
+        raise ParameterError("`clusters` must be at least 1")
     tiles = sample_tiles(grid, max_tiles)
     if skip is not None:  # sample only tiles the run will label (tissue), spread over those
         kept = [t for t in grid if not skip(t)]
@@ -219,7 +219,7 @@ def fit_clusters(reader: ImageReader, grid: TileGrid, embedder: StageEmbedder, k
 def fit_samples(x: Tensor, k: int, stages: Sequence[int], widths: Sequence[int], *, seed: int = 0) -> ClusterModel:
     """Standardisation + k-means on sampled feature vectors (N, D) of the stages ``stages`` (``widths`` channels)."""
     if x.shape[0] < k:
-        raise UsageError(f"--clusters {k} is more than the {x.shape[0]} feature vectors the image gives")
+        raise ParameterError(f"`clusters` {k} is more than the {x.shape[0]} feature vectors the image gives")
     mu = x.mean(0)
     sd = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mu)
     weight = torch.cat([torch.full((c,), 1.0 / math.sqrt(c)) for c in widths])

@@ -31,20 +31,21 @@ import torch
 
 from .band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from .checkpoint import model_files
-from .constants import DEFAULT_MAX_MEMORY, DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
+from .constants import DEFAULT_MAX_PIXELS, IMAGENET_MEAN, IMAGENET_STD, STAGE_STRIDES
 from .context import (
     LayerCheckpoints,
     ReaderSource,
     check_context_mode,
     choose_context,
     export_map,
+    memory_budget,
     open_checkpoints,
     plan_global,
     run_global,
     tissue_context,
 )
 from .engine import DiskSink, MapSink, MemorySink, OutputSpec, TileCallback, run_dense
-from .errors import InputError, UsageError
+from .errors import InputError, ParameterError
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import pixel_limit
 from .io.provenance import Provenance, provenance
@@ -85,9 +86,9 @@ class FeaturesPlan:
 def check_tiling(tile: int | None, overlap: int | None) -> None:
     """Tile and overlap values every context mode accepts (multiples of 32)."""
     if overlap is not None and (overlap < 0 or overlap % ALIGN):
-        raise UsageError(f"--overlap must be a multiple of {ALIGN} (0, 32, 64, ...), not {overlap}")
+        raise ParameterError(f"`overlap` must be a multiple of {ALIGN} (0, 32, 64, ...), not {overlap}")
     if tile is not None and (tile < 2 * ALIGN or tile % ALIGN):
-        raise UsageError(f"--tile must be a multiple of {ALIGN} and at least {2 * ALIGN}, not {tile}")
+        raise ParameterError(f"`tile` must be a multiple of {ALIGN} and at least {2 * ALIGN}, not {tile}")
 
 
 def plan_features(height: int, width: int, channels: Sequence[int], strides: Sequence[int], *,
@@ -96,9 +97,11 @@ def plan_features(height: int, width: int, channels: Sequence[int], strides: Seq
                   tile_cap: int = DEFAULT_TILE) -> tuple[TileGrid, FeaturesPlan]:
     """Choose tile size and sink for an image so the run fits ``max_memory`` (see module docstring).
 
+    ``max_memory`` None: half the RAM available now (:func:`~softcli.context.memory_budget`).
+
     Without ``tile``, tiles are the largest that fit, at most ``tile_cap`` pixels a side.
     """
-    budget = max_memory or DEFAULT_MAX_MEMORY
+    budget = memory_budget(max_memory)
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
     check_tiling(tile, overlap)
     map_bytes = sum(4 * c * math.ceil(height / s) * math.ceil(width / s) for c, s in zip(channels, strides))
@@ -111,7 +114,7 @@ def plan_features(height: int, width: int, channels: Sequence[int], strides: Seq
         held += sum(4 * c * (DEFAULT_TILE // s) * (padded_w // s) for c, s in zip(channels, strides))
         tile = choose_tile_size(budget - held, model_config, params, cap=tile_cap)
     if overlap >= tile:
-        raise UsageError(f"--overlap ({overlap}) must be smaller than the tile ({tile})")
+        raise ParameterError(f"`overlap` ({overlap}) must be smaller than the tile ({tile})")
     grid = TileGrid(height, width, tile, overlap)
     th, tw = grid.tile_size
     bands = sum(4 * c * (th // s) * (padded_w // s) for c, s in zip(channels, strides))
@@ -179,7 +182,7 @@ def check_request(image: str | os.PathLike[str] | np.ndarray, out: str | os.Path
 def check_blend(blend: str) -> None:
     """How tile overlaps are weighted (:class:`~softcli.engine.Stitcher`): linear or gaussian."""
     if blend not in ("linear", "gaussian"):
-        raise UsageError(f"--blend must be linear or gaussian, not {blend!r}")
+        raise ParameterError(f"`blend` must be linear or gaussian, not {blend!r}")
 
 
 def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
@@ -189,7 +192,7 @@ def check_resources(plan: FeaturesPlan, image: str, out: str | os.PathLike[str],
     if free is not None and plan.estimated_peak_bytes > free:
         raise InputError(f"{image}: a {plan.width}x{plan.height} image in {plan.tile[1]}x{plan.tile[0]} tiles needs "
                          f"about {format_bytes(plan.estimated_peak_bytes)} of memory, more than the "
-                         f"{format_bytes(free)} available on {device}; use a smaller --tile or --max-memory")
+                         f"{format_bytes(free)} available on {device}; use a smaller `tile` or `max_memory`")
     spill = plan.map_bytes if plan.sink == "disk" else 0
     check_disk_space(Path(out).resolve().parent, spill + plan.map_bytes,
                      f"the feature maps ({format_bytes(plan.map_bytes)}" + (", written twice: spill files and output)"
@@ -273,7 +276,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     ranks; rank 0 writes the output.
 
     ``context`` (:mod:`softcli.context`): ``auto`` runs the whole image in one
-    pass when it fits ``max_memory``, else ``global``; ``global`` streams the
+    pass when it fits ``max_memory`` (bytes; default: half the RAM available now,
+    as for segment and classify, :func:`~softcli.context.memory_budget`), else ``global``; ``global`` streams the
     exact whole-image computation over tiles; ``tile`` runs overlapping tiles
     (each its own context, blended), the largest that fit ``max_memory``.
     The image is seen padded to a multiple of 32 by edge replication in every mode.
@@ -305,7 +309,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             tissue = "none"  # the default masking gives way to an explicit global context
         tissue_mask = None if isinstance(image, np.ndarray) else compute_tissue(reader, image, tissue, max_pixels)
         skip, skipped = counting_skip(tissue_mask)
-        budget = max_memory or DEFAULT_MAX_MEMORY
+        budget = memory_budget(max_memory)
         choice = tissue_context(choose_context(context, reader.height, reader.width, cfg, params, budget),
                                 tissue_mask is not None)
         padded = (-(-reader.height // ALIGN) * ALIGN, -(-reader.width // ALIGN) * ALIGN)
@@ -325,7 +329,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             plan.estimated_peak_bytes = (estimate_memory(side * side, cfg, params)
                                          + (plan.map_bytes if plan.sink == "memory" else 0))
         if dist is not None and choice.mode == "whole":
-            raise UsageError("splitting the tiles across ranks needs --context tile or global "
+            raise ParameterError("splitting the tiles across ranks needs `context` tile or global "
                              "(this run: the whole image in one pass)")
         state = None
         checkpoints = None

@@ -160,7 +160,7 @@ def compute_tissue(reader: ImageReader, image: str | os.PathLike[str], tissue: s
         try:
             arr = load_image(choice, max_pixels=max_pixels)
         except InputError as exc:
-            raise InputError(f"tissue mask {exc}") from exc
+            raise InputError(f"tissue mask {exc.template}") from exc
         return TissueMask(arr.max(axis=2) > 0, reader.height, reader.width, "file", source=str(choice))
     thumb, _ = preview(reader, str(image), THUMB_MAX_SIDE, max_pixels)
     mask, threshold = mask_from_rgb(thumb)

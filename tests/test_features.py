@@ -82,12 +82,12 @@ def test_formats_agree_and_disk_sink_matches_memory(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("out,kw,err", [
     ("f.npy", {}, "holds one array"),
-    ("f.ome.tif", {"pool": True}, "--pool needs"),
+    ("f.ome.tif", {"pool": True}, "pool needs"),
     ("f.png", {}, "unknown output format"),
     ("f.npz", {"stages": "1,5"}, "stages are numbers 1-4"),
     ("f.npz", {"overlap": 48}, "multiple of 32"),
     ("f.npz", {"tile": 100}, "multiple of 32"),
-    ("f.npz", {"blend": "cubic"}, "--blend"),
+    ("f.npz", {"blend": "cubic"}, "^blend must be linear or gaussian"),
 ])
 def test_usage_errors_before_compute(tiny_model, tmp_path, out, kw, err):
     with pytest.raises(UsageError, match=err):

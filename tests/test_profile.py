@@ -50,7 +50,7 @@ def test_grid_is_most_square_factorisation():
 
 def test_narrow_grid_and_unknown_method_are_usage_errors():
     s = ProfileSettings()
-    with pytest.raises(UsageError, match="narrower than --sr-ratio"):
+    with pytest.raises(UsageError, match="narrower than sr_ratio"):
         attention_jobs(["soft"], [7 * 31], s)
     attention_jobs(["softmax"], [7 * 31], s)  # softmax needs no grid
     with pytest.raises(UsageError, match="unknown method"):
@@ -150,7 +150,7 @@ def test_isolated_worker_timeout_is_recorded():
 
 def test_max_memory_needs_isolated_cpu_workers():
     s = ProfileSettings(isolate=False, max_memory_bytes=10**9)
-    with pytest.raises(UsageError, match="--max-memory"):
+    with pytest.raises(UsageError, match="max_memory"):
         run_sweep([ProfileJob("soft", (16, 16))], s)
 
 
@@ -208,7 +208,7 @@ def test_every_configuration_runs_at_the_fixed_thread_count(monkeypatch):
     res = measure(ProfileJob("soft", (32, 32)), ProfileSettings(**{**FAST, "threads": 2}))
     assert seen == [2] * 4 and res.threads == 2  # priming call, one warm-up, two timed
     assert torch.get_num_threads() == before
-    with pytest.raises(UsageError, match="--threads must be at least 1"):
+    with pytest.raises(UsageError, match="threads must be at least 1"):
         ProfileSettings(threads=0)
 
 

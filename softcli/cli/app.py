@@ -6,7 +6,8 @@ function and render; they never print tracebacks: :func:`main` maps
 :class:`~softcli.errors.SoftError` to ``error: ...`` on stderr with its exit
 code (1 for failed work, 2 for usage), and ``--debug`` shows the traceback.
 Ctrl-C ends with ``error: interrupted`` (130), SIGTERM with ``error: terminated``
-(143), after ``finally`` blocks removed temporaries. The vocabulary every command
+(143), after ``finally`` blocks removed temporaries; so does a KeyboardInterrupt
+raised inside the process (``_thread.interrupt_main``, an embedding program). The vocabulary every command
 shares (options, short flags, units, size order) is in ``softcli/cli/README.md``.
 """
 
@@ -91,6 +92,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+#: Exit status of an interrupted run (128 + SIGINT); no command exits with it for anything else.
+INTERRUPTED_EXIT = 130
+
+
 class Interrupted(BaseException):
     """Ctrl-C (SIGINT). Not a KeyboardInterrupt: Typer turns those into a silent exit 130."""
 
@@ -133,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt, Interrupted):
         error_line("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED_EXIT)
     except SoftError as exc:
         if debug:
             raise
@@ -154,4 +159,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, previous)
         if previous_int is not None:
             signal.signal(signal.SIGINT, previous_int)
+    if rv == INTERRUPTED_EXIT:  # Typer returns 130 for a KeyboardInterrupt raised in a command, silently
+        error_line("interrupted")
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
+from .advice import cli_text
 from .app import app, error_line
 from .common import (
     ContextOpt,
@@ -30,6 +31,7 @@ from .common import (
     MppOpt,
     WeightsOpt,
     err_console,
+    landmarks_note,
     load_cli_model,
     memory_budget,
     model_name,
@@ -135,8 +137,11 @@ def classify(
     name = model_name(model, weights)
     with err_console.status("loading model"):
         net = load_cli_model(model, weights, device, landmarks=policy)
-    err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}",
-                      highlight=False, soft_wrap=True)
+    from ..api import landmarks_summary
+
+    note = landmarks_note(landmarks_summary(net))
+    err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}"
+                      + (f", {note}" if note else ""), highlight=False, soft_wrap=True)
     if csv_file is not None:  # now that the model's own files are known, --csv must not be one of them
         check_output_path(csv_file, [i.path for i in items], model_files(getattr(net, "source", None)))
 
@@ -151,7 +156,7 @@ def classify(
                                      magnification=magnification):
             results.append(result)
             if result.error is not None:
-                error_line(f"{result.display_name}: {result.error}")
+                error_line(f"{result.display_name}: {cli_text(result.error_template or result.error)}")
             elif show_tables:
                 out.print(_table(result))
             progress.advance(task)

@@ -15,8 +15,9 @@ import typer
 from rich.progress import Progress, TaskID
 
 from ..cohort.runner import CohortEvents
-from ..errors import UsageError
+from ..errors import SoftError, UsageError
 from ..io.inputs import display_path
+from .advice import cli_message
 from .app import error_line
 from .common import err_console, print_json, progress_bar
 
@@ -111,6 +112,7 @@ class _CliEvents(CohortEvents):
         self.tiles: TaskID | None = None
         self.done = 0
         self.mine = 0
+        self.reasons: dict[str, str] = {}  # input → its error in CLI words (options, not parameters)
 
     def planned(self, total: int, mine: int, skipped: int) -> None:
         self.mine = mine
@@ -129,10 +131,14 @@ class _CliEvents(CohortEvents):
         if self.tiles is not None:
             self.bar.update(self.tiles, completed=done, total=total, description=self.phases.get(phase, phase))
 
+    def failed(self, path: str, exc: SoftError) -> None:
+        self.reasons[path] = cli_message(exc)
+
     def finished(self, record: dict[str, Any]) -> None:
         status = record["status"]
         if status == "failed":
-            name, reason = display_path(record["input"]), str(record.get("error"))
+            name = display_path(record["input"])
+            reason = self.reasons.pop(record["input"], None) or str(record.get("error"))
             error_line(reason if reason.startswith(name) else f"{name}: {reason}")
         if status != "skipped":
             self.done += 1

@@ -163,6 +163,15 @@ def model_name(model: str | None, weights: Path | None) -> str:
     return model or DEFAULT_MODEL
 
 
+def landmarks_note(landmarks: Mapping[str, Any]) -> str:
+    """``landmarks X (...)`` for a summary line unless the default (:func:`softcli.api.landmarks_summary`), else ""."""
+    if landmarks.get("source") == "fitted":
+        return f"landmarks {landmarks['policy']} (as the head was fitted)"
+    if landmarks.get("fitted"):
+        return f"landmarks {landmarks['policy']} (--landmarks; the head was fitted with {landmarks['fitted']})"
+    return ""
+
+
 def parse_landmarks(text: str) -> Any:
     """``--landmarks`` → a :class:`~softcli.models.LandmarkPolicy`; a bad value is a usage error."""
     from ..api import landmark_policy

@@ -17,6 +17,7 @@ from .app import app
 from .common import (
     DeviceOpt,
     JsonOpt,
+    LandmarksOpt,
     ModelOpt,
     WeightsOpt,
     err_console,
@@ -111,7 +112,7 @@ def _footer(summary: dict[str, Any]) -> str:
     ref = summary["backbone"]
     how = "bundled" if ref["bundled"] else f"referenced by sha256 {ref['sha256'][:12]}…"
     return (f"wrote {summary['out']}: {len(summary['classes'])} classes, backbone {ref['spec']} ({how}), "
-            f"{summary['seconds']['total']:.1f} s")
+            f"landmarks {summary['landmarks']} (kept with the head), {summary['seconds']['total']:.1f} s")
 
 
 @fit_app.command("segment")
@@ -138,6 +139,7 @@ def segment(
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
                                             "pixels than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    landmarks: LandmarksOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -146,6 +148,8 @@ def segment(
     Features come from the same tiling engine as soft segment, so images of any
     size work. Prints per-class IoU and accuracy on the training and held-out
     labels, and writes a checkpoint folder for [bold]soft segment --model DIR[/bold].
+    --landmarks sets the landmark policy of the training features; the folder
+    keeps it, and soft segment uses it unless given another --landmarks.
 
     Example:
 
@@ -157,7 +161,8 @@ def segment(
 
     summary = _run(fit_segmenter, json_out, data=data, out=out, weights=_spec(model, weights), head=head,
                    stages=parse_stages(stages), window=window, val=val, seed=seed, l2=l2, steps=steps,
-                   bundle=bundle, tile=tile, overlap=overlap, device=device, max_pixels=max_pixels or None)
+                   bundle=bundle, tile=tile, overlap=overlap, device=device, max_pixels=max_pixels or None,
+                   landmarks=landmarks)
     n = summary["samples"]
     _report(summary, json_out, f"training labels ({n['train']:,} cells)",
             f"held-out labels ({n['val']:,} cells; {', '.join(summary['held_out'])})", "pixels")
@@ -177,6 +182,7 @@ def classify(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
                                             "pixels than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    landmarks: LandmarksOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -185,6 +191,8 @@ def classify(
     Images get the model's own preprocessing (resize + centre crop, as soft
     classify). Prints held-out accuracy and the confusion matrix, and writes a
     classifier folder for [bold]soft classify --model DIR[/bold].
+    --landmarks sets the landmark policy of the training features; the folder
+    keeps it, and soft classify uses it unless given another --landmarks.
 
     Example:
 
@@ -195,7 +203,8 @@ def classify(
     from ..fit import fit_classifier
 
     summary = _run(fit_classifier, json_out, data=data, out=out, weights=_spec(model, weights), val=val, seed=seed,
-                   l2=l2, bundle=bundle, batch_size=batch_size, device=device, max_pixels=max_pixels or None)
+                   l2=l2, bundle=bundle, batch_size=batch_size, device=device, max_pixels=max_pixels or None,
+                   landmarks=landmarks)
     imgs = summary["images"]
     _report(summary, json_out, f"training images ({imgs['train']})", f"held-out images ({imgs['val']})", "images",
             confusion=True)

@@ -39,6 +39,7 @@ from .common import (
     MppOpt,
     TissueOpt,
     WeightsOpt,
+    landmarks_note,
     memory_budget,
     model_name,
     out_console,
@@ -164,6 +165,8 @@ def segment(
     console.print(f"{summary['mask']['path']}: {w}x{h} mask, {len(summary['labels'])} labels "
                       f"({summary['mode']}), {tiles}{summary['seconds']['total']:.1f} s", highlight=False)
     console.print(f"context {summary['context']['mode']}: {summary['context']['reason']}", highlight=False)
+    if landmarks_note(summary["landmarks"]):
+        console.print(landmarks_note(summary["landmarks"]), highlight=False)
     for e in summary["labels"]:
         console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
                           highlight=False)

@@ -116,10 +116,10 @@ def run_lock(out_dir: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise OutputError(f"{out_dir}: another soft run (pid {holder}) is writing into this folder; "
-                              "wait for it or use another --out-dir") from None
+                              "wait for it or use another `out_dir`") from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -79,6 +79,9 @@ class CohortEvents:
     def tile(self, phase: str, done: int, total: int) -> None:
         """Progress inside the current image."""
 
+    def failed(self, path: str, exc: SoftError) -> None:
+        """An input failed with ``exc`` (its record, given to :meth:`finished` next, holds ``str(exc)``)."""
+
     def finished(self, record: dict[str, Any]) -> None:
         """A manifest record of this rank (done, failed or skipped)."""
 
@@ -223,6 +226,7 @@ def _run(items: Sequence[InputItem], out: Path, task: CohortTask, overwrite: boo
         try:
             result = task.run_one(path, Path(plan["outputs"][i]), events.tile)
         except SoftError as exc:
+            events.failed(path, exc)
             rec |= {"status": "failed", "error": str(exc), "outputs": []}
         except Exception as exc:  # noqa: BLE001 - one bad slide must not end a cohort; the error is recorded
             rec |= {"status": "failed", "error": f"unexpected {type(exc).__name__}: {exc}", "outputs": []}

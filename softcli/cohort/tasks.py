@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import model_files
-from ..errors import UsageError
+from ..errors import ParameterError
 from .manifest import weights_sha256
 from .runner import CohortTask, JobResult, TileProgress
 
@@ -27,7 +27,7 @@ FEATURE_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "npy": ".npy", 
 
 def _suffix(formats: dict[str, str], fmt: str) -> str:
     if fmt not in formats:
-        raise UsageError(f"--out-format must be one of {', '.join(formats)}, not {fmt!r}")
+        raise ParameterError(f"`out_format` must be one of {', '.join(formats)}, not {fmt!r}")
     return formats[fmt]
 
 

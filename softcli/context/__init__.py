@@ -39,6 +39,7 @@ from .modes import (
                     check_context_mode,
                     choose_context,
                     default_max_memory,
+                    memory_budget,
                     plan_global,
                     tissue_context,
 )
@@ -52,6 +53,6 @@ __all__ = [
     "ImageSource", "LayerCheckpoints", "MemoryStore", "ReaderSource", "StepCallback", "StoreFactory", "TensorSource",
     "check_context_mode",
     "choose_context", "tissue_context", "count_passes", "count_steps", "default_max_memory", "embed_region",
-    "embed_sizes",
+    "embed_sizes", "memory_budget",
     "export_map", "open_checkpoints", "plan_global", "resized_rows", "run_global", "stage_sizes", "store_rows",
 ]

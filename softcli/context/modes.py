@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..constants import DEFAULT_MAX_MEMORY, STAGE_STRIDES
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 from ..resources import available_memory
 from ..tiling import ALIGN, FIXED_OVERHEAD_BYTES, choose_tile_size, estimate_memory
 
@@ -17,7 +17,7 @@ CONTEXT_MODES = ("auto", "global", "tile")
 def check_context_mode(requested: str) -> None:
     """A usage error for a context that is not one of :data:`CONTEXT_MODES`, before any work."""
     if requested not in CONTEXT_MODES:
-        raise UsageError(f"--context must be one of {', '.join(CONTEXT_MODES)}, not {requested!r}")
+        raise ParameterError(f"`context` must be one of {', '.join(CONTEXT_MODES)}, not {requested!r}")
 #: Largest default tile side (pixels at stride 1) of the global mode: big tiles cost
 #: nothing in exactness, only working memory, and amortise the per-tile overhead.
 GLOBAL_TILE_CAP = 2048
@@ -27,6 +27,11 @@ def default_max_memory(fallback: int = DEFAULT_MAX_MEMORY) -> int:
     """Half of the RAM available now (at least 1 GB); ``fallback`` when that cannot be read."""
     avail = available_memory()
     return fallback if avail is None else max(2**30, avail // 2)
+
+
+def memory_budget(max_memory: int | None) -> int:
+    """The one default of every ``max_memory=`` parameter: ``None`` (or 0) is :func:`default_max_memory`."""
+    return max_memory or default_max_memory()
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,6 @@ def tissue_context(choice: ContextChoice, masking: bool) -> ContextChoice:
     if not masking or choice.mode != "global":
         return choice
     if choice.reason.startswith("asked for"):
-        from ..errors import UsageError
-
         raise UsageError("global context computes every token, so it cannot skip tiles without tissue; "
                          "turn tissue masking off or use tile context")
     return ContextChoice("tile", "the whole image does not fit the memory limit in one pass and tissue masking "

@@ -25,11 +25,11 @@ from ..api import resolve_device
 from ..backbone_ref import CLASSIFICATION
 from ..checkpoint import save_pretrained
 from ..engine import PhaseProgressFn
-from ..errors import UsageError
+from ..errors import ParameterError
 from ..io.image import DEFAULT_MAX_PIXELS, load_image
-from ..models import SoftModel
+from ..models import LandmarkPolicy, SoftModel
 from ..preprocess import Preprocess, batch_same_size, eval_transform
-from .common import check_out_dir, fit_record, load_backbone
+from .common import check_out_dir, fit_extra, fit_record, load_backbone
 from .data import scan_image_folder
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
 
@@ -74,18 +74,23 @@ def fit_classifier(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                    weights: str | os.PathLike[str] | None = None, val: float = 0.2, seed: int = 0,
                    l2: float = DEFAULT_L2, bundle: bool = False, batch_size: int = 16,
                    device: str | torch.device = "cpu", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                   landmarks: LandmarkPolicy | str | int | None = None,
                    progress: PhaseProgressFn | None = None) -> dict[str, Any]:
-    """Fit a linear probe on ``data`` (one sub-folder per class) and write the classifier to ``out``."""
+    """Fit a linear probe on ``data`` (one sub-folder per class) and write the classifier to ``out``.
+
+    ``landmarks``: the policy the features are extracted with (default auto); the
+    classifier records it and runs with it unless told otherwise (:func:`softcli.api.use_landmarks`).
+    """
     t0 = time.perf_counter()
     if not 0 <= val < 1:
-        raise UsageError(f"--val must be in [0, 1), not {val}")
+        raise ParameterError(f"`val` must be in [0, 1), not {val}")
     if batch_size < 1 or l2 < 0:
-        raise UsageError("--batch-size must be at least 1 and --l2 not negative")
+        raise ParameterError("`batch_size` must be at least 1 and `l2` not negative")
     check_out_dir(out, data)
     ds = scan_image_folder(data)
     k = len(ds.class_names)
     dev = resolve_device(device)
-    bb = load_backbone(weights, dev)
+    bb = load_backbone(weights, dev, landmarks)
     rng = np.random.default_rng(seed)
     is_val = stratified_split(ds.targets, k, val, rng)
     x = pooled_features(bb.model, ds.images, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
@@ -116,13 +121,14 @@ def fit_classifier(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     record = fit_record(data, seed, val, images=len(ds.images), held_out=int(is_val.sum()),
                         **({"val_scores": {"accuracy": val_scores["accuracy"]}} if val_scores else {}))
     extra: dict[str, Any] = {"task": CLASSIFICATION, "head": {"type": "linear_probe", "features": "norm(cls_token)"},
-                             "class_names": ds.class_names, "fit": record}
+                             "class_names": ds.class_names, "fit": record, **fit_extra(bb)}
     if not bundle:
         extra["backbone"] = bb.reference
     save_pretrained(model, out, labels=ds.class_names, pretrained_cfg=bb.checkpoint.pretrained_cfg, extra=extra,
                     keep=None if bundle else (lambda key: key.startswith("head.")))
     return {"task": CLASSIFICATION, "out": str(out), "classes": ds.class_names,
             "backbone": {**bb.reference, "bundled": bundle}, "device": str(dev),
+            "landmarks": str(bb.model.landmark_policy),
             "images": {"train": int((~is_val).sum()), "val": int(is_val.sum())},
             "per_class": {name: int(np.sum(np.asarray(ds.targets) == i)) for i, name in enumerate(ds.class_names)},
             "fit": {"solver": "lbfgs", "iterations": fit.iterations, "loss": fit.loss, "l2": l2},

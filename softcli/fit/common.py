@@ -15,7 +15,7 @@ from .. import __version__
 from ..backbone_ref import backbone_reference
 from ..checkpoint import CONFIG_NAME, Checkpoint, build_model, read_checkpoint
 from ..errors import CheckpointError, OutputError
-from ..models import SoftModel
+from ..models import LandmarkPolicy, SoftModel
 
 #: ``progress(phase, done, total)``; phases: "features" (tiles or images), "fit" (solver steps).
 
@@ -27,9 +27,17 @@ class Backbone:
     reference: dict[str, Any]  # config.json "backbone" entry (spec, kind, sha256, file)
 
 
-def load_backbone(spec: str | os.PathLike[str] | None, device: torch.device) -> Backbone:
-    """The frozen backbone for ``--model``/``--weights`` (default: the registry's default model) and its reference."""
+def load_backbone(spec: str | os.PathLike[str] | None, device: torch.device,
+                  landmarks: LandmarkPolicy | str | int | None = None) -> Backbone:
+    """The frozen backbone for ``--model``/``--weights`` (default: the registry's default model) and its reference.
+
+    ``landmarks``: the policy its features are extracted with (None: the default,
+    auto); :func:`fit_extra` records it with the head, which then runs with it.
+    """
+    from ..api import landmark_policy
     from ..weights import resolve_weights
+
+    policy = landmark_policy(landmarks) if landmarks is not None else LandmarkPolicy()  # a bad value: before loading
 
     res = resolve_weights(spec)
     ck = read_checkpoint(res.path)
@@ -37,6 +45,7 @@ def load_backbone(spec: str | os.PathLike[str] | None, device: torch.device) -> 
         raise CheckpointError(f"{ck.source}: a fitted {ck.extra.get('task') or 'head'} checkpoint; fit on a "
                               "backbone (a registry name, hf-hub: repo or SOFT weights file) instead")
     model = build_model(ck, device)
+    model.set_landmark_policy(policy)
     model.requires_grad_(False)
     kind = "path" if res.kind == "path" else res.kind
     spec_text = res.spec if res.kind != "hub" else f"hf-hub:{res.repo_id}@{res.commit}"
@@ -48,22 +57,29 @@ def check_out_dir(out: str | os.PathLike[str], data: str | os.PathLike[str]) -> 
     dest = Path(out)
     src = Path(data).resolve()
     if dest.exists() and not dest.is_dir():
-        raise OutputError(f"--out {dest} is a file; give a folder")
+        raise OutputError(f"`out` {dest} is a file; give a folder")
     if dest.resolve() == src or src in dest.resolve().parents or dest.resolve() in src.parents:
-        raise OutputError(f"--out {dest} overlaps the training data {data}; choose another folder")
+        raise OutputError(f"`out` {dest} overlaps the training data {data}; choose another folder")
     if dest.is_dir() and any(dest.iterdir()):
         try:
             ours = json.loads((dest / CONFIG_NAME).read_text()).get("format") == "softcli"
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
-            raise OutputError(f"--out {dest} is a folder with other files in it; give a new or empty folder")
+            raise OutputError(f"`out` {dest} is a folder with other files in it; give a new or empty folder")
     parent = dest.resolve().parent
     if not parent.is_dir():
-        raise OutputError(f"--out {dest}: folder {parent} does not exist")
+        raise OutputError(f"`out` {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {dest}: folder {parent} is not writable")
+        raise OutputError(f"`out` {dest}: folder {parent} is not writable")
     return dest
+
+
+def fit_extra(bb: Backbone) -> dict[str, Any]:
+    """config.json entries every fitted head has: the landmark policy of its training features."""
+    from ..api import FITTED_LANDMARKS_KEY
+
+    return {FITTED_LANDMARKS_KEY: str(bb.model.landmark_policy)}
 
 
 def fit_record(data: str | os.PathLike[str], seed: int, val: float, **more: Any) -> dict[str, Any]:

@@ -35,15 +35,16 @@ from torch import Tensor
 from ..api import resolve_device
 from ..constants import STAGE_STRIDES
 from ..engine import MemorySink, OutputSpec, PhaseProgressFn, RowSink, run_dense
-from ..errors import UsageError
+from ..errors import ParameterError
 from ..features import stage_maps_fn, stage_outputs
 from ..io.image import DEFAULT_MAX_PIXELS
 from ..io.readers import open_image
+from ..models import LandmarkPolicy
 from ..models.linear_head import LinearHeadConfig, LinearSegHead
 from ..models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter
 from ..segment import SCORE_STRIDE, save_segmenter
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid
-from .common import check_out_dir, fit_record, load_backbone
+from .common import check_out_dir, fit_extra, fit_record, load_backbone
 from .data import read_label_image, scan_segmentation
 from .probe import DEFAULT_L2, confusion, fit_linear, scores
 
@@ -174,8 +175,8 @@ def _check_train_classes(samples: Sequence[CellSamples], names: Sequence[str], v
         present |= set(np.unique(s.classes[~s.is_val]).tolist())
     missing = [names[c] for c in range(len(names)) if c not in present]
     if missing:
-        raise UsageError(f"with --val {val:g}, class {missing[0]!r} has no labelled pixels left to fit on; "
-                         "label it in more images/places, or pass --val 0")
+        raise ParameterError(f"with `val` {val:g}, class {missing[0]!r} has no labelled pixels left to fit on; "
+                         "label it in more images/places, or pass `val=0`")
 
 
 @dataclass
@@ -192,19 +193,26 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                   l2: float = DEFAULT_L2, steps: int = 300, bundle: bool = False,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP, device: str | torch.device = "cpu",
                   max_samples: int = DEFAULT_MAX_SAMPLES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  landmarks: LandmarkPolicy | str | int | None = None,
                   progress: PhaseProgressFn | None = None) -> dict[str, Any]:
-    """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary."""
+    """Fit a segmentation head on ``data`` (see the module docstring) and write it to ``out``; returns the summary.
+
+    ``landmarks``: the policy the features are extracted with (default auto); the
+    head records it and segments with it unless told otherwise (:func:`softcli.api.use_landmarks`).
+    """
     t0 = time.perf_counter()
     if head not in HEADS:
-        raise UsageError(f"--head must be one of {', '.join(HEADS)}, not {head!r}")
+        raise ParameterError(f"`head` must be one of {', '.join(HEADS)}, not {head!r}")
     if not 0 <= val < 1:
-        raise UsageError(f"--val must be in [0, 1), not {val}")
-    if steps < 1 or max_samples < 1 or l2 < 0:
-        raise UsageError("--steps and the sample cap must be at least 1, and --l2 not negative")
+        raise ParameterError(f"`val` must be in [0, 1), not {val}")
+    if steps < 1 or l2 < 0:
+        raise ParameterError("`steps` must be at least 1 and `l2` not negative")
+    if max_samples < 1:
+        raise ParameterError("`max_samples` must be at least 1")  # no command-line option: Python only
     try:
         head_cfg = LinearHeadConfig(num_classes=2, stages=tuple(stages), window=window)
     except ValueError as exc:
-        raise UsageError(f"--stages/--window: {exc}") from None
+        raise ParameterError(f"`stages`/`window`: {exc}") from exc
     check_out_dir(out, data)
     ds = scan_segmentation(data, max_pixels)
     k = ds.num_classes
@@ -213,8 +221,8 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
         try:
             TileGrid(item.height, item.width, tile=tile, overlap=overlap)
         except ValueError as exc:
-            raise UsageError(f"--tile/--overlap: {exc}") from None
-    bb = load_backbone(weights, dev)
+            raise ParameterError(f"`tile`/`overlap`: {exc}") from exc
+    bb = load_backbone(weights, dev, landmarks)
     backbone = bb.model
     pre = bb.checkpoint.pretrained_cfg
     rng = np.random.default_rng(seed)
@@ -235,9 +243,9 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
     else:
         need = sum(4 * c * it.height * it.width // s ** 2 for it in ds.items for c, s in zip(dims, STAGE_STRIDES))
         if need > FPN_MAX_MAP_BYTES:
-            raise UsageError(f"--head fpn keeps the stage maps of all training images in memory ({need / 2**30:.1f} "
-                             f"GB here, limit {FPN_MAX_MAP_BYTES / 2**30:.0f} GB); use the linear head, or "
-                             "fewer/smaller images")
+            raise ParameterError(f"`head=fpn` keeps the stage maps of all training images in memory "
+                                 f"({need / 2**30:.1f} GB here, limit {FPN_MAX_MAP_BYTES / 2**30:.0f} GB); "
+                                 "use the linear head, or fewer/smaller images")
         stage_specs = stage_outputs(backbone.config, (1, 2, 3, 4))
         feats = _Features(stage_maps_fn(backbone, stage_specs), stage_specs)
 
@@ -295,11 +303,12 @@ def fit_segmenter(data: str | os.PathLike[str], out: str | os.PathLike[str], *,
                         **({"val_scores": {"accuracy": val_scores["accuracy"], "mean_iou": val_scores["mean_iou"]}}
                            if val_scores else {}))
     save_segmenter(model, out, ds.class_names, ds.palette, pretrained_cfg=pre,
-                   backbone_ref=None if bundle else bb.reference, extra={"fit": record})
+                   backbone_ref=None if bundle else bb.reference, extra={"fit": record, **fit_extra(bb)})
     return {"task": "segmentation", "out": str(out), "head": {"type": getattr(seg_head, "head_type", "semantic_fpn"),
                                                                **seg_head.config.to_dict()},  # type: ignore
             "classes": ds.class_names, "palette": ds.palette,
             "backbone": {**bb.reference, "bundled": bundle}, "device": str(dev),
+            "landmarks": str(bb.model.landmark_policy),
             "images": len(ds.items), "held_out": held_out, "labelled_pixels": ds.pixel_counts,
             "samples": {"train": int(sum((~s.is_val).sum() for s in samples)),
                         "val": int(sum(s.is_val.sum() for s in samples))},

@@ -78,7 +78,7 @@ def make_temp_dir(prefix: str, folder: str | os.PathLike[str]) -> Path:
     try:
         return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder))
     except OSError as exc:
-        raise OutputError(f"{folder}: cannot create a temporary folder there ({exc.strerror or exc})") from None
+        raise OutputError(f"{folder}: cannot create a temporary folder there ({exc.strerror or exc})") from exc
 
 
 def check_disk_space(folder: str | os.PathLike[str], need: int, what: str) -> None:
@@ -137,7 +137,7 @@ def _probe_writable(out_path: Path, parent: Path) -> None:
     except FileExistsError:
         return
     except OSError as exc:
-        raise OutputError(f"{out_path}: cannot write in folder {parent} ({exc.strerror or exc})") from None
+        raise OutputError(f"{out_path}: cannot write in folder {parent} ({exc.strerror or exc})") from exc
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)

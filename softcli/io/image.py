@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from ..constants import DEFAULT_MAX_PIXELS  # re-exported: the --max-pixels default
-from ..errors import InputError, UsageError
+from ..errors import InputError, ParameterError
 from ..resources import available_memory, format_bytes
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def pixel_limit(max_pixels: int | None) -> int | None:
     if max_pixels is None or max_pixels == 0:
         return None
     if max_pixels < 0:
-        raise UsageError(f"--max-pixels must be 0 (no limit) or a positive number of pixels, not {max_pixels}")
+        raise ParameterError(f"`max_pixels` must be 0 (no limit) or a positive number of pixels, not {max_pixels}")
     return int(max_pixels)
 
 
@@ -67,7 +67,7 @@ def check_pixels(path: str | os.PathLike[str], width: int, height: int, max_pixe
     max_pixels = pixel_limit(max_pixels)
     if max_pixels is not None and width * height > max_pixels:
         raise _fail(path, f"{width}x{height} = {width * height:,} pixels is above the limit of {max_pixels:,} "
-                          "(a decompression-bomb guard; raise it with --max-pixels)")
+                          "(a decompression-bomb guard; raise it with `max_pixels`)")
 
 
 def check_decode_memory(path: str | os.PathLike[str], width: int, height: int, raw_bytes: int) -> None:
@@ -207,10 +207,10 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
             planar = pg.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3
     except InputError:
         raise
-    except MemoryError:
-        raise _fail(p, "out of memory decoding this TIFF") from None
+    except MemoryError as exc:
+        raise _fail(p, "out of memory decoding this TIFF") from exc
     except Exception as exc:  # noqa: BLE001 - decoders raise their own types (zlib.error, ZeroDivisionError, ...)
-        raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
+        raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from exc
     if arr.ndim == 4 and arr.shape[0] == 1:  # (1, H, W, C) from some writers
         arr = arr[0]
     if arr.ndim > 3:
@@ -218,7 +218,7 @@ def load_tiff(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX
     try:
         return array_to_rgb(arr, planar=planar)
     except ValueError as exc:
-        raise _fail(p, str(exc)) from None
+        raise _fail(p, str(exc)) from exc
 
 
 def open_pil(path: str | os.PathLike[str], max_pixels: int | None) -> Any:
@@ -259,12 +259,12 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
                 return pil_to_rgb(img)
     except InputError:
         raise
-    except UnidentifiedImageError:
-        raise _fail(p, "not an image, or a format Pillow cannot read") from None
-    except MemoryError:
-        raise _fail(p, "out of memory decoding this image") from None
+    except UnidentifiedImageError as exc:
+        raise _fail(p, "not an image, or a format Pillow cannot read") from exc
+    except MemoryError as exc:
+        raise _fail(p, "out of memory decoding this image") from exc
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, zlib.error, struct.error, ...
-        raise _fail(p, f"truncated or corrupt image ({_reason(exc)})") from None
+        raise _fail(p, f"truncated or corrupt image ({_reason(exc)})") from exc
 
 
 def _reason(exc: BaseException) -> str:

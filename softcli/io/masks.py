@@ -251,7 +251,7 @@ def write_mask(raster: LabelRaster, out: str | os.PathLike[str], palette: Sequen
             else:
                 info["levels"] = write_tiff(raster, tmp, palette, names, on_tile=on_tile, metadata=metadata)
     except OSError as exc:
-        raise OutputError(f"{out}: cannot write the mask ({exc.strerror or exc})") from None
+        raise OutputError(f"{out}: cannot write the mask ({exc.strerror or exc})") from exc
     return info
 
 
@@ -268,7 +268,7 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
 def write_overlay(preview: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]],
@@ -285,5 +285,5 @@ def write_overlay(preview: np.ndarray, labels: np.ndarray, palette: Sequence[Seq
                 Path(path).suffix.lower().lstrip("."), Path(path).suffix.lstrip(".").upper())
             img.save(tmp, format=fmt)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write the overlay ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot write the overlay ({exc.strerror or exc})") from exc
     return [int(labels.shape[0]), int(labels.shape[1])]

@@ -95,7 +95,7 @@ class OpenSlideReader(ImageReader):
         try:
             self._slide = openslide.OpenSlide(self.path)
         except Exception as exc:  # noqa: BLE001 - the reader boundary: OpenSlideError, OSError, ...
-            raise _fail(path, f"unreadable slide ({_reason(exc)})") from None
+            raise _fail(path, f"unreadable slide ({_reason(exc)})") from exc
         try:
             self.levels = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
             self._downsamples = [float(d) for d in self._slide.level_downsamples]
@@ -117,7 +117,7 @@ class OpenSlideReader(ImageReader):
         try:
             img = self._slide.read_region((round(x * ds), round(y * ds)), self.level, (w, h))
         except Exception as exc:  # noqa: BLE001 - decoder failures inside OpenSlide
-            raise _fail(self.path, f"cannot read slide region ({_reason(exc)})") from None
+            raise _fail(self.path, f"cannot read slide region ({_reason(exc)})") from exc
         rgba = np.asarray(img, dtype=np.float32) / 255.0
         alpha = rgba[:, :, 3:4]
         # Premultiplied alpha: colour + (1 - alpha) puts transparent areas on white.

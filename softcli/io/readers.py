@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, ParameterError, UsageError
 from ..resources import format_bytes
 from .image import (
     DEFAULT_MAX_PIXELS,
@@ -89,7 +89,7 @@ class TiffReader(ImageReader):
         try:
             self._tif = tifffile.TiffFile(p)
         except Exception as exc:  # noqa: BLE001 - the reader boundary: any parser failure is a bad file
-            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
+            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from exc
         try:
             self._setup(level)
         except (InputError, UsageError):
@@ -97,7 +97,7 @@ class TiffReader(ImageReader):
             raise
         except Exception as exc:  # noqa: BLE001 - malformed tags surface as any type
             self._tif.close()
-            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from None
+            raise _fail(p, f"unreadable TIFF ({_reason(exc)})") from exc
         except BaseException:
             self._tif.close()
             raise
@@ -110,10 +110,10 @@ class TiffReader(ImageReader):
             series = self._tif.series[0]
             pages = [lv.keyframe for lv in series.levels]
         except (tifffile.TiffFileError, ValueError, IndexError, KeyError, AttributeError) as exc:
-            raise _fail(self.path, f"unreadable TIFF ({exc})") from None
+            raise _fail(self.path, f"unreadable TIFF ({exc})") from exc
         self.levels = [(int(pg.imagelength), int(pg.imagewidth)) for pg in pages]
         if not 0 <= level < len(pages):
-            raise UsageError(f"{self.path}: --level {level} does not exist; the file has "
+            raise ParameterError(f"{self.path}: `level` {level} does not exist; the file has "
                              f"{len(pages)} level(s): " + ", ".join(f"{i}: {w}x{h}" for i, (h, w) in
                                                                       enumerate(self.levels)))
         self.level = level
@@ -182,7 +182,7 @@ class TiffReader(ImageReader):
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
-            raise _fail(self.path, f"cannot decode TIFF data ({exc})") from None
+            raise _fail(self.path, f"cannot decode TIFF data ({exc})") from exc
         arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
         if np.issubdtype(self._dtype, np.integer) and lo >= 0 and hi <= 65535:
@@ -229,7 +229,7 @@ class TiffReader(ImageReader):
         try:
             return array_to_rgb(arr, planar=False)
         except ValueError as exc:
-            raise _fail(self.path, str(exc)) from None
+            raise _fail(self.path, str(exc)) from exc
 
     def _decode(self, page: object, data: bytes, index: int) -> np.ndarray | None:
         try:
@@ -240,12 +240,12 @@ class TiffReader(ImageReader):
             name = getattr(comp, "name", comp)
             if "imagecodecs" in str(exc):
                 raise _fail(self.path, f"{name}-compressed TIFF data needs the optional 'imagecodecs' package "
-                                       "(pip install imagecodecs)") from None
-            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}") from None
+                                       "(pip install imagecodecs)") from exc
+            raise _fail(self.path, f"cannot decode {name} TIFF data: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - corrupt segments raise codec-specific types
             comp = getattr(page, "compression", None)
             raise _fail(self.path, f"corrupt {getattr(comp, 'name', comp)} TIFF data in tile/strip {index} "
-                                   f"({type(exc).__name__}: {exc})") from None
+                                   f"({type(exc).__name__}: {exc})") from exc
         return seg
 
     def close(self) -> None:
@@ -267,7 +267,7 @@ def open_image(path: str | os.PathLike[str], level: int = 0,
     p = Path(path)
     _open_checks(p)
     if level < 0:
-        raise UsageError(f"--level must be 0 or more, not {level}")
+        raise ParameterError(f"`level` must be 0 or more, not {level}")
     from .openslide_reader import OpenSlideReader, looks_like_slide, missing_extra_error, openslide_claims
 
     if is_tiff(p):
@@ -282,5 +282,5 @@ def open_image(path: str | os.PathLike[str], level: int = 0,
     if looks_like_slide(p) and not _pillow_magic(p):
         raise missing_extra_error(p)
     if level != 0:
-        raise UsageError(f"{p}: --level {level} asked for, but only TIFF pyramids have levels (this file has one)")
+        raise ParameterError(f"{p}: `level` {level} asked for, but only TIFF pyramids have levels (this file has one)")
     return PillowReader(p, max_pixels=max_pixels)

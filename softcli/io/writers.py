@@ -40,7 +40,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from ..constants import FEATURE_TIFF_TILE
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 from .atomic import atomic_path
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".npz": "npz", ".tif": "tiff", ".tiff": "tiff",
@@ -61,9 +61,9 @@ def check_feature_request(path: str | os.PathLike[str], n_maps: int, pooled: boo
     fmt = feature_format(path)
     if fmt == "npy" and n_maps != 1:
         raise UsageError(f"{path}: .npy holds one array but {n_maps} stages were asked for; "
-                         "pick one with --stages N, or write .npz or .safetensors")
+                         "pick one with `stages=N`, or write .npz or .safetensors")
     if pooled and fmt in ("npy", "tiff"):
-        raise UsageError(f"{path}: --pool needs .safetensors or .npz (a .{fmt} file holds only maps)")
+        raise ParameterError(f"{path}: `pool` needs .safetensors or .npz (a .{fmt} file holds only maps)")
     return fmt
 
 

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 DEFAULT_LANDMARK_BUDGET = 196
 
 POLICY_MODES = ("auto", "official", "budget")
+#: What a landmark policy may be written as (``--landmarks``, ``landmarks=``).
+POLICY_CHOICES = "auto, official or a positive number"
 
 
 def spread_indices(full: int, keep: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -53,17 +55,20 @@ class LandmarkPolicy:
 
     @classmethod
     def parse(cls, text: str | int | None) -> LandmarkPolicy:
-        """``auto``, ``official`` or a number (a budget), as the command line takes it."""
+        """``auto``, ``official`` or a number (a budget), as the command line takes it; or ``str(policy)``."""
         if text is None or text == "auto":
             return cls()
         if text == "official":
             return cls(mode="official")
+        mode, colon, number = str(text).partition(":")
+        if colon and mode in ("auto", "budget") and number.isdigit() and int(number) >= 1:
+            return cls(mode=mode, budget=int(number))  # str(policy), as metadata records it
         try:
             budget = int(text)
-        except (TypeError, ValueError):
-            raise ValueError(f"--landmarks takes auto, official or a positive number, not {text!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a landmark policy is {POLICY_CHOICES}, not {text!r}") from exc
         if budget < 1:
-            raise ValueError(f"--landmarks takes auto, official or a positive number, not {text!r}")
+            raise ValueError(f"a landmark policy is {POLICY_CHOICES}, not {text!r}")
         return cls(mode="budget", budget=budget)
 
     def __str__(self) -> str:

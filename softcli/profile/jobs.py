@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..errors import UsageError
+from ..errors import ParameterError, UsageError
 from ..models.soft import VARIANTS
 from ..resources import format_bytes
 from .estimate import memory_limit, min_attention_bytes
@@ -36,13 +36,13 @@ def attention_jobs(methods: Sequence[str], tokens: Sequence[int], settings: Prof
     for n in sorted(set(tokens)):
         need = min_attention_bytes(n, settings)
         if limit is not None and need > limit:
-            raise UsageError(f"--tokens {n}: the inputs and outputs alone of one attention call at {n:,} tokens "
+            raise ParameterError(f"`tokens` {n}: the inputs and outputs alone of one attention call at {n:,} tokens "
                              f"need {format_bytes(need)}, more than the {format_bytes(limit)} "
-                             f"{'--max-memory allows' if settings.max_memory_bytes else 'available'}")
+                             f"{'`max_memory_bytes` allows' if settings.max_memory_bytes else 'available'}")
         grid = grid_for(n)
         if any(m.startswith("soft-") or m == "soft" for m in methods) and grid[0] < settings.sr_ratio:
-            raise UsageError(
-                f"{n} tokens make a {grid[0]}x{grid[1]} grid, narrower than --sr-ratio {settings.sr_ratio}; "
+            raise ParameterError(
+                f"{n} tokens make a {grid[0]}x{grid[1]} grid, narrower than `sr_ratio` {settings.sr_ratio}; "
                 f"SOFT needs both sides >= the sr ratio (square counts work, e.g. {(4 * settings.sr_ratio) ** 2})")
         jobs.extend(ProfileJob(method=m, grid=grid) for m in dict.fromkeys(methods))
     return jobs
@@ -67,7 +67,7 @@ def model_jobs(model: str, image_size: int) -> list[ProfileJob]:
     if model not in VARIANTS:
         raise UsageError(f"unknown model {model!r}; known: {', '.join(VARIANTS)}")
     if image_size < 32:
-        raise UsageError("--image-size must be at least 32 (four stride-2 levels below the stem)")
+        raise ParameterError("`image_size` must be at least 32 (four stride-2 levels below the stem)")
     sizes = stage_input_sizes(image_size)
     outs = sizes[1:] + [_conv_out(sizes[3])]  # each stage's token grid side
     jobs = [ProfileJob(method=model, grid=(o, o), model=model, part=f"stage{i + 1}", image_size=image_size)

@@ -78,8 +78,8 @@ def build_attention(method: str, settings: ProfileSettings) -> nn.Module:
         if method == "softmax-math":
             try:
                 from torch.nn.attention import SDPBackend
-            except ImportError:  # pragma: no cover - torch < 2.3
-                raise UsageError("softmax-math needs torch >= 2.3 (torch.nn.attention.sdpa_kernel)") from None
+            except ImportError as exc:  # pragma: no cover - torch < 2.3
+                raise UsageError("softmax-math needs torch >= 2.3 (torch.nn.attention.sdpa_kernel)") from exc
             backend = SDPBackend.MATH
         mod = _GridFree(SoftmaxAttention(settings.dim, settings.heads), backend)
     elif method == "nystromformer":

@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from ..models.landmarks import LandmarkPolicy
+from ..errors import ParameterError
 from ..models.soft import LOCAL_KERNELS
 from .names import DEFAULT_METHODS, DEFAULT_THREADS, DEFAULT_TOKENS, METHODS, MIN_REPEATS
 
@@ -58,24 +57,23 @@ class ProfileSettings:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype takes {', '.join(DTYPES)}, not {self.dtype!r}")
+            raise ParameterError(f"`dtype` takes {', '.join(DTYPES)}, not {self.dtype!r}")
         for name in ("dim", "heads", "batch", "sr_ratio", "local_kernel", "repeat", "threads"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ParameterError(f"`{name}` must be at least 1")
         if self.warmup < 0:
-            raise UsageError("--warmup must be 0 or more")
+            raise ParameterError("`warmup` must be 0 or more")
         if self.dim % self.heads:
-            raise UsageError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
+            raise ParameterError(f"`dim` {self.dim} is not divisible by `heads` {self.heads}")
         if self.local_kernel % 2 == 0:
-            raise UsageError("--local-kernel must be odd (the local term keeps the grid size)")
+            raise ParameterError("`local_kernel` must be odd (the local term keeps the grid size)")
         if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise UsageError(f"--timeout must be a positive number of seconds, not {self.timeout_s}")
+            raise ParameterError(f"`timeout_s` must be a positive number of seconds, not {self.timeout_s}")
         if self.max_memory_bytes is not None and self.max_memory_bytes <= 0:
-            raise UsageError("--max-memory must be positive")
-        try:
-            LandmarkPolicy.parse(self.landmarks)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise ParameterError("`max_memory_bytes` must be positive")
+        from ..api import landmark_policy
+
+        landmark_policy(self.landmarks)  # a bad value is a ParameterError
 
 
 @dataclass(frozen=True)

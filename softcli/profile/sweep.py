@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from ..errors import ParameterError
 from .harness import measure, result_for
 from .settings import (
     RESULT_TAG,
@@ -136,7 +136,7 @@ def run_sweep(jobs: Sequence[ProfileJob], settings: ProfileSettings,
     device = torch.device(settings.device)
     if settings.max_memory_bytes is not None and (device.type != "cpu" or not sys.platform.startswith("linux")
                                                   or not settings.isolate):
-        raise UsageError("--max-memory works on the CPU under Linux, with isolated workers "
+        raise ParameterError("`max_memory_bytes` works on the CPU under Linux, with isolated workers "
                          "(on a GPU, out-of-memory is the GPU's own limit)")
     loadavg = _loadavg()
     results = []

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import landmark_policy
+from ..api import landmark_policy, landmarks_summary, use_landmarks
 from ..backbone_ref import attach_backbone
 from ..band_state import BandState, file_identity, grid_identity, run_bands, tensors_digest
 from ..checkpoint import (
@@ -39,14 +39,14 @@ from ..context import (
     ReaderSource,
     check_context_mode,
     choose_context,
-    default_max_memory,
+    memory_budget,
     open_checkpoints,
     plan_global,
     run_global,
     tissue_context,
 )
 from ..engine import OutputSpec, PhaseProgressFn, RowSink, replay_rows, run_dense
-from ..errors import InputError, UsageError
+from ..errors import InputError, NoSegmentationModel, ParameterError
 from ..io.atomic import check_disk_space
 from ..io.geojson import check_geojson_output, write_geojson
 from ..io.image import DEFAULT_MAX_PIXELS, pixel_limit
@@ -152,13 +152,13 @@ def check_model_request(weights: object, clusters: int | None,
                         cluster_stages: str | Sequence[int] | None) -> tuple[int, ...]:
     """The usage errors of a model/clusters choice, before anything loads; the stages clusters read."""
     if weights is None and clusters is None:
-        raise UsageError("no segmentation model given: pass --weights/--model with a segmentation checkpoint, "
-                         "or --clusters K to cluster the default backbone's features")
+        raise NoSegmentationModel("no segmentation model given: pass `weights` with a segmentation checkpoint, "
+                                  "or `clusters=K` to cluster the default backbone's features")
     if clusters is not None and not 1 <= clusters <= 256:
-        raise UsageError(f"--clusters must be between 1 and 256, not {clusters}")
+        raise ParameterError(f"`clusters` must be between 1 and 256, not {clusters}")
     stages = parse_cluster_stages(cluster_stages)
     if cluster_stages is not None and clusters is None:
-        raise UsageError("--cluster-stages only applies with --clusters K")
+        raise ParameterError("`cluster_stages` only applies with `clusters=K`")
     return stages
 
 
@@ -190,7 +190,7 @@ def _check_resources(image: str | os.PathLike[str], out: str | os.PathLike[str],
     if free is not None and 2 * bands > free:  # the stitcher's band and the label sink's rows
         raise InputError(f"{image}: a {grid.width}x{grid.height} image with {classes} labels in "
                          f"{grid.tile_w}x{grid.tile_h} tiles needs about {format_bytes(2 * bands)} of memory for one "
-                         f"row of tiles, more than the {format_bytes(free)} available; use a smaller --tile")
+                         f"row of tiles, more than the {format_bytes(free)} available; use a smaller `tile`")
     label_bytes = grid.height * grid.width * (1 if classes <= 256 else 2)
     need = label_bytes * (2 if mask_format(out) == "npy" else 1)
     check_disk_space(Path(out).resolve().parent, need, f"the {grid.width}x{grid.height} label mask "
@@ -285,9 +285,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     check_context_mode(context)
     if context == "global" and clusters is None:
-        raise UsageError("global context needs --clusters K: a trained head normalises over the whole map "
-                         "(GroupNorm), which tiles cannot reproduce exactly; use --context tile or auto")
-    budget = max_memory or default_max_memory()
+        raise ParameterError("global context needs `clusters=K`: a trained head normalises over the whole map "
+                             "(GroupNorm), which tiles cannot reproduce exactly; use `context` tile or auto")
+    budget = memory_budget(max_memory)
     if geojson is not None:
         check_geojson_output(geojson, [image, out])
     with open_at_resolution(image, level=level, mpp=mpp, magnification=magnification,
@@ -295,7 +295,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
         try:
             grid = TileGrid(reader.height, reader.width, tile=tile or DEFAULT_TILE, overlap=overlap)
         except ValueError as exc:
-            raise UsageError(f"--tile/--overlap: {exc}") from None
+            raise ParameterError(f"`tile`/`overlap`: {exc}") from exc
         check_mask_outputs(out, [image], height=reader.height, width=reader.width,
                            num_classes=clusters, overlay=overlay)
         ck = attach_backbone(read_checkpoint(resolve_checkpoint_path(weights)), resolve_checkpoint_path)
@@ -308,8 +308,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             names, palette = with_background(names, palette)
         if clusters is None:
             check_mask_outputs(out, [image], num_classes=len(names))  # a PNG palette holds 256 classes
-        if policy is not None:
-            backbone.set_landmark_policy(policy)
+        use_landmarks(backbone, policy, ck)  # asked, else the fitted head's, else the default
         pre = dict(ck.pretrained_cfg)
         mean, std = pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD)
         params = sum(p.numel() for p in (model or backbone).parameters())
@@ -325,8 +324,8 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             side = choose_tile_size(budget, backbone.config, params, cap=max(*padded, 2 * ALIGN))
             grid = TileGrid(reader.height, reader.width, tile=side, overlap=min(overlap, side - ALIGN))
         if dist is not None and choice.mode == "whole":
-            raise UsageError("splitting the tiles across ranks needs --context tile or global "
-                             "(this run: the whole image in one pass)")
+            raise ParameterError("splitting the tiles across ranks needs `context` tile or global "
+                                 "(this run: the whole image in one pass)")
         _check_resources(image, out, grid, len(names))
 
         def report(phase: str) -> Callable[[int, int], None] | None:
@@ -337,6 +336,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                    "height": reader.height, "device": str(dev),
                                    "checkpoint": ck.source, "mpp": reader.mpp}
         summary["context"] = choice.to_json()
+        summary["landmarks"] = landmarks_summary(backbone)
         stack = contextlib.ExitStack()
         fill: Callable[[LabelSink], None] | None = None
         checkpoints: LayerCheckpoints | None = None

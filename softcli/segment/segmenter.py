@@ -107,7 +107,7 @@ def _read_segmentation_metadata(ck: Checkpoint) -> None:
             text = (fh.metadata() or {}).get(SEG_META_KEY)
         data = json.loads(text) if text else None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{ck.source}: unreadable segmentation metadata ({exc})") from None
+        raise CheckpointError(f"{ck.source}: unreadable segmentation metadata ({exc})") from exc
     if isinstance(data, Mapping):
         ck.extra = {**data, **ck.extra}
 
@@ -123,7 +123,7 @@ def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
                           fpn_channels=int(sd["head.lateral.0.weight"].shape[0]),
                           channels=int(sd["head.classifier.weight"].shape[1]))
     except KeyError as exc:
-        raise CheckpointError(f"{source}: segmentation head incomplete (no {exc.args[0]})") from None
+        raise CheckpointError(f"{source}: segmentation head incomplete (no {exc.args[0]})") from exc
 
 
 def resolve_checkpoint_path(spec: str | os.PathLike[str] | None) -> Path:
@@ -147,7 +147,7 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
     if not is_segmentation_checkpoint(ck):
         what = "a classification" if ck.extra.get("task") == "classification" else "a backbone"
         raise CheckpointError(f"{ck.source}: {what} checkpoint with no segmentation head; "
-                              "use --clusters K to segment without one")
+                              "use `clusters=K` to segment without one")
     backbone_sd = {k[len("backbone."):]: v for k, v in ck.state_dict.items() if k.startswith("backbone.")}
     head_sd = {k[len("head."):]: v for k, v in ck.state_dict.items() if k.startswith("head.")}
     other = [k for k in ck.state_dict if not k.startswith(("backbone.", "head."))]
@@ -167,7 +167,7 @@ def segmenter_from_checkpoint(ck: Checkpoint, device: str | torch.device = "cpu"
         try:
             head_cfg = config_cls.from_dict({k: v for k, v in head_meta.items() if k != "type"})
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{ck.source}: bad head config ({exc})") from None
+            raise CheckpointError(f"{ck.source}: bad head config ({exc})") from exc
         stored = _infer_head_config(ck.state_dict, ck.source) if head_type == HEAD_TYPE else None
         for name in ("num_classes", "fpn_channels", "channels") if stored else ():  # sizes must match the weights
             if getattr(head_cfg, name) != getattr(stored, name):

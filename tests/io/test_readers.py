@@ -112,7 +112,7 @@ def test_pyramid_levels(tmp_path, subifds):
             assert r.levels == [(512, 384), (256, 192), (128, 96)]
             assert (r.height, r.width) == lv.shape[:2]
             np.testing.assert_allclose(r.read_region(10, 20, 50, 60), lv[10:60, 20:80] / 255.0, atol=1e-6)
-    with pytest.raises(UsageError, match="--level 3 does not exist"):
+    with pytest.raises(UsageError, match="level 3 does not exist"):
         open_image(f, level=3)
 
 
