@@ -144,6 +144,13 @@ def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS, closed_form: bool = T
     return d.unsqueeze(-1) * v * d.unsqueeze(-2)
 
 
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """a @ b written into ``out`` (any strides); autograd-safe when gradients flow (training a head)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return out.copy_(a @ b)
+    return torch.matmul(a, b, out=out)
+
+
 def token_major_empty(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialised (B, h, N, d) tensor laid out as (B, N, h, d): heads merge back into tokens as a view."""
     return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
@@ -227,10 +234,17 @@ class SoftAttention(nn.Module):
         return q, v
 
     def landmark_pinv(self, lm: Tensor) -> Tensor:
-        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant).
+
+        In closed form, except when gradients flow into the landmarks: an
+        eigendecomposition's gradient blows up at repeated eigenvalues, the
+        steps' gradient does not.
+        """
+        closed_form = not (torch.is_grad_enabled() and lm.requires_grad)
         with torch.autocast(device_type=lm.device.type, enabled=False):
             a = gaussian_kernel(lm.float(), lm.float())
-            return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
+            pinv = newton_pinv_norm if self.norm else newton_pinv_plain
+            return pinv(a, closed_form=closed_form)
 
     @staticmethod
     def chunk_plan(n_tokens: int, n_landmarks: int, batch_heads: int, rows: int | None = None) -> ChunkPlan:
@@ -273,11 +287,11 @@ class SoftAttention(nn.Module):
             n, chunk = q.shape[-2], self._chunk(q, lm).rows
             out = token_major_empty(q.shape[0], q.shape[1], n, w.shape[-1], torch.float32, q.device)
             for s in range(0, n, chunk):
-                torch.matmul(gaussian_kernel(q[:, :, s:s + chunk], lm), w, out=out[:, :, s:s + chunk])
+                _matmul_into(gaussian_kernel(q[:, :, s:s + chunk], lm), w, out[:, :, s:s + chunk])
             return out.to(out_dtype)
 
     def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
-        """K1·(A⁺·(K1ᵀ·V)) in float32, as a token-major view; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
+        """K1·(A⁺·(K1ᵀ·V)) in float32, token-major; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
         out_dtype = v.dtype
         a_pinv = self.landmark_pinv(lm)
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -286,7 +300,7 @@ class SoftAttention(nn.Module):
                 k1 = gaussian_kernel(q, lm)
                 w = a_pinv @ (k1.transpose(-1, -2) @ v)
                 out = token_major_empty(q.shape[0], q.shape[1], q.shape[2], w.shape[-1], torch.float32, q.device)
-                return torch.matmul(k1, w, out=out).to(out_dtype)
+                return _matmul_into(k1, w, out).to(out_dtype)
             return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
 
     def local_term(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -298,8 +312,8 @@ class SoftAttention(nn.Module):
         is how the tokens (B, N, h·d) already lie in memory, so no copy is made and
         the depthwise conv runs on its fast channels-last path; its output is
         channels-last too, so the result is again a view of token-major memory
-        (measured, 1 thread: 62 ms vs 255 ms for 65536... 262144 tokens, 64
-        channels, 9 x 9; bench/README.md "Attention layout").
+        (2048² stage 1, 262144 tokens, 64 channels, 9 x 9, 1 thread: 62 ms vs 255 ms
+        for the NCHW conv with its two transposes; bench/README.md "Attention layout").
         """
         b, h, n, d = v.shape
         weight = self.local_conv.weight.repeat_interleave(d, dim=0)  # (h·d, 1, k, k)
