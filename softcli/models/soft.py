@@ -279,7 +279,7 @@ class SoftStage(nn.Module):
         CPU, bench/README.md "Channels-last"), which is also how tokens (B, N, C)
         lie in memory: map → tokens → map are views, not copies.
         """
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        x = self.embed(x.contiguous(memory_format=torch.channels_last))
         b, c, hh, ww = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(b, hh * ww, c) + resize_pos_embed(
             self.grid_pos_embed, self.grid, (hh, ww))
@@ -290,6 +290,33 @@ class SoftStage(nn.Module):
         else:
             tokens, cls_out = self.attend_with_class(tokens, cls_token)
         return tokens.reshape(b, hh, ww, c).permute(0, 3, 1, 2), cls_out
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``patch_embed``; in eval mode each BatchNorm is folded into the conv before it.
+
+        Same numbers to float32 rounding, one pass (and one full-size temporary)
+        fewer per conv: BN in eval is a per-channel affine map.
+        """
+        if self.training:
+            return self.patch_embed(x)
+        layers = list(self.patch_embed)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            bn = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+                assert bn.running_mean is not None
+                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+                bias = bn.bias - bn.running_mean * scale
+                if layer.bias is not None:
+                    bias = bias + layer.bias * scale
+                x = F.conv2d(x, layer.weight * scale.view(-1, 1, 1, 1), bias, layer.stride, layer.padding,
+                             layer.dilation, layer.groups)
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x
 
     @property
     def grid_pos_embed(self) -> Tensor:

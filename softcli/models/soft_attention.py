@@ -229,7 +229,8 @@ class SoftAttention(nn.Module):
         """Tokens (B, N, C) → scaled queries and values, (B, h, N, d) each."""
         b, n, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
+        scale = d ** -0.25  # folded into the (small) weights: no pass over the (large) queries
+        q = F.linear(x, self.q.weight * scale, self.q.bias * scale).view(b, n, h, d).transpose(1, 2)
         v = self.v(x).view(b, n, h, d).transpose(1, 2)
         return q, v
 
