@@ -292,30 +292,9 @@ class SoftStage(nn.Module):
         return tokens.reshape(b, hh, ww, c).permute(0, 3, 1, 2), cls_out
 
     def embed(self, x: Tensor) -> Tensor:
-        """``patch_embed``; in eval mode each BatchNorm is folded into the conv before it.
-
-        Same numbers to float32 rounding, one pass (and one full-size temporary)
-        fewer per conv: BN in eval is a per-channel affine map.
-        """
-        if self.training:
-            return self.patch_embed(x)
-        layers = list(self.patch_embed)
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            bn = layers[i + 1] if i + 1 < len(layers) else None
-            if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
-                assert bn.running_mean is not None
-                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-                bias = bn.bias - bn.running_mean * scale
-                if layer.bias is not None:
-                    bias = bias + layer.bias * scale
-                x = F.conv2d(x, layer.weight * scale.view(-1, 1, 1, 1), bias, layer.stride, layer.padding,
-                             layer.dilation, layer.groups)
-                i += 2
-            else:
-                x = layer(x)
-                i += 1
+        """``patch_embed``; in eval mode each BatchNorm is folded into the conv before it (:func:`embed_convs`)."""
+        for conv, weight, bias, after in embed_convs(self):
+            x = after(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         return x
 
     @property
@@ -330,6 +309,40 @@ class SoftStage(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         return tokens[:, 1:], tokens[:, 0]
+
+
+def embed_convs(stage: SoftStage) -> list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]]:
+    """A stage's patch embedding as (conv, weight, bias, what follows the conv) steps.
+
+    In eval mode a BatchNorm after a conv is folded into that conv's weight and
+    bias (BN in eval is a per-channel affine map): same numbers to float32
+    rounding, one pass and one full-size temporary fewer per conv. In training
+    BN stays a module (it updates its statistics).
+    """
+    layers = list(stage.patch_embed)
+    steps: list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]] = []
+    i = 0
+    while i < len(layers):
+        conv = layers[i]
+        assert isinstance(conv, nn.Conv2d), "a patch embedding is conv [, BatchNorm], activation, ..."
+        weight, bias = conv.weight, conv.bias
+        i += 1
+        after: list[nn.Module] = []
+        if i < len(layers) and isinstance(layers[i], nn.BatchNorm2d):
+            bn = layers[i]
+            assert isinstance(bn, nn.BatchNorm2d)
+            if not bn.training and bn.running_mean is not None and bn.running_var is not None:
+                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+                weight = weight * scale.view(-1, 1, 1, 1)
+                bias = bn.bias - bn.running_mean * scale + (bias * scale if bias is not None else 0)
+            else:
+                after.append(bn)
+            i += 1
+        while i < len(layers) and not isinstance(layers[i], nn.Conv2d):
+            after.append(layers[i])
+            i += 1
+        steps.append((conv, weight, bias, nn.Sequential(*after)))
+    return steps
 
 
 class SoftModel(nn.Module):
