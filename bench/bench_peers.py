@@ -124,13 +124,15 @@ def make_input(side: int) -> Any:
     return torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(side))
 
 
-def time_once(fn: Callable, x: Any) -> float:
+def time_once(fn: Callable, x: Any) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call. CPU time (all threads of this process) moves less than
+    wall time when other work shares the machine; at 1 thread the two agree on a quiet one."""
     import torch
 
     with torch.inference_mode():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn(x)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def run(models: list[str], sides: list[int], repeat: int, threads: int, baseline: Path | None = None) -> list[dict]:
@@ -147,23 +149,31 @@ def run(models: list[str], sides: list[int], repeat: int, threads: int, baseline
             fns[name] = fn
             time_once(fn, make_input(side))  # warm-up at this size
         times: dict[str, list[float]] = {name: [] for name in models}
+        cpu: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(repeat):
             for name in models:
-                times[name].append(time_once(fns[name], make_input(side)))
+                wall, used = time_once(fns[name], make_input(side))
+                times[name].append(wall)
+                cpu[name].append(used)
         for name in models:
             rows.append({"model": name, "side": side, "seconds": times[name],
-                         "median": statistics.median(times[name])})
+                         "median": statistics.median(times[name]), "cpu_seconds": cpu[name],
+                         "cpu_median": statistics.median(cpu[name])})
         del fns
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    ref = {r["side"]: r["median"] for r in rows if r["model"] == "convnext_tiny"}
-    out = ["| model | side | median s | runs s | × convnext_tiny |", "|---|---|---|---|---|"]
+    ref = {r["side"]: r for r in rows if r["model"] == "convnext_tiny"}
+    out = ["| model | side | median s | runs s | × convnext_tiny | CPU s (median) | CPU × convnext_tiny |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        rel = f"{r['median'] / ref[r['side']]:.2f}" if r["side"] in ref else "–"
+        base = ref.get(r["side"])
+        rel = f"{r['median'] / base['median']:.2f}" if base else "–"
+        cpu_rel = f"{r['cpu_median'] / base['cpu_median']:.2f}" if base else "–"
         runs = " / ".join(f"{t:.2f}" for t in r["seconds"])
-        out.append(f"| {r['model']} | {r['side']}² | {r['median']:.2f} | {runs} | {rel} |")
+        out.append(f"| {r['model']} | {r['side']}² | {r['median']:.2f} | {runs} | {rel} | {r['cpu_median']:.2f} "
+                   f"| {cpu_rel} |")
     return "\n".join(out)
 
 

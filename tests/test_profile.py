@@ -120,7 +120,9 @@ def test_flop_formulas_match_counted_flops(method, grid, settings):
 def test_softmax_flops_grow_quadratically_and_soft_linearly():
     s = ProfileSettings()
     assert estimate_flops("softmax", (256, 256), s) / estimate_flops("softmax", (128, 128), s) > 15
-    assert estimate_flops("soft", (256, 256), s) / estimate_flops("soft", (128, 128), s) < 4.5
+    # linear in N at a fixed chunk plan; the one step from K1 whole to K1 chunked (evaluated twice) adds < 25 %
+    assert estimate_flops("soft", (512, 512), s) / estimate_flops("soft", (256, 256), s) < 4.01
+    assert estimate_flops("soft", (256, 256), s) / estimate_flops("soft", (128, 128), s) < 5
 
 
 def test_in_process_sweep_schema():

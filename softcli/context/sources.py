@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..engine import normalized_batch
 from ..io.readers import ImageReader
-from ..models.soft import SoftStage
+from ..models.soft import SoftStage, embed_convs
 
 
 class ImageSource(Protocol):
@@ -96,12 +96,7 @@ def embed_region(stage: SoftStage, fetch: Callable[[int, int, int, int], Tensor]
         ranges.insert(0, (ry, rx))
         pads.insert(0, (px[0], px[1], py[0], py[1]))
     (y0, y1), (x0, x1) = ranges[0]
-    x = fetch(y0, y1, x0, x1)
-    i = 0
-    for m in stage.patch_embed:
-        if isinstance(m, nn.Conv2d):
-            x = F.conv2d(F.pad(x, pads[i]), m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
-            i += 1
-        else:
-            x = m(x)
+    x = fetch(y0, y1, x0, x1).contiguous(memory_format=torch.channels_last)  # as SoftStage runs it
+    for i, (conv, weight, bias, after) in enumerate(embed_convs(stage)):
+        x = after(F.conv2d(F.pad(x, pads[i]), weight, bias, conv.stride, 0, conv.dilation, conv.groups))
     return x

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast, overload
 
@@ -50,6 +50,36 @@ __all__ = [
 
 # Local-term kernel sizes of stages 1-3 (attn.conv); fixed by the official code.
 LOCAL_KERNELS = (9, 5, 3)
+
+#: The per-token tail of a block (residuals, norms, MLP) walks the tokens in row
+#: chunks whose MLP hidden activations hold about this many values (4 MB in
+#: float32): the hidden layer stays in the CPU cache instead of streaming a
+#: full-size temporary (256 MB at 2048², stage 1) through memory, and no
+#: full-size temporaries are allocated (bench/README.md, "Per-token chunks").
+TOKEN_CHUNK_ELEMENTS = 1 << 20
+#: Fewest rows in a chunk, whatever the width.
+TOKEN_CHUNK_MIN_ROWS = 256
+
+
+def per_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor, width: int) -> Tensor:
+    """``fn`` over aligned row chunks of (B, N, ·) tensors, written into one (B, N, ·) result.
+
+    Only for ``fn`` that treat each token on its own (norms, MLPs, residuals):
+    then the result equals ``fn(*tensors)``. ``width`` is the widest
+    intermediate per token, which sets the chunk size.
+    """
+    n = tensors[0].shape[1]
+    rows = max(TOKEN_CHUNK_MIN_ROWS, TOKEN_CHUNK_ELEMENTS // max(1, width))
+    if rows >= n:
+        return fn(*tensors)
+    out: Tensor | None = None
+    for s in range(0, n, rows):
+        part = fn(*(t[:, s:s + rows] for t in tensors))
+        if out is None:
+            out = part.new_empty((part.shape[0], n, part.shape[-1]))
+        out[:, s:s + rows] = part
+    assert out is not None
+    return out
 
 
 @dataclass(frozen=True)
@@ -166,10 +196,17 @@ class SoftBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
-        return self.finish(x, self.attn(x, hw))
+        # ``proj`` joins the per-token chunks: its output never exists at full size.
+        return per_token_chunks(self._project_finish, x, self.attn.attend(x, hw), width=self.mlp.fc1.out_features)
+
+    def _project_finish(self, x: Tensor, heads: Tensor) -> Tensor:
+        return self._finish_tokens(x, self.attn.proj(heads))
 
     def finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
         """Everything after attention (residual, norms, MLP): per token, so any tile of tokens works."""
+        return per_token_chunks(self._finish_tokens, x, attn_out, width=self.mlp.fc1.out_features)
+
+    def _finish_tokens(self, x: Tensor, attn_out: Tensor) -> Tensor:
         x = self.norm1(x + attn_out)
         return self.norm2(x + self.mlp(x))
 
@@ -205,6 +242,9 @@ class SoftmaxBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
+        return per_token_chunks(self._mlp_tokens, x, width=self.mlp.fc1.out_features)
+
+    def _mlp_tokens(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.norm2(x))
 
 
@@ -233,17 +273,29 @@ class SoftStage(nn.Module):
             self.blocks = nn.ModuleList(SoftmaxBlock(dim, cfg.num_heads[index]) for _ in range(cfg.depths[index]))
 
     def forward(self, x: Tensor, cls_token: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Map (B, C_in, H, W) → map (B, C, H', W'); stage 4 also returns the class token."""
-        x = self.patch_embed(x)
+        """Map (B, C_in, H, W) → map (B, C, H', W'), channels-last; stage 4 also returns the class token.
+
+        The patch embedding runs channels-last (measured 1.6x faster than NCHW on
+        CPU, bench/README.md "Channels-last"), which is also how tokens (B, N, C)
+        lie in memory: map → tokens → map are views, not copies.
+        """
+        x = self.embed(x.contiguous(memory_format=torch.channels_last))
         b, c, hh, ww = x.shape
-        tokens = x.flatten(2).transpose(1, 2) + resize_pos_embed(self.grid_pos_embed, self.grid, (hh, ww))
+        tokens = x.permute(0, 2, 3, 1).reshape(b, hh * ww, c) + resize_pos_embed(
+            self.grid_pos_embed, self.grid, (hh, ww))
         if cls_token is None:
             for blk in self.blocks:
                 tokens = blk(tokens, (hh, ww))
             cls_out = None
         else:
             tokens, cls_out = self.attend_with_class(tokens, cls_token)
-        return tokens.transpose(1, 2).reshape(b, c, hh, ww), cls_out
+        return tokens.reshape(b, hh, ww, c).permute(0, 3, 1, 2), cls_out
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``patch_embed``; in eval mode each BatchNorm is folded into the conv before it (:func:`embed_convs`)."""
+        for conv, weight, bias, after in embed_convs(self):
+            x = after(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        return x
 
     @property
     def grid_pos_embed(self) -> Tensor:
@@ -257,6 +309,40 @@ class SoftStage(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         return tokens[:, 1:], tokens[:, 0]
+
+
+def embed_convs(stage: SoftStage) -> list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]]:
+    """A stage's patch embedding as (conv, weight, bias, what follows the conv) steps.
+
+    In eval mode a BatchNorm after a conv is folded into that conv's weight and
+    bias (BN in eval is a per-channel affine map): same numbers to float32
+    rounding, one pass and one full-size temporary fewer per conv. In training
+    BN stays a module (it updates its statistics).
+    """
+    layers = list(stage.patch_embed)
+    steps: list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]] = []
+    i = 0
+    while i < len(layers):
+        conv = layers[i]
+        assert isinstance(conv, nn.Conv2d), "a patch embedding is conv [, BatchNorm], activation, ..."
+        weight, bias = conv.weight, conv.bias
+        i += 1
+        after: list[nn.Module] = []
+        if i < len(layers) and isinstance(layers[i], nn.BatchNorm2d):
+            bn = layers[i]
+            assert isinstance(bn, nn.BatchNorm2d)
+            if not bn.training and bn.running_mean is not None and bn.running_var is not None:
+                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+                weight = weight * scale.view(-1, 1, 1, 1)
+                bias = bn.bias - bn.running_mean * scale + (bias * scale if bias is not None else 0)
+            else:
+                after.append(bn)
+            i += 1
+        while i < len(layers) and not isinstance(layers[i], nn.Conv2d):
+            after.append(layers[i])
+            i += 1
+        steps.append((conv, weight, bias, nn.Sequential(*after)))
+    return steps
 
 
 class SoftModel(nn.Module):
@@ -338,7 +424,7 @@ class SoftModel(nn.Module):
         for i, stage in enumerate(self.stages[:deepest + 1]):
             x, cls_out = stage(x, self.cls_token if i == 3 else None)
             if i in take:
-                maps.append(x)
+                maps.append(x.contiguous())  # NCHW, as callers and writers expect; x stays channels-last
         if intermediates_only:
             return maps
         assert cls_out is not None

@@ -22,8 +22,10 @@ __all__ = [
     "ChunkPlan",
     "SoftAttention",
     "gaussian_kernel",
+    "newton_from",
     "newton_pinv_norm",
     "newton_pinv_plain",
+    "token_major_empty",
 ]
 
 NEWTON_STEPS = 20
@@ -66,13 +68,44 @@ def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
     return k.clamp_max_(0.0).exp_()
 
 
-def newton_pinv_plain(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
-    """Truncated Newton-Schulz pseudo-inverse of plain SOFT (A + 0.01·I), per (image, head)."""
+def newton_pinv_plain(a: Tensor, steps: int = NEWTON_STEPS, closed_form: bool = True) -> Tensor:
+    """Truncated Newton-Schulz pseudo-inverse of plain SOFT (A + 0.01·I), per (image, head).
+
+    ``closed_form=False`` runs the ``steps`` iterations one by one (the official
+    code's way; benchmarks and tests compare against it).
+    """
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     p = a + PLAIN_RIDGE * eye
     row_max = a.sum(-1).amax(-1, keepdim=True).unsqueeze(-1)  # (B, h, 1, 1)
-    v = (PLAIN_ALPHA_SCALE * 2.0 / row_max.square()) * p
-    return _newton_steps(v, p, steps)
+    alpha = PLAIN_ALPHA_SCALE * 2.0 / row_max.square()
+    return newton_from(p, alpha, steps, closed_form)
+
+
+def newton_from(p: Tensor, alpha: Tensor, steps: int, closed_form: bool = True) -> Tensor:
+    """``steps`` times V ← 2V − V·P·V from V0 = α·P (α broadcast over (..., 1, 1)), for symmetric P.
+
+    Iterated, each step is one matmul and one fused baddbmm. In closed form:
+    every V_k is a polynomial in P, so it shares P's eigenvectors, and on an
+    eigenvalue λ the error e = 1 − λ·v squares each step from e₀ = 1 − αλ², so
+    V = Q·diag((1 − (1 − αλ²)^(2^steps)) / λ)·Qᵀ. One float64 eigendecomposition
+    replaces 2·steps matmuls: less work, and closer to the exact iteration than
+    float32 steps (bench/README.md, "Newton steps in closed form").
+    """
+    if not closed_form:
+        return _newton_steps(alpha * p, p, steps)
+    work = p.to("cpu") if p.device.type == "mps" else p  # MPS has no float64
+    try:
+        lam, vecs = torch.linalg.eigh(work.double())
+    except torch.linalg.LinAlgError:  # non-finite P: the iteration propagates it as the official code does
+        return _newton_steps(alpha * p, p, steps)
+    x = alpha.to(lam).squeeze(-1) * lam * lam  # αλ², (..., m)
+    # log|1 − αλ²|, accurate near 0 (log1p) and above 1 (αλ² ≤ 1.8 by the choice of α)
+    log_e = torch.where(x < 0.5, torch.log1p(-x.clamp_max(0.5)), torch.log((1 - x).abs()))
+    one_minus_e = -torch.expm1(float(2 ** steps) * log_e)  # 2^steps is even: e ≥ 0
+    zero = lam == 0
+    v = torch.where(zero, 0.0, one_minus_e / torch.where(zero, 1.0, lam))
+    out = (vecs * v.unsqueeze(-2)) @ vecs.transpose(-1, -2)
+    return out.to(device=p.device, dtype=p.dtype)
 
 
 def _newton_steps(v: Tensor, p: Tensor, steps: int) -> Tensor:
@@ -84,12 +117,12 @@ def _newton_steps(v: Tensor, p: Tensor, steps: int) -> Tensor:
     return v.reshape(shape)
 
 
-def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
+def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS, closed_form: bool = True) -> Tensor:
     """SOFT-Norm pseudo-inverse D·V·D, with alpha and its halving test taken per image.
 
     ``a`` is (B, h, m, m). The official code takes alpha over the whole batch; here
     each batch item scales independently, so a prediction never depends on the
-    other images in the batch.
+    other images in the batch. ``closed_form`` as in :func:`newton_pinv_plain`.
     """
     b = a.shape[0]
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
@@ -106,9 +139,21 @@ def newton_pinv_norm(a: Tensor, steps: int = NEWTON_STEPS) -> Tensor:
         if not bool(failing.any()):
             break
         alpha = torch.where(failing, alpha * 0.5, alpha)
-    v = _newton_steps(alpha * a, a, steps)
+    v = newton_from(a, alpha, steps, closed_form)
     d = rows.clamp_min(torch.finfo(a.dtype).tiny).rsqrt()
     return d.unsqueeze(-1) * v * d.unsqueeze(-2)
+
+
+def _matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """a @ b written into ``out`` (any strides); autograd-safe when gradients flow (training a head)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return out.copy_(a @ b)
+    return torch.matmul(a, b, out=out)
+
+
+def token_major_empty(b: int, h: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised (B, h, N, d) tensor laid out as (B, N, h, d): heads merge back into tokens as a view."""
+    return torch.empty((b, n, h, d), dtype=dtype, device=device).transpose(1, 2)
 
 
 class SoftAttention(nn.Module):
@@ -184,15 +229,23 @@ class SoftAttention(nn.Module):
         """Tokens (B, N, C) → scaled queries and values, (B, h, N, d) each."""
         b, n, _ = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(b, n, h, d).transpose(1, 2) / d ** 0.25
+        scale = d ** -0.25  # folded into the (small) weights: no pass over the (large) queries
+        q = F.linear(x, self.q.weight * scale, self.q.bias * scale).view(b, n, h, d).transpose(1, 2)
         v = self.v(x).view(b, n, h, d).transpose(1, 2)
         return q, v
 
     def landmark_pinv(self, lm: Tensor) -> Tensor:
-        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant).
+
+        In closed form, except when gradients flow into the landmarks: an
+        eigendecomposition's gradient blows up at repeated eigenvalues, the
+        steps' gradient does not.
+        """
+        closed_form = not (torch.is_grad_enabled() and lm.requires_grad)
         with torch.autocast(device_type=lm.device.type, enabled=False):
             a = gaussian_kernel(lm.float(), lm.float())
-            return newton_pinv_norm(a) if self.norm else newton_pinv_plain(a)
+            pinv = newton_pinv_norm if self.norm else newton_pinv_plain
+            return pinv(a, closed_form=closed_form)
 
     @staticmethod
     def chunk_plan(n_tokens: int, n_landmarks: int, batch_heads: int, rows: int | None = None) -> ChunkPlan:
@@ -225,48 +278,67 @@ class SoftAttention(nn.Module):
             return ktv
 
     def kernel_apply(self, q: Tensor, lm: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
-        """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole."""
+        """K1·W (B, h, N, d) for W = A⁺·(K1ᵀ·V), chunked over tokens so K1 is never whole.
+
+        The result is a view of token-major (B, N, h, d) memory, like the local
+        term, so adding the two and merging the heads copies nothing.
+        """
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, lm = q.float(), lm.float()
             n, chunk = q.shape[-2], self._chunk(q, lm).rows
-            out = torch.empty((*q.shape[:-1], w.shape[-1]), dtype=out_dtype, device=q.device)
+            out = token_major_empty(q.shape[0], q.shape[1], n, w.shape[-1], torch.float32, q.device)
             for s in range(0, n, chunk):
-                out[:, :, s:s + chunk] = gaussian_kernel(q[:, :, s:s + chunk], lm) @ w
-            return out
+                _matmul_into(gaussian_kernel(q[:, :, s:s + chunk], lm), w, out[:, :, s:s + chunk])
+            return out.to(out_dtype)
 
     def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
-        """K1·(A⁺·(K1ᵀ·V)) in float32; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
+        """K1·(A⁺·(K1ᵀ·V)) in float32, token-major; K1 whole and evaluated once when :meth:`chunk_plan` allows."""
         out_dtype = v.dtype
         a_pinv = self.landmark_pinv(lm)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, v, lm = q.float(), v.float(), lm.float()
             if self._chunk(q, lm).k1_evaluations == 1:
                 k1 = gaussian_kernel(q, lm)
-                return (k1 @ (a_pinv @ (k1.transpose(-1, -2) @ v))).to(out_dtype)
+                w = a_pinv @ (k1.transpose(-1, -2) @ v)
+                out = token_major_empty(q.shape[0], q.shape[1], q.shape[2], w.shape[-1], torch.float32, q.device)
+                return _matmul_into(k1, w, out).to(out_dtype)
             return self.kernel_apply(q, lm, a_pinv @ self.kernel_values(q, v, lm), out_dtype)
 
     def local_term(self, v: Tensor, hw: tuple[int, int]) -> Tensor:
         """``attn.conv``: one k x k filter per head, shared by the head's d channels.
 
         The official code convolves V viewed as (B·d, h, H, W) with groups = h; the
-        same numbers come from one depthwise conv over (B, h·d, H, W) with each
-        head's filter repeated d times, which runs several times faster on CPU
-        (measured: 0.054 s vs 0.384 s at 65536 tokens, 64 channels).
+        same numbers come from one depthwise conv over the (B, h·d, H, W) map with
+        each head's filter repeated d times. The map is taken channels-last, which
+        is how the tokens (B, N, h·d) already lie in memory, so no copy is made and
+        the depthwise conv runs on its fast channels-last path; its output is
+        channels-last too, so the result is again a view of token-major memory
+        (2048² stage 1, 262144 tokens, 64 channels, 9 x 9, 1 thread: 62 ms vs 255 ms
+        for the NCHW conv with its two transposes; bench/README.md "Attention layout").
         """
         b, h, n, d = v.shape
         weight = self.local_conv.weight.repeat_interleave(d, dim=0)  # (h·d, 1, k, k)
-        vmap = v.transpose(2, 3).reshape(b, h * d, hw[0], hw[1])
+        tokens = v.transpose(1, 2).reshape(b, hw[0], hw[1], h * d)  # a view when v is token-major
         k = weight.shape[-1]
-        out = F.conv2d(vmap, weight, padding=k // 2, groups=h * d)
-        return out.reshape(b, h, d, n).transpose(2, 3)
+        out = F.conv2d(tokens.permute(0, 3, 1, 2), weight, padding=k // 2, groups=h * d)
+        return out.permute(0, 2, 3, 1).reshape(b, n, h, d).transpose(1, 2)
 
     def merge_heads(self, out: Tensor) -> Tensor:
         """(B, h, N, d) → ``ff`` of the merged (B, N, C) tokens."""
-        b, h, n, d = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return self.proj(self.heads_to_tokens(out))
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    @staticmethod
+    def heads_to_tokens(out: Tensor) -> Tensor:
+        """(B, h, N, d) → (B, N, h·d): a view when ``out`` is token-major."""
+        b, h, n, d = out.shape
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    def attend(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Tokens (B, N, C) → global + local term, heads merged (B, N, C), before ``proj``."""
         q, v = self.queries_values(x)
         out = self.global_term(q, v, self.landmarks(q, hw))
-        out = out + self.local_term(v, hw)
-        return self.merge_heads(out)
+        out += self.local_term(v, hw)  # both token-major: merging heads is a view
+        return self.heads_to_tokens(out)
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        return self.proj(self.attend(x, hw))

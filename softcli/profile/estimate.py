@@ -45,16 +45,18 @@ def landmark_count(method: str, grid: tuple[int, int], settings: ProfileSettings
 def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings) -> float:
     """Multiply-add FLOPs (2 per MAC) of one forward: matmuls, linears and convolutions only.
 
-    Elementwise work (exp, softmax, norms) is left out, as FLOP counters do.
-    B batch, N = H·W tokens, C dim, h heads, d = C/h, m landmarks, r sr ratio,
+    Elementwise work (exp, softmax, norms) and LAPACK calls (the eigendecomposition
+    of SOFT's closed-form Newton steps, ~9·m³ float64 per head) are left out, as
+    FLOP counters do. B batch, N = H·W tokens, C dim, h heads, d = C/h, m landmarks, r sr ratio,
     k local kernel, T Newton steps:
 
     - softmax: q, kv, proj linears 8·B·N·C² + QKᵀ and PV 4·B·h·N²·d        (quadratic in N)
     - soft: q, v, proj 6·B·N·C² + landmark conv 2·B·h·m·d²·r² (only kept patches are convolved)
-      + kernel A 2·B·h·m²·d + Newton 4·T·B·h·m³ + K1 (once, or twice when chunked)
+      + kernel A 2·B·h·m²·d + Newton in closed form Q·f(Λ)·Qᵀ 2·B·h·m³ + K1 (once, or twice when chunked)
       2·B·h·N·m·d each + K1ᵀV and K1·W 4·B·h·N·m·d + A⁺(K1ᵀV) 2·B·h·m²·d
       + local conv 2·B·C·N·k²                                              (linear in N at fixed m)
-    - soft-official: as soft with K1 once, but K1·A⁺ costs 2·B·h·N·m² (m = N/r² grows with N)
+    - soft-official: as soft with K1 once and the T Newton steps one by one, 4·T·B·h·m³, and
+      K1·A⁺ costs 2·B·h·N·m² (m = N/r² grows with N)
     - nystromformer: qkv, proj 8·B·N·C² + three kernels 4·B·h·N·m·d + 2·B·h·m²·d
       + pinv 6·4·2·B·h·m³ (6 iterations of 4 m x m products) + K1·Z 2·B·h·N·m² + Z₃V, (K1Z)(Z₃V) 4·B·h·N·m·d
     """
@@ -69,9 +71,10 @@ def estimate_flops(method: str, grid: tuple[int, int], settings: ProfileSettings
         return float(8 * b * n * c * c + 4 * b * h * n * m * d + 2 * b * h * m * m * d
                      + 2 * NYSTROM_PINV_ITERS * 4 * b * h * m ** 3 + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
     r, k = settings.sr_ratio, settings.local_kernel
-    common = (6 * b * n * c * c + 2 * b * h * m * d * d * r * r + 2 * b * h * m * m * d
-              + 4 * NEWTON_STEPS * b * h * m ** 3 + 2 * b * c * n * k * k)
+    common = 6 * b * n * c * c + 2 * b * h * m * d * d * r * r + 2 * b * h * m * m * d + 2 * b * c * n * k * k
     if method == "soft-official":
-        return float(common + 2 * b * h * n * m * d + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
+        return float(common + 4 * NEWTON_STEPS * b * h * m ** 3
+                     + 2 * b * h * n * m * d + 2 * b * h * n * m * m + 4 * b * h * n * m * d)
     k1_evals = SoftAttention.chunk_plan(n, m, b * h).k1_evaluations
-    return float(common + k1_evals * 2 * b * h * n * m * d + 4 * b * h * n * m * d + 2 * b * h * m * m * d)
+    return float(common + 2 * b * h * m ** 3
+                 + k1_evals * 2 * b * h * n * m * d + 4 * b * h * n * m * d + 2 * b * h * m * m * d)
