@@ -55,7 +55,7 @@ LOCAL_KERNELS = (9, 5, 3)
 #: chunks whose MLP hidden activations hold about this many values (4 MB in
 #: float32): the hidden layer stays in the CPU cache instead of streaming a
 #: full-size temporary (256 MB at 2048², stage 1) through memory, and no
-#: full-size temporaries are allocated (bench/README.md, "Per-token chunks").
+#: full-size temporaries are allocated (bench/README.md, "Forward parts").
 TOKEN_CHUNK_ELEMENTS = 1 << 20
 #: Fewest rows in a chunk, whatever the width.
 TOKEN_CHUNK_MIN_ROWS = 256
@@ -275,8 +275,8 @@ class SoftStage(nn.Module):
     def forward(self, x: Tensor, cls_token: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Map (B, C_in, H, W) → map (B, C, H', W'), channels-last; stage 4 also returns the class token.
 
-        The patch embedding runs channels-last (measured 1.6x faster than NCHW on
-        CPU, bench/README.md "Channels-last"), which is also how tokens (B, N, C)
+        The patch embedding runs channels-last (with its BatchNorms folded, 1.5-2.6x faster than NCHW on
+        CPU, bench/README.md "Forward parts"), which is also how tokens (B, N, C)
         lie in memory: map → tokens → map are views, not copies.
         """
         x = self.embed(x.contiguous(memory_format=torch.channels_last))

@@ -89,7 +89,7 @@ def newton_from(p: Tensor, alpha: Tensor, steps: int, closed_form: bool = True) 
     eigenvalue λ the error e = 1 − λ·v squares each step from e₀ = 1 − αλ², so
     V = Q·diag((1 − (1 − αλ²)^(2^steps)) / λ)·Qᵀ. One float64 eigendecomposition
     replaces 2·steps matmuls: less work, and closer to the exact iteration than
-    float32 steps (bench/README.md, "Newton steps in closed form").
+    float32 steps (bench/README.md, "Forward parts").
     """
     if not closed_form:
         return _newton_steps(alpha * p, p, steps)
@@ -314,7 +314,7 @@ class SoftAttention(nn.Module):
         the depthwise conv runs on its fast channels-last path; its output is
         channels-last too, so the result is again a view of token-major memory
         (2048² stage 1, 262144 tokens, 64 channels, 9 x 9, 1 thread: 62 ms vs 255 ms
-        for the NCHW conv with its two transposes; bench/README.md "Attention layout").
+        for the NCHW conv with its two transposes; bench/README.md "Forward parts").
         """
         b, h, n, d = v.shape
         weight = self.local_conv.weight.repeat_interleave(d, dim=0)  # (h·d, 1, k, k)
