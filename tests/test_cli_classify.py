@@ -199,14 +199,14 @@ def test_landmarks_reach_the_model(workdir, monkeypatch, capsys, full_res):
 
     monkeypatch.chdir(workdir)
     policies = []
-    load = cli_classify.load_cli_model
+    load = cli_classify.common.load_cli_model
 
     def recording_load(*args, **kwargs):
         net = load(*args, **kwargs)
         policies.append(net.landmark_policy)
         return net
 
-    monkeypatch.setattr(cli_classify, "load_cli_model", recording_load)
+    monkeypatch.setattr(cli_classify.common, "load_cli_model", recording_load)
     extra = ["--full-res"] if full_res else []
     code, out, err = _in_process(["classify", "photo.png", "--weights", "ckpt", "--json", "--landmarks", "7",
                                   *extra], capsys)

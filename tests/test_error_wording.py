@@ -189,7 +189,7 @@ def test_a_keyboard_interrupt_inside_a_command_says_interrupted(monkeypatch, rgb
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_classify, "load_cli_model", interrupted)
+    monkeypatch.setattr(cli_classify.common, "load_cli_model", interrupted)
     r = soft("classify", rgb_png)
     assert (r.returncode, r.stderr.decode(), r.stdout) == (130, "error: interrupted\n", b"")
     r = soft("--debug", "classify", rgb_png)

@@ -42,6 +42,14 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+def command_group(name: str, help: str, example: str) -> typer.Typer:
+    """A ``soft NAME SUBCOMMAND`` group registered on :data:`app`, with its one-line help and example."""
+    group = typer.Typer(name=name, help=f"{help}\n\nExample: [bold]{example}[/bold]", rich_markup_mode="rich",
+                        no_args_is_help=True)
+    app.add_typer(group, name=name)
+    return group
+
+
 #: Command modules, imported by :func:`main` so each can register on :data:`app`.
 COMMAND_MODULES: tuple[str, ...] = ("classify", "features", "segment", "weights", "profile", "fit")
 

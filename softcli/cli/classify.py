@@ -16,29 +16,9 @@ from ..errors import UsageError
 from ..io.atomic import atomic_path, check_output_path
 from ..io.image import pixel_limit
 from ..io.inputs import display_path, expand_inputs
+from . import common
 from .advice import cli_text
 from .app import app, error_line
-from .common import (
-    ContextOpt,
-    DeviceOpt,
-    InputsArg,
-    JsonOpt,
-    LandmarksOpt,
-    MagnificationOpt,
-    MaxMemoryOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    MppOpt,
-    WeightsOpt,
-    err_console,
-    landmarks_note,
-    load_cli_model,
-    memory_budget,
-    model_name,
-    parse_landmarks,
-    print_json,
-    progress_bar,
-)
 
 CSV_COLUMNS = ("image", "rank", "index", "label", "prob", "input_height", "input_width", "seconds", "model", "error")
 
@@ -66,36 +46,36 @@ def _write_csv(path: Path, results: list[ClassifyResult], name: str) -> None:
         writer.writeheader()
         for r in results:
             h, w = r.input_size or ("", "")
-            common = {"image": r.display_name, "input_height": h, "input_width": w, "seconds": f"{r.seconds:.4f}",
+            base_row = {"image": r.display_name, "input_height": h, "input_width": w, "seconds": f"{r.seconds:.4f}",
                       "model": name}
             if r.error is not None:
-                writer.writerow({**common, "error": r.error})
+                writer.writerow({**base_row, "error": r.error})
             for p in r.predictions or []:
-                writer.writerow({**common, "rank": p.rank, "index": p.index, "label": p.label,
+                writer.writerow({**base_row, "rank": p.rank, "index": p.index, "label": p.label,
                                  "prob": f"{p.prob:.6g}"})
 
 
 @app.command()
 def classify(
-    inputs: InputsArg = None,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    inputs: common.InputsArg = None,
+    model: common.ModelOpt = None,
+    weights: common.WeightsOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to show per image.")] = 5,
-    device: DeviceOpt = "auto",
+    device: common.DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1,
                                             help="Images per forward pass (same-size crops are batched).")] = 8,
-    json_out: JsonOpt = False,
+    json_out: common.JsonOpt = False,
     csv_file: Annotated[Path | None, typer.Option("--csv", metavar="FILE", dir_okay=False,
                                                   help="Also write every prediction to FILE as CSV.")] = None,
     full_res: Annotated[bool, typer.Option(
         "--full-res", help="Classify the whole image at its native resolution "
                            "instead of a centre crop at the model's input size.")] = False,
-    context: ContextOpt = "auto",
-    max_memory: MaxMemoryOpt = "auto",
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    landmarks: LandmarksOpt = None,
-    mpp: MppOpt = None,
-    magnification: MagnificationOpt = None,
+    context: common.ContextOpt = "auto",
+    max_memory: common.MaxMemoryOpt = "auto",
+    max_pixels: common.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    landmarks: common.LandmarksOpt = None,
+    mpp: common.MppOpt = None,
+    magnification: common.MagnificationOpt = None,
 ) -> None:
     """Classify images: the top-k classes with their probabilities.
 
@@ -124,8 +104,8 @@ def classify(
     if not inputs:
         raise UsageError("missing INPUT: give image files, folders or quoted globs")
     pixel_limit(max_pixels)  # a negative limit is a usage error before any model loads
-    budget = memory_budget(max_memory)
-    policy = parse_landmarks(landmarks) if landmarks is not None else None
+    budget = common.memory_budget(max_memory)
+    policy = common.parse_landmarks(landmarks) if landmarks is not None else None
     if context not in ("auto", "global"):
         raise UsageError(f"--context for classify is auto or global, not {context!r}: the class token needs "
                          "the whole image, so there is no tiled mode")
@@ -134,13 +114,13 @@ def classify(
     items = expand_inputs(inputs)
     if csv_file is not None:
         check_output_path(csv_file, [i.path for i in items])
-    name = model_name(model, weights)
-    with err_console.status("loading model"):
-        net = load_cli_model(model, weights, device, landmarks=policy)
+    name = common.model_name(model, weights)
+    with common.err_console.status("loading model"):
+        net = common.load_cli_model(model, weights, device, landmarks=policy)
     from ..api import landmarks_summary
 
-    note = landmarks_note(landmarks_summary(net))
-    err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}"
+    note = common.landmarks_note(landmarks_summary(net))
+    common.err_console.print(f"model {name} ({net.config.num_classes} classes) on {next(net.parameters()).device}"
                       + (f", {note}" if note else ""), highlight=False, soft_wrap=True)
     if csv_file is not None:  # now that the model's own files are known, --csv must not be one of them
         check_output_path(csv_file, [i.path for i in items], model_files(getattr(net, "source", None)))
@@ -149,7 +129,7 @@ def classify(
     show_tables = not json_out
     results: list[ClassifyResult] = []
     # Tables on the terminal already show progress; a bar is for --json or redirected output.
-    with progress_bar(enabled=not (show_tables and out.is_terminal)) as progress:
+    with common.progress_bar(enabled=not (show_tables and out.is_terminal)) as progress:
         task = progress.add_task("classifying", total=len(items))
         for result in classify_paths(net, items, top_k=top_k, batch_size=batch_size, full_res=full_res,
                                      max_pixels=max_pixels, context=context, max_memory=budget, mpp=mpp,
@@ -162,11 +142,11 @@ def classify(
             progress.advance(task)
 
     if json_out:
-        print_json([r.to_dict(name) for r in results])
+        common.print_json([r.to_dict(name) for r in results])
     if csv_file is not None:
         _write_csv(csv_file, results, name)
-        err_console.print(f"wrote {display_path(csv_file)}", highlight=False)
+        common.err_console.print(f"wrote {display_path(csv_file)}", highlight=False)
     failed = sum(not r.ok for r in results)
     if failed:
-        err_console.print(f"{failed} of {len(results)} inputs failed", highlight=False)
+        common.err_console.print(f"{failed} of {len(results)} inputs failed", highlight=False)
         raise typer.Exit(1)

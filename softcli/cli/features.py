@@ -9,48 +9,14 @@ import typer
 
 from ..constants import DEFAULT_MAX_PIXELS
 from ..io.image import pixel_limit
+from . import cohort, common
 from .app import app
-from .cohort import (
-    ListOpt,
-    MaxFailuresOpt,
-    OutDirOpt,
-    OverwriteOpt,
-    ResumeOpt,
-    SplitOpt,
-    check_cohort_options,
-    check_split,
-    run_cli_cohort,
-    single_input,
-    start_tile_split,
-    wants_cohort,
-)
-from .common import (
-    ContextOpt,
-    DeviceOpt,
-    InputsArg,
-    JsonOpt,
-    LandmarksOpt,
-    MagnificationOpt,
-    MaxMemoryOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    MppOpt,
-    TissueOpt,
-    WeightsOpt,
-    err_console,
-    load_cli_model,
-    memory_budget,
-    model_name,
-    parse_landmarks,
-    print_json,
-    progress_bar,
-    warn,
-)
+from .cohort import check_cohort_options, check_split, run_cli_cohort, single_input, start_tile_split, wants_cohort
 
 
 @app.command()
 def features(
-    inputs: InputsArg = None,
+    inputs: common.InputsArg = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output: .safetensors (keys stage1..stage4, "
                                                                   "(C, H, W) float32), .npy (one stage), .npz, "
                                                                   ".ome.tif (tiled BigTIFF) or .ome.zarr (multiscale "
@@ -64,27 +30,27 @@ def features(
     overlap: Annotated[int | None, typer.Option("--overlap", help="Pixels shared by neighbouring tiles "
                                                                   "(multiple of 32).")] = None,
     level: Annotated[int, typer.Option("--level", help="Pyramid level of a TIFF pyramid (0 = full size).")] = 0,
-    landmarks: LandmarksOpt = None,
-    max_memory: MaxMemoryOpt = "auto",
-    context: ContextOpt = "auto",
+    landmarks: common.LandmarksOpt = None,
+    max_memory: common.MaxMemoryOpt = "auto",
+    context: common.ContextOpt = "auto",
     blend: Annotated[str, typer.Option("--blend", help="Tile blending: linear or gaussian.")] = "linear",
     pool: Annotated[bool, typer.Option("--pool", help="Also store the mean of the stage-4 map as 'pooled'.")] = False,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    device: DeviceOpt = "auto",
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    json_out: JsonOpt = False,
-    out_dir: OutDirOpt = None,
-    list_file: ListOpt = None,
+    model: common.ModelOpt = None,
+    weights: common.WeightsOpt = None,
+    device: common.DeviceOpt = "auto",
+    max_pixels: common.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    json_out: common.JsonOpt = False,
+    out_dir: cohort.OutDirOpt = None,
+    list_file: cohort.ListOpt = None,
     out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: safetensors, npz, npy or "
                                             "ome.tif.")] = "safetensors",
-    overwrite: OverwriteOpt = False,
-    max_failures: MaxFailuresOpt = None,
-    mpp: MppOpt = None,
-    magnification: MagnificationOpt = None,
-    tissue: TissueOpt = None,
-    resume: ResumeOpt = True,
-    split: SplitOpt = "inputs",
+    overwrite: cohort.OverwriteOpt = False,
+    max_failures: cohort.MaxFailuresOpt = None,
+    mpp: common.MppOpt = None,
+    magnification: common.MagnificationOpt = None,
+    tissue: common.TissueOpt = None,
+    resume: cohort.ResumeOpt = True,
+    split: cohort.SplitOpt = "inputs",
 ) -> None:
     """Write the SOFT stage maps of an image of any size, tile by tile with bounded memory.
 
@@ -104,8 +70,8 @@ def features(
     """
     from ..features import FeaturesPlan, check_request, extract_features  # imports torch: only when the command runs
 
-    budget = memory_budget(max_memory)
-    policy = parse_landmarks(landmarks) if landmarks is not None else None
+    budget = common.memory_budget(max_memory)
+    policy = common.parse_landmarks(landmarks) if landmarks is not None else None
     pixel_limit(max_pixels)  # a negative limit is a usage error before anything is opened
     check_split(split, wants_cohort(inputs, out_dir, list_file))
     if wants_cohort(inputs, out_dir, list_file):
@@ -115,8 +81,9 @@ def features(
         check_features_options(out_format, stages, pool, blend)  # fail before loading a model
 
         def make_task(dev: str) -> object:
-            net = load_cli_model(model, weights, dev, landmarks=policy)
-            return features_task(net, model_name=model_name(model, weights), out_format=out_format, stages=stages,
+            net = common.load_cli_model(model, weights, dev, landmarks=policy)
+            return features_task(net, model_name=common.model_name(model, weights), out_format=out_format,
+                                 stages=stages,
                                  tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
                                  pool=pool, max_pixels=max_pixels,
                                  extra={"context": context, "mpp": mpp, "magnification": magnification,
@@ -130,13 +97,13 @@ def features(
     check_request(input, out, stages, pool, blend)  # fail before loading a model
     dist, device = start_tile_split(split, device)
     try:
-        net = load_cli_model(model, weights, device, landmarks=policy)
-        with progress_bar(not json_out and (dist is None or dist.is_main)) as progress:
+        net = common.load_cli_model(model, weights, device, landmarks=policy)
+        with common.progress_bar(not json_out and (dist is None or dist.is_main)) as progress:
             task = progress.add_task(f"features {input.name}", total=None)
 
             def on_plan(plan: FeaturesPlan) -> None:
                 if plan.estimated_peak_bytes > plan.max_memory_bytes:
-                    warn(f"{plan.tile[1]}x{plan.tile[0]} tiles need about "
+                    common.warn(f"{plan.tile[1]}x{plan.tile[0]} tiles need about "
                          f"{plan.estimated_peak_bytes / 2**30:.1f} GB, above --max-memory {max_memory}; "
                          "use a smaller --tile")
 
@@ -152,16 +119,16 @@ def features(
     if dist is not None and not dist.is_main:
         return
     if json_out:
-        print_json(result.to_json())
+        common.print_json(result.to_json())
         return
     p = result.plan
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.maps.items())
-    err_console.print(f"{result.image_size[1]}x{result.image_size[0]} image, {p.tiles} tile(s) of "
+    common.err_console.print(f"{result.image_size[1]}x{result.image_size[0]} image, {p.tiles} tile(s) of "
                       f"{p.tile[1]}x{p.tile[0]} ({p.mode}), {result.seconds:.1f}s", highlight=False)
-    err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
+    common.err_console.print(f"context {p.context}: {p.context_reason}", highlight=False, soft_wrap=True)
     if result.tissue is not None:
         t = result.tissue
-        err_console.print(f"tissue: {t['fraction'] * 100:.1f}% ({t['method']}); {t['tiles_skipped']} of "
+        common.err_console.print(f"tissue: {t['fraction'] * 100:.1f}% ({t['method']}); {t['tiles_skipped']} of "
                           f"{t['tiles_total']} tiles skipped (zeros), about {t['seconds_saved_estimate']:.1f} s saved",
                           highlight=False)
     typer.echo(f"wrote {result.output} ({result.format}): {shapes}")

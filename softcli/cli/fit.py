@@ -13,7 +13,7 @@ from ..constants import DEFAULT_MAX_PIXELS
 from ..errors import UsageError
 from ..stages import parse_stages
 from ..tiling import DEFAULT_OVERLAP, DEFAULT_TILE
-from .app import app
+from .app import command_group
 from .common import (
     DeviceOpt,
     JsonOpt,
@@ -27,14 +27,11 @@ from .common import (
     progress_bar,
 )
 
-fit_app = typer.Typer(
-    name="fit",
-    help="Teach SOFT your own classes from a few labelled images or scribbles (the backbone stays frozen).\n\n"
-         "Example: [bold]soft fit segment data/ --out my-segmenter --weights soft_tiny.safetensors[/bold]",
-    rich_markup_mode="rich",
-    no_args_is_help=True,
+fit_app = command_group(
+    "fit",
+    "Teach SOFT your own classes from a few labelled images or scribbles (the backbone stays frozen).",
+    "soft fit segment data/ --out my-segmenter --weights soft_tiny.safetensors",
 )
-app.add_typer(fit_app, name="fit")
 
 _PHASES = {"features": "Extracting features", "fit": "Fitting head"}
 
@@ -45,6 +42,9 @@ ValOpt = Annotated[float, typer.Option("--val", min=0.0, max=0.95, help="Fractio
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the sampling, the split and the FPN init.")]
 BundleOpt = Annotated[bool, typer.Option("--bundle", help="Copy the backbone weights into the folder instead of "
                                                           "referencing them by sha256.")]
+#: Training images are decoded whole (not region by region as segment/features read slides).
+FitMaxPixelsOpt = Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
+                                              "pixels than this (0 = no limit).")]
 L2Opt = Annotated[float, typer.Option("--l2", min=0.0, help="L2 penalty of the linear probe "
                                                             "(on standardised features).")]
 
@@ -137,8 +137,7 @@ def segment(
     tile: Annotated[int, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32), as for "
                                       "soft segment.")] = DEFAULT_TILE,
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels.")] = DEFAULT_OVERLAP,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
-                                            "pixels than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: FitMaxPixelsOpt = DEFAULT_MAX_PIXELS,
     landmarks: LandmarksOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -180,8 +179,7 @@ def classify(
     l2: L2Opt = 1e-3,
     bundle: BundleOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 16,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help="Refuse images with more "
-                                            "pixels than this (0 = no limit).")] = DEFAULT_MAX_PIXELS,
+    max_pixels: FitMaxPixelsOpt = DEFAULT_MAX_PIXELS,
     landmarks: LandmarksOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,

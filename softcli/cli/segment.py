@@ -11,42 +11,9 @@ from ..constants import DEFAULT_MAX_PIXELS
 from ..errors import UsageError
 from ..io.image import pixel_limit
 from ..tiling import DEFAULT_OVERLAP
+from . import cohort, common
 from .app import app
-from .cohort import (
-    ListOpt,
-    MaxFailuresOpt,
-    OutDirOpt,
-    OverwriteOpt,
-    ResumeOpt,
-    SplitOpt,
-    check_cohort_options,
-    check_split,
-    run_cli_cohort,
-    single_input,
-    start_tile_split,
-    wants_cohort,
-)
-from .common import (
-    ContextOpt,
-    DeviceOpt,
-    InputsArg,
-    JsonOpt,
-    LandmarksOpt,
-    MagnificationOpt,
-    MaxMemoryOpt,
-    MaxPixelsOpt,
-    ModelOpt,
-    MppOpt,
-    TissueOpt,
-    WeightsOpt,
-    landmarks_note,
-    memory_budget,
-    model_name,
-    out_console,
-    phase_progress,
-    print_json,
-    progress_bar,
-)
+from .cohort import check_cohort_options, check_split, run_cli_cohort, single_input, start_tile_split, wants_cohort
 
 _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writing mask",
            "global": "Global context (exact)"}
@@ -54,12 +21,12 @@ _PHASES = {"fit": "Fitting clusters", "label": "Labelling tiles", "write": "Writ
 
 @app.command()
 def segment(
-    inputs: InputsArg = None,
+    inputs: common.InputsArg = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Mask file: .png (palette), .tif/.tiff (tiled "
                                              "pyramidal OME-TIFF, for huge images), .npy or .ome.zarr "
                                              "(multiscale OME-Zarr folder).")] = None,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
+    model: common.ModelOpt = None,
+    weights: common.WeightsOpt = None,
     clusters: Annotated[int | None, typer.Option("--clusters", metavar="K", help="No trained head: k-means the "
                                                  "backbone features into K labels (fixed seed).")] = None,
     cluster_stages: Annotated[str | None, typer.Option("--cluster-stages", help="Stages whose features "
@@ -69,30 +36,30 @@ def segment(
                                        "resolution); the mask has that level's size.")] = 0,
     tile: Annotated[int | None, typer.Option("--tile", help="Largest tile side in pixels (a multiple of 32); "
                                              "default: the largest that fits --max-memory.")] = None,
-    context: ContextOpt = "auto",
-    max_memory: MaxMemoryOpt = "auto",
+    context: common.ContextOpt = "auto",
+    max_memory: common.MaxMemoryOpt = "auto",
     overlap: Annotated[int, typer.Option("--overlap", help="Overlap between tiles in pixels; scores are "
                                          "blended across it before the argmax.")] = DEFAULT_OVERLAP,
     overlay: Annotated[Path | None, typer.Option("--overlay", help="Also write a blended preview of image and "
                                                   "mask (downsampled to at most 2048 px for huge inputs).")] = None,
-    landmarks: LandmarksOpt = None,
-    device: DeviceOpt = "auto",
-    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
-    json_out: JsonOpt = False,
-    out_dir: OutDirOpt = None,
-    list_file: ListOpt = None,
+    landmarks: common.LandmarksOpt = None,
+    device: common.DeviceOpt = "auto",
+    max_pixels: common.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    json_out: common.JsonOpt = False,
+    out_dir: cohort.OutDirOpt = None,
+    list_file: cohort.ListOpt = None,
     out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: mask format, tif, png or "
                                             "npy.")] = "tif",
-    overwrite: OverwriteOpt = False,
-    max_failures: MaxFailuresOpt = None,
-    mpp: MppOpt = None,
-    magnification: MagnificationOpt = None,
-    tissue: TissueOpt = None,
+    overwrite: cohort.OverwriteOpt = False,
+    max_failures: cohort.MaxFailuresOpt = None,
+    mpp: common.MppOpt = None,
+    magnification: common.MagnificationOpt = None,
+    tissue: common.TissueOpt = None,
     geojson: Annotated[Path | None, typer.Option("--geojson", metavar="FILE", help="Also write the labels as "
                                                   "GeoJSON polygons (one MultiPolygon per class, level-0 pixel "
                                                   "coordinates) for QuPath.")] = None,
-    resume: ResumeOpt = True,
-    split: SplitOpt = "inputs",
+    resume: cohort.ResumeOpt = True,
+    split: cohort.SplitOpt = "inputs",
 ) -> None:
     """Label every pixel of INPUT and write a mask, a legend JSON beside it and optionally an overlay.
 
@@ -117,7 +84,7 @@ def segment(
     """
     from ..segment import segment as run_segment
 
-    budget = memory_budget(max_memory)
+    budget = common.memory_budget(max_memory)
 
     if model is not None and weights is not None:
         raise UsageError("give --model or --weights, not both")
@@ -131,7 +98,8 @@ def segment(
         if geojson is not None:
             raise UsageError("--geojson names one file, for one image; with --out-dir run each slide that needs "
                              "GeoJSON on its own")
-        run_cli_cohort(lambda dev: segment_task(spec, model_name=model_name(model, weights), out_format=out_format,
+        name = common.model_name(model, weights)
+        run_cli_cohort(lambda dev: segment_task(spec, model_name=name, out_format=out_format,
                                                 clusters=clusters, cluster_stages=cluster_stages, seed=seed,
                                                 level=level, tile=tile, overlap=overlap, landmarks=landmarks,
                                                 device=dev, max_pixels=max_pixels, max_memory=budget,
@@ -144,11 +112,11 @@ def segment(
     assert out is not None
     dist, device = start_tile_split(split, device)
     try:
-        with progress_bar(not json_out and (dist is None or dist.is_main)) as bar:
+        with common.progress_bar(not json_out and (dist is None or dist.is_main)) as bar:
             summary = run_segment(image, out, weights=spec, clusters=clusters, cluster_stages=cluster_stages,
                                   level=level, tile=tile, overlap=overlap, overlay=overlay, device=device,
                                   landmarks=landmarks, seed=seed, max_pixels=max_pixels,
-                                  progress=phase_progress(bar, _PHASES), context=context, max_memory=budget,
+                                  progress=common.phase_progress(bar, _PHASES), context=context, max_memory=budget,
                                   mpp=mpp, magnification=magnification, tissue=tissue, geojson=geojson,
                                   resume=resume, dist=dist)
     finally:
@@ -157,16 +125,16 @@ def segment(
     if dist is not None and not dist.is_main:
         return
     if json_out:
-        print_json(summary)
+        common.print_json(summary)
         return
     h, w = summary["size"]
-    console = out_console()
+    console = common.out_console()
     tiles = f"{summary['tiles']['count']} tiles, " if "tiles" in summary else ""
     console.print(f"{summary['mask']['path']}: {w}x{h} mask, {len(summary['labels'])} labels "
                       f"({summary['mode']}), {tiles}{summary['seconds']['total']:.1f} s", highlight=False)
     console.print(f"context {summary['context']['mode']}: {summary['context']['reason']}", highlight=False)
-    if landmarks_note(summary["landmarks"]):
-        console.print(landmarks_note(summary["landmarks"]), highlight=False)
+    if common.landmarks_note(summary["landmarks"]):
+        console.print(common.landmarks_note(summary["landmarks"]), highlight=False)
     for e in summary["labels"]:
         console.print(f"  {e['label']:>3}  {e['hex']}  {e['fraction'] * 100:6.2f}%  {e['name']}",
                           highlight=False)

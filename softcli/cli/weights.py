@@ -14,17 +14,14 @@ from rich.table import Table
 from .. import weights as weights_lib
 from ..errors import UsageError
 from ..weights.registry import load_registry
-from .app import app
+from .app import command_group
 from .common import JsonOpt, err_console, out_console, print_json, progress_bar
 
-weights_app = typer.Typer(
-    name="weights",
-    help="Named SOFT models and their weights: list, pull from the Hub, convert official checkpoints, push.\n\n"
-         "Example: [bold]soft weights pull soft_tiny[/bold]",
-    rich_markup_mode="rich",
-    no_args_is_help=True,
+weights_app = command_group(
+    "weights",
+    "Named SOFT models and their weights: list, pull from the Hub, convert official checkpoints, push.",
+    "soft weights pull soft_tiny",
 )
-app.add_typer(weights_app, name="weights")
 
 SpecArg = Annotated[str, typer.Argument(help="Registry name, hf-hub:ORG/REPO\\[@REV], a folder or a file.",
                                         show_default=False)]
