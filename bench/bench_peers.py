@@ -18,6 +18,8 @@ Usage:
     # old vs new soft_tiny, side by side (the baseline tree is any softcli checkout):
     mkdir /tmp/base && git archive main softcli | tar -x -C /tmp/base
     python bench/bench_peers.py --sides 2048 --baseline /tmp/base --repeat 5
+    # several earlier trees at once (--baseline again; each named soft_tiny@<folder name>):
+    python bench/bench_peers.py --sides 2048 --baseline /tmp/v1 --baseline /tmp/v2 --threads 1
 
 Prints a Markdown table and each model's time relative to convnext_tiny.
 """
@@ -45,8 +47,8 @@ PEERS = {
     "pvt_v2_b1": "pvt_v2_b1",
 }
 MODELS = ("soft_tiny", *PEERS)
-#: soft_tiny from the ``--baseline`` source tree (the code before a change).
-BASELINE = "soft_tiny_baseline"
+#: soft_tiny from a ``--baseline`` source tree (the code before a change): ``soft_tiny@<folder name>``.
+BASELINE_PREFIX = "soft_tiny@"
 
 
 def _import_timm() -> types.ModuleType:
@@ -82,8 +84,12 @@ def _import_timm() -> types.ModuleType:
 _KEEP: list[Any] = []
 
 
+def baseline_name(src: Path) -> str:
+    return BASELINE_PREFIX + src.resolve().name
+
+
 def import_baseline(src: Path) -> types.ModuleType:
-    """Another softcli source tree (``src/softcli``), imported as ``softcli_baseline`` beside ours.
+    """Another softcli source tree (``src/softcli``), imported as its own package beside ours.
 
     softcli imports itself relatively, so the other tree loads as a second
     package in this process: old and new code then run side by side, alternating.
@@ -91,23 +97,22 @@ def import_baseline(src: Path) -> types.ModuleType:
     init = src / "softcli" / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"--baseline: no softcli package under {src}")
-    spec = importlib.util.spec_from_file_location("softcli_baseline", init,
-                                                  submodule_search_locations=[str(init.parent)])
+    package = "softcli_baseline_" + "".join(c if c.isalnum() else "_" for c in src.resolve().name)
+    spec = importlib.util.spec_from_file_location(package, init, submodule_search_locations=[str(init.parent)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["softcli_baseline"] = module
+    sys.modules[package] = module
     spec.loader.exec_module(module)
     return module
 
 
-def build(name: str, baseline: Path | None = None) -> Callable:
+def build(name: str, baselines: dict[str, Path]) -> Callable:
     """The model's ``forward_features`` callable, random weights, eval mode."""
     import torch
 
     torch.manual_seed(0)
-    if name == BASELINE:
-        assert baseline is not None
-        model = import_baseline(baseline).create_model("soft_tiny")
+    if name in baselines:
+        model = import_baseline(baselines[name]).create_model("soft_tiny")
     elif name == "soft_tiny":
         sys.path.insert(0, str(REPO))
         import softcli
@@ -135,7 +140,7 @@ def time_once(fn: Callable, x: Any) -> tuple[float, float]:
         return time.perf_counter() - start, time.process_time() - cpu
 
 
-def run(models: list[str], sides: list[int], repeat: int, threads: int, baseline: Path | None = None) -> list[dict]:
+def run(models: list[str], sides: list[int], repeat: int, threads: int, baselines: dict[str, Path]) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
@@ -143,7 +148,7 @@ def run(models: list[str], sides: list[int], repeat: int, threads: int, baseline
     for side in sides:
         fns = {}
         for name in models:
-            fn = build(name, baseline)
+            fn = build(name, baselines)
             if name == "swin_tiny":
                 fn.__self__.set_input_size((side, side))
             fns[name] = fn
@@ -186,28 +191,29 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per model and side (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed, reported)")
     parser.add_argument("--json", type=Path, help="also write the raw times here")
-    parser.add_argument("--baseline", type=Path, help="a softcli source tree (e.g. `mkdir /tmp/base && "
-                        "git archive main softcli | tar -x -C /tmp/base`): "
-                        f"adds {BASELINE}, its soft_tiny, run alternating with ours")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="a softcli source tree (e.g. `mkdir /tmp/base && git archive main softcli | tar -x -C "
+                        f"/tmp/base`): adds {BASELINE_PREFIX}<folder name>, its soft_tiny, run alternating with ours; "
+                        "repeat for several")
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.baseline is not None and BASELINE not in models:
-        models.insert(0, BASELINE)
-    unknown = sorted(set(models) - set(MODELS) - {BASELINE})
+    baselines = {baseline_name(src): src for src in args.baseline}
+    models = [*baselines, *[m for m in models if m not in baselines]]
+    unknown = sorted(set(models) - set(MODELS) - set(baselines))
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     sides = [int(s) for s in args.sides.split(",")]
     import torch
 
     load = os.getloadavg()
-    rows = run(models, sides, args.repeat, args.threads, args.baseline)
+    rows = run(models, sides, args.repeat, args.threads, baselines)
     load_after = os.getloadavg()
     print(f"torch {torch.__version__}, {args.threads} threads, repeat {args.repeat} (median), "
           f"load average before {load[0]:.2f} / after {load_after[0]:.2f}")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
-                                         "baseline": str(args.baseline) if args.baseline else None,
+                                         "baselines": {k: str(v) for k, v in baselines.items()},
                                          "load": [load, load_after], "rows": rows}, indent=1))
 
 
