@@ -272,3 +272,31 @@ def test_python_api_with_extra_options(images, weights, tmp_path):
     assert read_lines(tmp_path / "out" / "manifest.jsonl")[0]["settings"]["cluster_tiles"] == 1
     other = segment_task(weights, model_name="tiny", out_format="npy", clusters=2, extra={"cluster_tiles": 2})
     assert other.key != task.key and run_cohort(items, tmp_path / "out", task).count("skipped") == 2
+
+
+def test_model_is_the_name_as_given_in_manifest_and_outputs(images, weights, tmp_path, monkeypatch):
+    """``model`` is the spec as given (here ``~/tiny``) in every manifest line and output; the checkpoint it
+    resolved to and its SHA-256 have their own fields, equal across segment and features."""
+    from safetensors import safe_open
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(weights, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    for args in (seg_args([images / "img0.png"], tmp_path / "seg", "~/tiny"),
+                 ("features", images / "img0.png", "--out-dir", tmp_path / "feat", "--weights", "~/tiny",
+                  "--stages", "4", "--device", "cpu")):
+        r = run_soft(*args, env={**ONE_THREAD_ENV, "HOME": str(home)})
+        assert r.returncode == 0, r.stderr.decode()
+    seg, feat = (read_lines(tmp_path / d / "manifest.jsonl")[0] for d in ("seg", "feat"))
+    assert seg["model"] == feat["model"] == "~/tiny"
+    assert len(seg["weights_sha256"]) == 64 and seg["weights_sha256"] == feat["weights_sha256"]
+    assert Path(seg["weights_path"]).resolve() == weights.resolve()  # the folder; features: its weights file
+    assert Path(feat["weights_path"]).resolve() in (weights.resolve(), *weights.resolve().iterdir())
+    legend = json.loads((tmp_path / "seg" / "img0.legend.json").read_text())
+    with Image.open(tmp_path / "seg" / "img0.png") as png:
+        text = dict(png.text)
+    with safe_open(str(tmp_path / "feat" / "img0.safetensors"), "np") as f:
+        meta = f.metadata()
+    for made_by in (legend, text, meta):
+        assert made_by["model"] == "~/tiny" and made_by["weights_sha256"] == seg["weights_sha256"]

@@ -52,7 +52,8 @@ class CohortTask:
 
     ``settings`` must hold every option that changes the output files (it goes
     into the resume key with the weights hash and the softcli version) and
-    nothing that does not (device, progress, limits).
+    nothing that does not (device, progress, limits). ``model`` is the model as the user named it
+    (registry name, ``hf-hub:`` spec or path as given); ``weights_path`` the checkpoint it resolved to.
     """
 
     command: str
@@ -61,6 +62,7 @@ class CohortTask:
     model: str
     weights_sha256: str
     run_one: Callable[[str, Path, TileProgress], JobResult]
+    weights_path: str | None = None
 
     @property
     def key(self) -> str:
@@ -134,7 +136,7 @@ def image_pixels(path: str) -> int:
 
 def _base_record(task: CohortTask, path: str, rank: int) -> dict[str, Any]:
     return {"input": path, "path": input_key(path), "command": task.command, "model": task.model,
-            "weights_sha256": task.weights_sha256, "softcli_version": __version__,
+            "weights_path": task.weights_path, "weights_sha256": task.weights_sha256, "softcli_version": __version__,
             "settings": task.settings, "settings_key": task.key, "rank": rank}
 
 
