@@ -22,7 +22,8 @@ from .runner import CohortTask, JobResult, TileProgress
 
 #: ``--out-format`` choices → file suffix.
 MASK_FORMATS = {"tif": ".tif", "png": ".png", "npy": ".npy"}
-FEATURE_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "npy": ".npy", "ome.tif": ".ome.tif"}
+FEATURE_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "npy": ".npy", "ome.tif": ".ome.tif",
+                   "ome.zarr": ".ome.zarr"}  # a folder, renamed into place when complete (io.atomic.atomic_dir)
 
 
 def _suffix(formats: dict[str, str], fmt: str) -> str:
