@@ -264,6 +264,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             geojson: str | os.PathLike[str] | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
+    ``weights``: a model spec (registry name, ``hf-hub:``, folder or file), or one resolved already
+    (:class:`~softcli.weights.spec.ResolvedWeights`, as a cohort passes it); outputs record it as
+    the spec was given, never as the file it resolved to.
     With a segmentation checkpoint and no ``clusters``: the head's classes.
     With ``clusters=K``: k-means on backbone features of any checkpoint (a
     segmentation checkpoint's backbone included). Returns the summary that
