@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -159,14 +159,16 @@ def rank_rows(rows: int, rank: int, world: int) -> range:
 
 
 def run_bands(fn: Any, reader: Any, grid: Any, outputs: Sequence[OutputSpec], state: BandState, *,
-              dist: Any = None, **dense: Any) -> PersistentSink:
+              dist: Any = None, sums_only: Collection[str] = (), **dense: Any) -> PersistentSink:
     """Compute the unfinished tile rows (this rank's share under ``dist``) into the state's maps.
 
     Rank 0 prepares the folder; every rank then writes its rows and records each
     finished band; all ranks meet at a barrier before returning the (open) sink.
+    ``sums_only``: outputs whose rows are only summed (their band sums are in the state), never stored
+    (:class:`~softcli.engine.SumsOnlySink`); the returned sink lacks them.
     ``dense``: the keyword arguments of :func:`~softcli.engine.run_dense`.
     """
-    from .engine import run_dense
+    from .engine import SumsOnlySink, run_dense
 
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if rank == 0:
@@ -176,7 +178,7 @@ def run_bands(fn: Any, reader: Any, grid: Any, outputs: Sequence[OutputSpec], st
     sink = state.sink()
     try:
         todo = state.todo(rank_rows(grid.rows, rank, world))
-        run_dense(fn, reader, grid, outputs, sink, rows=todo,
+        run_dense(fn, reader, grid, outputs, SumsOnlySink(sink, sums_only) if sums_only else sink, rows=todo,
                   on_band=lambda row, sums: state.mark_done(sink, row, sums), **dense)
         if dist is not None:
             dist.barrier()

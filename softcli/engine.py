@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,6 +209,46 @@ class DiskSink(MapSink):
             os.close(fd)
         self._fds.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class SumsOnlySink(MapSink):
+    """Pass rows on to ``inner``, except those of the maps in ``sums_only``: those are sized, never stored.
+
+    For a map wanted only for its mean (the pooled stage 4 of ``soft features
+    --pool`` without stage 4 among the maps): the :class:`Stitcher` adds up each
+    finished row before it reaches the sink, so the mean is exact while nothing
+    of the map outlives the stitcher's one band. Reading such a map is an error.
+    """
+
+    def __init__(self, inner: MapSink, sums_only: Iterable[str]) -> None:
+        super().__init__()
+        self.inner, self.sums_only = inner, frozenset(sums_only)
+
+    def allocate(self, name: str, shape: tuple[int, int, int]) -> None:
+        super().allocate(name, shape)
+        if name not in self.sums_only:
+            self.inner.allocate(name, shape)
+
+    def write_rows(self, name: str, y0: int, block: np.ndarray) -> None:
+        if name not in self.sums_only:
+            self.inner.write_rows(name, y0, block)
+
+    def _kept(self, name: str) -> str:
+        if name in self.sums_only:
+            raise KeyError(f"{name}: only its sums were kept, not the map")
+        return name
+
+    def read_rows(self, name: str, channel: int, y0: int, y1: int) -> np.ndarray:
+        return self.inner.read_rows(self._kept(name), channel, y0, y1)
+
+    def iter_bytes(self, name: str, chunk: int = 1 << 25) -> Iterator[bytes | memoryview]:
+        return self.inner.iter_bytes(self._kept(name), chunk)
+
+    def array(self, name: str) -> np.ndarray:
+        return self.inner.array(self._kept(name))
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class PersistentSink(DiskSink):

@@ -13,7 +13,12 @@ Default settings keep time linear in pixels and memory bounded:
   attention (quadratic in tokens); an image that fits in one tile runs whole;
 - output maps stay in memory when they take at most a quarter of the budget,
   else they go to temporary raw files next to the output (a disk sink) and are
-  streamed into the output file.
+  streamed into the output file;
+- ``pool`` without stage 4 among the maps sums stage 4 as it is blended
+  (:class:`~softcli.engine.SumsOnlySink`) and stores no stage-4 map. Global
+  context still holds stage 4 once, as the activations of its last layer pass
+  (in memory or spilled to disk, planned within the budget like every pass):
+  its mean is read from there (:func:`~softcli.context.export_map`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from .context import (
     run_global,
     tissue_context,
 )
-from .engine import DiskSink, MapSink, MemorySink, OutputSpec, TileCallback, run_dense
+from .engine import DiskSink, MapSink, MemorySink, OutputSpec, SumsOnlySink, TileCallback, run_dense
 from .errors import InputError, ParameterError
 from .io.atomic import check_disk_space, check_output_path
 from .io.image import pixel_limit
@@ -94,17 +99,21 @@ def check_tiling(tile: int | None, overlap: int | None) -> None:
 def plan_features(height: int, width: int, channels: Sequence[int], strides: Sequence[int], *,
                   model_config: Any = None, params: int = 0, tile: int | None = None, overlap: int | None = None,
                   max_memory: int | None = None, image_in_memory: bool = True,
-                  tile_cap: int = DEFAULT_TILE) -> tuple[TileGrid, FeaturesPlan]:
+                  tile_cap: int = DEFAULT_TILE, stored: Sequence[bool] | None = None) -> tuple[TileGrid, FeaturesPlan]:
     """Choose tile size and sink for an image so the run fits ``max_memory`` (see module docstring).
 
     ``max_memory`` None: half the RAM available now (:func:`~softcli.context.memory_budget`).
+    ``stored``: per map, whether the sink keeps it (default all); one computed only for its
+    mean (:class:`~softcli.engine.SumsOnlySink`) costs its stitcher band, not a whole map.
 
     Without ``tile``, tiles are the largest that fit, at most ``tile_cap`` pixels a side.
     """
     budget = memory_budget(max_memory)
     overlap = DEFAULT_OVERLAP if overlap is None else overlap
     check_tiling(tile, overlap)
-    map_bytes = sum(4 * c * math.ceil(height / s) * math.ceil(width / s) for c, s in zip(channels, strides))
+    kept = [True] * len(channels) if stored is None else stored
+    map_bytes = sum(4 * c * math.ceil(height / s) * math.ceil(width / s)
+                    for c, s, keep in zip(channels, strides, kept) if keep)
     image_bytes = 12 * height * width if image_in_memory else 0
     sink = "memory" if map_bytes <= budget // 4 else "disk"
     padded_w = -(-width // ALIGN) * ALIGN
@@ -289,7 +298,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
     check_context_mode(context)
     check_tiling(tile, overlap)
     keep = [f"stage{s}" for s in stage_list]
-    if pool and 4 not in stage_list:
+    sums_only = () if not pool or 4 in stage_list else ("stage4",)  # computed for its mean, never stored
+    if sums_only:
         stage_list = (*stage_list, 4)
     cfg = model.config  # type: ignore[attr-defined]
     outputs = stage_outputs(cfg, stage_list)
@@ -319,7 +329,8 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
             overlap = 0
         grid, plan = plan_features(reader.height, reader.width, channels, strides, model_config=cfg, params=params,
                                    tile=tile, overlap=overlap, max_memory=max_memory,
-                                   image_in_memory=isinstance(reader, ArrayReader), tile_cap=max(padded))
+                                   image_in_memory=isinstance(reader, ArrayReader), tile_cap=max(padded),
+                                   stored=[n in keep for n in names])
         plan.context, plan.context_reason = choice.mode, choice.reason
         if choice.mode == "global":
             side, spill = plan_global(reader.height, reader.width, cfg, params, budget, channels, tile)
@@ -355,9 +366,11 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
         fn = stage_maps_fn(model, outputs)
         sink: MapSink
         if state is not None:
-            sink = run_bands(fn, reader, grid, outputs, state, dist=dist, **dense)
+            sink = run_bands(fn, reader, grid, outputs, state, dist=dist, sums_only=sums_only, **dense)
         else:
             sink = MemorySink() if plan.sink == "memory" else DiskSink(Path(out).resolve().parent)
+            if sums_only:
+                sink = SumsOnlySink(sink, sums_only)
         with sink:
             if choice.mode == "global":
                 pooled = _run_global(model, reader, padded, outputs, sink, plan, Path(out).resolve().parent,
@@ -369,7 +382,7 @@ def extract_features(model: torch.nn.Module, image: str | os.PathLike[str] | np.
                 pooled = None  # rank 0 writes the output (and may already be removing the state)
             else:
                 state.check_complete()
-                cells = sink.shapes["stage4"][1] * sink.shapes["stage4"][2] if pool else 0
+                cells = math.prod(grid.out_size(STAGE_STRIDES[3]))
                 pooled = state.pooled(names.index("stage4"), cells) if pool else None
             t_run = time.perf_counter() - start
             tissue_info = None if tissue_mask is None else tissue_mask.summary(len(grid), skipped[0], t_run)

@@ -270,3 +270,69 @@ def test_python_api_with_extra_options(images, weights, tmp_path):
     assert read_lines(tmp_path / "out" / "manifest.jsonl")[0]["settings"]["cluster_tiles"] == 1
     other = segment_task(weights, model_name="tiny", out_format="npy", clusters=2, extra={"cluster_tiles": 2})
     assert other.key != task.key and run_cohort(items, tmp_path / "out", task).count("skipped") == 2
+
+
+def test_model_is_the_name_as_given_in_manifest_and_outputs(images, weights, tmp_path, monkeypatch):
+    """``model`` is the spec as given (here ``~/tiny``) in every manifest line and output; the checkpoint it
+    resolved to and its SHA-256 have their own fields, equal across segment and features."""
+    from safetensors import safe_open
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "tiny").symlink_to(weights, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    for args in (seg_args([images / "img0.png"], tmp_path / "seg", "~/tiny"),
+                 ("features", images / "img0.png", "--out-dir", tmp_path / "feat", "--weights", "~/tiny",
+                  "--stages", "4", "--device", "cpu")):
+        r = run_soft(*args, env={**ONE_THREAD_ENV, "HOME": str(home)})
+        assert r.returncode == 0, r.stderr.decode()
+    seg, feat = (read_lines(tmp_path / d / "manifest.jsonl")[0] for d in ("seg", "feat"))
+    assert seg["model"] == feat["model"] == "~/tiny"
+    assert len(seg["weights_sha256"]) == 64 and seg["weights_sha256"] == feat["weights_sha256"]
+    assert Path(seg["weights_path"]).resolve() == weights.resolve()  # the folder; features: its weights file
+    assert Path(feat["weights_path"]).resolve() in (weights.resolve(), *weights.resolve().iterdir())
+    legend = json.loads((tmp_path / "seg" / "img0.legend.json").read_text())
+    with Image.open(tmp_path / "seg" / "img0.png") as png:
+        text = dict(png.text)
+    with safe_open(str(tmp_path / "feat" / "img0.safetensors"), "np") as f:
+        meta = f.metadata()
+    for made_by in (legend, text, meta):
+        assert made_by["model"] == "~/tiny" and made_by["weights_sha256"] == seg["weights_sha256"]
+
+
+def test_features_cohort_to_ome_zarr_resumes_by_folder(images, weights, tmp_path):
+    """--out-format ome.zarr: folders renamed into place, a rerun skips both, a killed run's temporary
+    folder is swept, a damaged folder (a chunk gone) is redone, and the maps equal a single-image run."""
+    zarr = pytest.importorskip("zarr")
+    out = tmp_path / "maps"
+    args = ("features", images / "img0.png", images / "img3.png", "--out-dir", out, "--out-format", "ome.zarr",
+            "--weights", weights, "--stages", "3,4", "--device", "cpu", "--json")
+    r = run_soft(*args, env=ONE_THREAD_ENV)
+    assert r.returncode == 0, r.stderr.decode()
+    assert statuses(out) == {"img0.png": "done", "img3.png": "done"}
+    recs = read_lines(out / "manifest.jsonl")
+    assert [Path(o["path"]).name for rec in recs for o in rec["outputs"]] == ["img0.ome.zarr", "img3.ome.zarr"]
+    assert all(o["bytes"] > 1000 for rec in recs for o in rec["outputs"])  # the folder's files, added up
+    single = tmp_path / "single.ome.zarr"
+    r = run_soft("features", images / "img3.png", "--out", single, "--weights", weights, "--stages", "3,4",
+                 "--device", "cpu", env=ONE_THREAD_ENV)
+    assert r.returncode == 0, r.stderr.decode()
+    a, b = zarr.open_group(str(out / "img3.ome.zarr"), mode="r"), zarr.open_group(str(single), mode="r")
+    for stage in ("stage3", "stage4"):
+        np.testing.assert_array_equal(a[stage]["0"][:], b[stage]["0"][:])
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = out / f".img0.ome.zarr.partial-{dead.stdout.strip()}-x1y2"  # what a killed writer leaves
+    (leftover / "stage3").mkdir(parents=True)
+    (leftover / "stage3" / "0.0.0").write_bytes(b"half")
+    r = run_soft(*args, env=ONE_THREAD_ENV)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and (report["skipped"], report["done"]) == (2, 0) and not leftover.exists()
+
+    chunk = next(p for p in (out / "img0.ome.zarr").rglob("*") if p.is_file() and not p.name.startswith("."))
+    chunk.unlink()
+    r = run_soft(*args, env=ONE_THREAD_ENV)
+    assert r.returncode == 0 and statuses(out) == {"img0.png": "done", "img3.png": "skipped"}
+    assert chunk.is_file()
+    assert sorted(p.name for p in out.iterdir()) == [".soft-cohort.lock", "img0.ome.zarr", "img3.ome.zarr",
+                                                     "manifest.jsonl"]

@@ -174,3 +174,32 @@ def test_cli_needs_a_model_and_has_help(soft, tmp_path):
     assert r.returncode == 1 and "--weights" in err and err.count("error:") == 1 and "Traceback" not in err
     h = soft("features", "--help")
     assert h.returncode == 0 and "Example: soft features" in h.stdout.decode()
+
+
+@pytest.mark.parametrize("mode,kw", [("whole", {}), ("tile", {"context": "tile", "tile": 64, "overlap": 32}),
+                                     ("global", {"context": "global", "tile": 64}),
+                                     ("bands", {"context": "tile", "tile": 64, "overlap": 32})])
+def test_pool_without_stage4_sums_it_without_storing_it(tiny_model, tmp_path, monkeypatch, mode, kw):
+    """--pool with stages 1-3: the same pooled vector as with stage 4 kept (1e-6), yet no sink holds stage 4.
+
+    ``bands``: a file image in tiles is resumable, its maps live in a PersistentSink (softcli.band_state)."""
+    from softcli.engine import DiskSink, MemorySink, PersistentSink
+
+    img = _image(150, 100, seed=3)
+    image: object = img
+    if mode == "bands":
+        image = tmp_path / "img.png"
+        Image.fromarray((img * 255).astype(np.uint8)).save(image)
+    ref = extract_features(tiny_model, image, tmp_path / "ref.npz", stages="2,4", pool=True, **kw)
+    stored: list[str] = []
+    for cls in (MemorySink, DiskSink, PersistentSink):
+        monkeypatch.setattr(cls, "allocate", lambda self, name, shape, _orig=cls.allocate:
+                            (stored.append(name), _orig(self, name, shape))[1])
+    res = extract_features(tiny_model, image, tmp_path / "p.npz", stages="2", pool=True, **kw)
+    assert stored == ["stage2"] and res.plan.context == ref.plan.context == mode.replace("bands", "tile")
+    assert res.plan.map_bytes < ref.plan.map_bytes  # the plan counts no stage-4 map either
+    got, want = np.load(tmp_path / "p.npz"), np.load(tmp_path / "ref.npz")
+    assert sorted(got.keys()) == ["metadata", "pooled", "stage2"] and res.maps.keys() == {"stage2"}
+    np.testing.assert_allclose(got["pooled"], want["pooled"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["pooled"], want["stage4"].mean(axis=(1, 2)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got["stage2"], want["stage2"])

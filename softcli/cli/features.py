@@ -42,8 +42,8 @@ def features(
     json_out: common.JsonOpt = False,
     out_dir: cohort.OutDirOpt = None,
     list_file: cohort.ListOpt = None,
-    out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: safetensors, npz, npy or "
-                                            "ome.tif.")] = "safetensors",
+    out_format: Annotated[str, typer.Option("--out-format", help="With --out-dir: safetensors, npz, npy, "
+                                            "ome.tif or ome.zarr.")] = "safetensors",
     overwrite: cohort.OverwriteOpt = False,
     max_failures: cohort.MaxFailuresOpt = None,
     mpp: common.MppOpt = None,
@@ -80,11 +80,13 @@ def features(
         check_cohort_options(out_dir, out=out)
         check_features_options(out_format, stages, pool, blend)  # fail before loading a model
 
+        auto = max_memory.strip().lower() == "auto"  # recorded as null: not the RAM free at this run's start
+
         def make_task(dev: str) -> object:
             net = common.load_cli_model(model, weights, dev, landmarks=policy)
             return features_task(net, model_name=common.model_name(model, weights), out_format=out_format,
-                                 stages=stages,
-                                 tile=tile, overlap=overlap, level=level, max_memory=budget, blend=blend,
+                                 stages=stages, tile=tile, overlap=overlap, level=level,
+                                 max_memory=None if auto else budget, blend=blend,
                                  pool=pool, max_pixels=max_pixels,
                                  extra={"context": context, "mpp": mpp, "magnification": magnification,
                                         "tissue": tissue})

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,23 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def output_bytes(path: str | os.PathLike[str]) -> int:
+    """The size of an output: a file's bytes, or the bytes of every file in a folder output (OME-Zarr).
+
+    A folder output exists only once complete (written under a temporary name and renamed),
+    so its files adding up to the recorded size means it is the one the manifest describes.
+    """
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        return info.st_size
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    return sum(os.lstat(os.path.join(folder, name)).st_size
+               for folder, _, names in os.walk(path, onerror=fail) for name in names)
+
+
 def outputs_intact(record: Mapping[str, Any]) -> bool:
     """Every output the record lists exists with the size it had when written."""
     outputs = record.get("outputs")
@@ -100,7 +118,7 @@ def outputs_intact(record: Mapping[str, Any]) -> bool:
         return False
     for out in outputs:
         try:
-            if os.stat(out["path"]).st_size != out["bytes"]:
+            if output_bytes(out["path"]) != out["bytes"]:
                 return False
         except (OSError, KeyError, TypeError):
             return False

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import OutputError, SoftError
+from ..io.atomic import remove_stale_temporaries
 from ..io.inputs import InputItem
 from .distributed import DistContext, split_by_pixels
 from .inputs import output_names
@@ -27,6 +28,7 @@ from .manifest import (
     append_line,
     append_lines,
     input_key,
+    output_bytes,
     part_path,
     run_lock,
     settings_key,
@@ -52,7 +54,8 @@ class CohortTask:
 
     ``settings`` must hold every option that changes the output files (it goes
     into the resume key with the weights hash and the softcli version) and
-    nothing that does not (device, progress, limits).
+    nothing that does not (device, progress, limits). ``model`` is the model as the user named it
+    (registry name, ``hf-hub:`` spec or path as given); ``weights_path`` the checkpoint it resolved to.
     """
 
     command: str
@@ -61,6 +64,7 @@ class CohortTask:
     model: str
     weights_sha256: str
     run_one: Callable[[str, Path, TileProgress], JobResult]
+    weights_path: str | None = None
 
     @property
     def key(self) -> str:
@@ -134,13 +138,14 @@ def image_pixels(path: str) -> int:
 
 def _base_record(task: CohortTask, path: str, rank: int) -> dict[str, Any]:
     return {"input": path, "path": input_key(path), "command": task.command, "model": task.model,
-            "weights_sha256": task.weights_sha256, "softcli_version": __version__,
+            "weights_path": task.weights_path, "weights_sha256": task.weights_sha256, "softcli_version": __version__,
             "settings": task.settings, "settings_key": task.key, "rank": rank}
 
 
 def _plan(items: Sequence[InputItem], out_dir: Path, task: CohortTask, manifest: Manifest, overwrite: bool,
           world: int) -> dict[str, Any]:
     """On rank 0: output names, reused and bad inputs, and which rank runs which input."""
+    remove_stale_temporaries(out_dir)  # half-written outputs (files or OME-Zarr folders) of killed runs
     leftovers = manifest.part_files()
     if leftovers:  # a killed run's parts: fold them into the manifest so this run's parts start empty
         manifest.merge([], include_parts=True)
@@ -231,7 +236,7 @@ def _run(items: Sequence[InputItem], out: Path, task: CohortTask, overwrite: boo
         except Exception as exc:  # noqa: BLE001 - one bad slide must not end a cohort; the error is recorded
             rec |= {"status": "failed", "error": f"unexpected {type(exc).__name__}: {exc}", "outputs": []}
         else:
-            rec |= {"status": "done", "outputs": [{"path": str(Path(os.path.abspath(p))), "bytes": p.stat().st_size}
+            rec |= {"status": "done", "outputs": [{"path": str(Path(os.path.abspath(p))), "bytes": output_bytes(p)}
                                                   for p in result.outputs],
                     "size": list(result.size) if result.size else None, "mpp": result.mpp}
             if result.resumed:

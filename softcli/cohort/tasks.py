@@ -22,7 +22,8 @@ from .runner import CohortTask, JobResult, TileProgress
 
 #: ``--out-format`` choices → file suffix.
 MASK_FORMATS = {"tif": ".tif", "png": ".png", "npy": ".npy"}
-FEATURE_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "npy": ".npy", "ome.tif": ".ome.tif"}
+FEATURE_FORMATS = {"safetensors": ".safetensors", "npz": ".npz", "npy": ".npy", "ome.tif": ".ome.tif",
+                   "ome.zarr": ".ome.zarr"}  # a folder, renamed into place when complete (io.atomic.atomic_dir)
 
 
 def _suffix(formats: dict[str, str], fmt: str) -> str:
@@ -60,7 +61,8 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
         from ..api import landmark_policy
 
         landmark_policy(landmarks)
-    resolved = Path(resolve_weights(weights).path)  # once: a Hub spec is not looked up again per input
+    resolved = resolve_weights(weights)  # once: a Hub spec is not looked up again per input
+    checkpoint = Path(resolved.path)
 
     def run_one(path: str, out: Path, progress: TileProgress) -> JobResult:
         summary = segment(path, out, weights=resolved, clusters=clusters, cluster_stages=cluster_stages,
@@ -72,8 +74,8 @@ def segment_task(weights: str | os.PathLike[str] | None, *, model_name: str, out
     settings: dict[str, Any] = {"format": out_format, "clusters": clusters, "cluster_stages": stages if clusters
                                 else None, "seed": seed, "level": level, "tile": tile, "overlap": overlap,
                                 "landmarks": landmarks, **dict(extra or {})}
-    return CohortTask("segment", suffix, settings, model_name, weights_sha256(_checkpoint_files(resolved)),
-                      run_one)
+    return CohortTask("segment", suffix, settings, model_name, weights_sha256(_checkpoint_files(checkpoint)),
+                      run_one, weights_path=str(checkpoint))
 
 
 def check_features_options(out_format: str, stages: str | Sequence[int], pool: bool, blend: str
@@ -118,4 +120,4 @@ def features_task(model: torch.nn.Module, *, model_name: str, out_format: str = 
                 "landmarks": str(getattr(model, "landmark_policy", "")), **dict(extra or {})}
     files = _checkpoint_files(Path(source)) if source else []
     return CohortTask("features", suffix, settings, model_name, weights_sha256(files) if files else "unknown",
-                      run_one)
+                      run_one, weights_path=str(source) if source else None)

@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,6 +72,10 @@ from ..resources import available_memory, format_bytes
 from ..tiling import ALIGN, DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, choose_tile_size
 from ..tissue import TissueLabels, compute_tissue, counting_skip, with_background
 from .segmenter import SCORE_STRIDE, is_segmentation_checkpoint, resolve_checkpoint_path, segmenter_from_checkpoint
+
+if TYPE_CHECKING:
+    from ..weights.spec import ResolvedWeights
+
 
 # -- streaming argmax ---------------------------------------------------------------------------
 
@@ -162,11 +166,17 @@ def check_model_request(weights: object, clusters: int | None,
     return stages
 
 
-def _default_spec() -> str:
-    """The registry's default model name (what a run without weights clusters the features of)."""
-    from ..weights.registry import load_registry
+def model_spec(weights: str | os.PathLike[str] | ResolvedWeights | None) -> str | os.PathLike[str]:
+    """The model as the user asked for it (what outputs record as ``model``), never the file it resolved to.
 
-    return load_registry().default
+    ``None`` is the registry's default model name (what a run without weights clusters the features of).
+    """
+    from ..weights.registry import load_registry
+    from ..weights.spec import ResolvedWeights
+
+    if isinstance(weights, ResolvedWeights):
+        return weights.spec
+    return weights if weights is not None else load_registry().default
 
 
 def _models_for(ck: Checkpoint, clusters: int | None, device: torch.device) -> tuple[
@@ -243,7 +253,7 @@ def _global_clusters(stack: contextlib.ExitStack, backbone: SoftModel, reader: I
 
 
 def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
-            weights: str | os.PathLike[str] | None = None, clusters: int | None = None,
+            weights: str | os.PathLike[str] | ResolvedWeights | None = None, clusters: int | None = None,
             cluster_stages: str | Sequence[int] | None = None, level: int = 0, tile: int | None = None,
             overlap: int = DEFAULT_OVERLAP, overlay: str | os.PathLike[str] | None = None,
             device: str | torch.device = "cpu", landmarks: str | None = None, seed: int = 0,
@@ -254,6 +264,9 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
             geojson: str | os.PathLike[str] | None = None, resume: bool = True, dist: Any = None) -> dict[str, Any]:
     """Label every pixel of ``image`` and write the mask, its legend and optionally an overlay.
 
+    ``weights``: a model spec (registry name, ``hf-hub:``, folder or file), or one resolved already
+    (:class:`~softcli.weights.spec.ResolvedWeights`, as a cohort passes it); outputs record it as
+    the spec was given, never as the file it resolved to.
     With a segmentation checkpoint and no ``clusters``: the head's classes.
     With ``clusters=K``: k-means on backbone features of any checkpoint (a
     segmentation checkpoint's backbone included). Returns the summary that
@@ -425,8 +438,7 @@ def segment(image: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 if progress is not None:
                     progress("write", written[0], total_tiles)
 
-            made_by = provenance(weights if weights is not None else _default_spec(),
-                                 model_files(ck.source)).to_strings()
+            made_by = provenance(model_spec(weights), model_files(ck.source)).to_strings()
             summary["mask"] = write_mask(raster, out, palette, names, on_tile=on_write, metadata=made_by)
             entries = legend(names, palette, raster.counts)
             leg = legend_path(out)

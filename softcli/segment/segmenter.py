@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ from ..errors import CheckpointError
 from ..io.atomic import atomic_dir
 from ..models.linear_head import LinearHeadConfig, LinearSegHead
 from ..models.segmentation import HeadConfig, SemanticFPNHead, SoftSegmenter, default_palette
+
+if TYPE_CHECKING:
+    from ..weights.spec import ResolvedWeights
 
 TASK = "segmentation"
 HEAD_TYPE = "semantic_fpn"
@@ -126,11 +129,16 @@ def _infer_head_config(sd: Mapping[str, Tensor], source: str) -> HeadConfig:
         raise CheckpointError(f"{source}: segmentation head incomplete (no {exc.args[0]})") from exc
 
 
-def resolve_checkpoint_path(spec: str | os.PathLike[str] | None) -> Path:
-    """A model spec (registry name, hf-hub:ORG/REPO[@REV], folder or file) → a local checkpoint path."""
-    from ..weights import resolve_weights
+def resolve_checkpoint_path(spec: str | os.PathLike[str] | ResolvedWeights | None) -> Path:
+    """A model spec (registry name, hf-hub:ORG/REPO[@REV], folder or file) → a local checkpoint path.
 
-    return Path(resolve_weights(spec).path)
+    A spec resolved already (:class:`~softcli.weights.spec.ResolvedWeights`, as a cohort passes it) is not
+    looked up again.
+    """
+    from ..weights import resolve_weights
+    from ..weights.spec import ResolvedWeights
+
+    return Path(spec.path if isinstance(spec, ResolvedWeights) else resolve_weights(spec).path)
 
 
 def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[SoftSegmenter,
