@@ -283,6 +283,12 @@ def _close_all() -> None:
     _ZYGOTES.clear()
 
 
+def _fresh_argv(code: str, args: list[str], cap: int | None) -> list[str]:
+    """``python -c CODE ARGS`` for a fresh interpreter, capping its address space first when ``cap`` is set."""
+    prefix = _CAP_PREFIX.format(cap=cap) if cap is not None else ""
+    return [sys.executable, "-c", prefix + code, *args]
+
+
 def python_process(code: str, args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str],
                    cwd: Path | str | None = None, cap: int | None = None, stdout: int | None = PIPE,
                    stderr: int | None = PIPE) -> ForkedProcess | subprocess.Popen:
@@ -293,9 +299,8 @@ def python_process(code: str, args: list[str | os.PathLike[str] | bytes], *, env
     zygote = zygote_for(env)
     if zygote is not None:
         return zygote.spawn(code, str_args, cwd=cwd, env=env, cap=cap, stdout=stdout, stderr=stderr)
-    prefix = _CAP_PREFIX.format(cap=cap) if cap is not None else ""
-    return subprocess.Popen([sys.executable, "-c", prefix + code, *str_args], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, preexec_fn=_default_sigint)
+    return subprocess.Popen(_fresh_argv(code, str_args, cap), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr, preexec_fn=_default_sigint)
 
 
 def run_python(code: str, args: list[str | os.PathLike[str] | bytes], *, env: dict[str, str],
@@ -306,9 +311,8 @@ def run_python(code: str, args: list[str | os.PathLike[str] | bytes], *, env: di
     zygote = zygote_for(env)
     if zygote is not None:
         return zygote.run(code, str_args, cwd=cwd, env=env, cap=cap, timeout=timeout, input=input)
-    prefix = _CAP_PREFIX.format(cap=cap) if cap is not None else ""
-    return subprocess.run([sys.executable, "-c", prefix + code, *str_args], capture_output=True, cwd=cwd,
-                          env=env, timeout=timeout, input=input, preexec_fn=_default_sigint)
+    return subprocess.run(_fresh_argv(code, str_args, cap), capture_output=True, cwd=cwd, env=env,
+                          timeout=timeout, input=input, preexec_fn=_default_sigint)
 
 
 def soft_process(args: list[str | os.PathLike[str] | bytes], **kwargs: Any) -> ForkedProcess | subprocess.Popen:
