@@ -7,8 +7,9 @@ function and render; they never print tracebacks: :func:`main` maps
 code (1 for failed work, 2 for usage), and ``--debug`` shows the traceback.
 Ctrl-C ends with ``error: interrupted`` (130), SIGTERM with ``error: terminated``
 (143), after ``finally`` blocks removed temporaries; so does a KeyboardInterrupt
-raised inside the process (``_thread.interrupt_main``, an embedding program). The vocabulary every command
-shares (options, short flags, units, size order) is in ``softcli/cli/README.md``.
+raised inside the process (``_thread.interrupt_main``, an embedding program).
+The vocabulary every command shares (options, short flags, units, size order)
+is in ``softcli/cli/README.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
 
 def command_group(name: str, help: str, example: str) -> typer.Typer:
     """A ``soft NAME SUBCOMMAND`` group registered on :data:`app`, with its one-line help and example."""
