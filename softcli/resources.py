@@ -95,3 +95,13 @@ def free_disk(folder: str | os.PathLike[str]) -> int | None:
         return int(shutil.disk_usage(p).free)
     except OSError:
         return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: MemoryError, torch's OutOfMemoryError, or the
+    RuntimeError a CPU allocation raises under a memory limit."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "not enough memory" in text or "failed to allocate" in text)

@@ -196,6 +196,26 @@ def test_a_keyboard_interrupt_inside_a_command_says_interrupted(monkeypatch, rgb
     assert (r.returncode, r.stderr.decode()) == (130, "error: interrupted\n")
 
 
+@pytest.mark.parametrize("exc,expected", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 805306368 bytes"), "error: out of memory ("),
+    (MemoryError(), "error: out of memory ("),
+    (RuntimeError("something else broke"), "error: unexpected RuntimeError: something else broke"),
+])
+def test_an_allocation_that_fails_says_out_of_memory(monkeypatch, rgb_png, soft, exc, expected):
+    """A failed allocation the memory checks did not foresee (a ulimit, other processes) is named as such."""
+    import softcli.cli.classify as cli_classify
+
+    def fails(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(cli_classify.common, "load_cli_model", fails)
+    r = soft("classify", rgb_png)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.startswith(expected) and err.count("\n") == 1, err
+    assert ("--max-memory" in err) == expected.startswith("error: out of memory")
+
+
 def test_max_memory_has_one_default_half_the_available_ram(monkeypatch):
     """extract_features, segment and classify: ``max_memory=None`` is memory_budget(None), not a fixed 2 GiB."""
     import softcli.context.modes as modes

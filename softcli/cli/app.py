@@ -162,7 +162,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             raise
-        error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        from ..resources import is_oom
+
+        if is_oom(exc):  # an allocation the memory checks did not foresee (a ulimit, other processes)
+            detail = " ".join(str(exc).split())[:200]
+            error_line(f"out of memory ({detail}); lower --max-memory, --tile or --batch-size, or free memory "
+                       "(run with --debug for the traceback)")
+        else:
+            error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         sys.exit(1)
     finally:
         if previous is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..models.landmarks import LandmarkPolicy
+from ..resources import is_oom
 from .estimate import estimate_flops, landmark_count
 from .jobs import stage_input_sizes
 from .methods import build_attention, random_model
@@ -30,7 +31,7 @@ from .settings import (
     ProfileSettings,
 )
 
-__all__ = ["is_oom", "measure", "result_for"]
+__all__ = ["is_oom", "measure", "result_for"]  # is_oom lives in ..resources
 
 
 def _sync(device: torch.device) -> None:
@@ -67,14 +68,6 @@ def _limit_address_space(extra_bytes: int) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                              or "not enough memory" in text or "failed to allocate" in text)
 
 
 def _prepare(job: ProfileJob, settings: ProfileSettings, device: torch.device
