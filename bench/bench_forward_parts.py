@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from softcli.models import soft as soft_model  # noqa: E402
+from softcli.models import layers as soft_model  # noqa: E402
 from softcli.models.soft import create_soft  # noqa: E402
 from softcli.models.soft_attention import gaussian_kernel, newton_pinv_plain  # noqa: E402
 

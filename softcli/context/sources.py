@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..engine import normalized_batch
 from ..io.readers import ImageReader
-from ..models.soft import SoftStage, embed_convs
+from ..models.layers import embed_convs
+from ..models.soft import SoftStage
 
 
 class ImageSource(Protocol):
@@ -97,6 +98,6 @@ def embed_region(stage: SoftStage, fetch: Callable[[int, int, int, int], Tensor]
         pads.insert(0, (px[0], px[1], py[0], py[1]))
     (y0, y1), (x0, x1) = ranges[0]
     x = fetch(y0, y1, x0, x1).contiguous(memory_format=torch.channels_last)  # as SoftStage runs it
-    for i, (conv, weight, bias, after) in enumerate(embed_convs(stage)):
+    for i, (conv, weight, bias, after) in enumerate(embed_convs(stage.patch_embed)):
         x = after(F.conv2d(F.pad(x, pads[i]), weight, bias, conv.stride, 0, conv.dilation, conv.groups))
     return x

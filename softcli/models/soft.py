@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast, overload
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .landmarks import LandmarkPolicy
+from .layers import embed_convs, per_token_chunks
 from .positions import resize_pos_embed
 from .soft_attention import (  # noqa: F401 - re-exported: the attention lived here before
     NEWTON_STEPS,
@@ -51,35 +52,6 @@ __all__ = [
 # Local-term kernel sizes of stages 1-3 (attn.conv); fixed by the official code.
 LOCAL_KERNELS = (9, 5, 3)
 
-#: The per-token tail of a block (residuals, norms, MLP) walks the tokens in row
-#: chunks whose MLP hidden activations hold about this many values (4 MB in
-#: float32): the hidden layer stays in the CPU cache instead of streaming a
-#: full-size temporary (256 MB at 2048², stage 1) through memory, and no
-#: full-size temporaries are allocated (bench/README.md, "Forward parts").
-TOKEN_CHUNK_ELEMENTS = 1 << 20
-#: Fewest rows in a chunk, whatever the width.
-TOKEN_CHUNK_MIN_ROWS = 256
-
-
-def per_token_chunks(fn: Callable[..., Tensor], *tensors: Tensor, width: int) -> Tensor:
-    """``fn`` over aligned row chunks of (B, N, ·) tensors, written into one (B, N, ·) result.
-
-    Only for ``fn`` that treat each token on its own (norms, MLPs, residuals):
-    then the result equals ``fn(*tensors)``. ``width`` is the widest
-    intermediate per token, which sets the chunk size.
-    """
-    n = tensors[0].shape[1]
-    rows = max(TOKEN_CHUNK_MIN_ROWS, TOKEN_CHUNK_ELEMENTS // max(1, width))
-    if rows >= n:
-        return fn(*tensors)
-    out: Tensor | None = None
-    for s in range(0, n, rows):
-        part = fn(*(t[:, s:s + rows] for t in tensors))
-        if out is None:
-            out = part.new_empty((part.shape[0], n, part.shape[-1]))
-        out[:, s:s + rows] = part
-    assert out is not None
-    return out
 
 
 @dataclass(frozen=True)
@@ -293,7 +265,7 @@ class SoftStage(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """``patch_embed``; in eval mode each BatchNorm is folded into the conv before it (:func:`embed_convs`)."""
-        for conv, weight, bias, after in embed_convs(self):
+        for conv, weight, bias, after in embed_convs(self.patch_embed):
             x = after(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         return x
 
@@ -309,40 +281,6 @@ class SoftStage(nn.Module):
         for blk in self.blocks:
             tokens = blk(tokens)
         return tokens[:, 1:], tokens[:, 0]
-
-
-def embed_convs(stage: SoftStage) -> list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]]:
-    """A stage's patch embedding as (conv, weight, bias, what follows the conv) steps.
-
-    In eval mode a BatchNorm after a conv is folded into that conv's weight and
-    bias (BN in eval is a per-channel affine map): same numbers to float32
-    rounding, one pass and one full-size temporary fewer per conv. In training
-    BN stays a module (it updates its statistics).
-    """
-    layers = list(stage.patch_embed)
-    steps: list[tuple[nn.Conv2d, Tensor, Tensor | None, Callable[[Tensor], Tensor]]] = []
-    i = 0
-    while i < len(layers):
-        conv = layers[i]
-        assert isinstance(conv, nn.Conv2d), "a patch embedding is conv [, BatchNorm], activation, ..."
-        weight, bias = conv.weight, conv.bias
-        i += 1
-        after: list[nn.Module] = []
-        if i < len(layers) and isinstance(layers[i], nn.BatchNorm2d):
-            bn = layers[i]
-            assert isinstance(bn, nn.BatchNorm2d)
-            if not bn.training and bn.running_mean is not None and bn.running_var is not None:
-                scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-                weight = weight * scale.view(-1, 1, 1, 1)
-                bias = bn.bias - bn.running_mean * scale + (bias * scale if bias is not None else 0)
-            else:
-                after.append(bn)
-            i += 1
-        while i < len(layers) and not isinstance(layers[i], nn.Conv2d):
-            after.append(layers[i])
-            i += 1
-        steps.append((conv, weight, bias, nn.Sequential(*after)))
-    return steps
 
 
 class SoftModel(nn.Module):

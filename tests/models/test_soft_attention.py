@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from softcli.models import soft as soft_model
+from softcli.models import layers as soft_model
 from softcli.models.soft_attention import (
     SoftAttention,
     _newton_steps,
