@@ -99,7 +99,7 @@ def newton_from(p: Tensor, alpha: Tensor, steps: int, closed_form: bool = True) 
     except torch.linalg.LinAlgError:  # non-finite P: the iteration propagates it as the official code does
         return _newton_steps(alpha * p, p, steps)
     x = alpha.to(lam).squeeze(-1) * lam * lam  # αλ², (..., m)
-    # log|1 − αλ²|, accurate near 0 (log1p) and above 1 (αλ² ≤ 1.8 by the choice of α)
+    # log|1 − αλ²|, accurate near 0 (log1p) and above 1 (αλ² < 2 by the choice of α: where the steps converge)
     log_e = torch.where(x < 0.5, torch.log1p(-x.clamp_max(0.5)), torch.log((1 - x).abs()))
     one_minus_e = -torch.expm1(float(2 ** steps) * log_e)  # 2^steps is even: e ≥ 0
     zero = lam == 0
