@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from softcli.band_state import state_folder
+from tests.conftest import REPO, run_soft
 from tests.synthetic import ONE_THREAD_ENV
 from tests.zygote import soft_process
 
@@ -41,3 +42,14 @@ def kill_after_recorded(args: list[str], state: Path, count: int, cwd: Path, tim
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     return len(list((state / "done").glob("*.json")))
+
+
+def clean_then_killed(common: list[str], clean_out: Path, out: Path, count: int, cwd: Path
+                      ) -> tuple[subprocess.CompletedProcess, int]:
+    """``soft COMMON --out CLEAN_OUT --no-resume`` to compare with, then ``soft COMMON --out OUT`` killed
+    once ``count`` steps are recorded: (the clean run, the steps recorded); the output is not there yet."""
+    clean = run_soft(*common, "--out", clean_out, "--no-resume", env=ONE_THREAD_ENV)
+    assert clean.returncode == 0, clean.stderr.decode()
+    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), count, cwd)
+    assert not out.exists()
+    return clean, done

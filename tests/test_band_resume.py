@@ -18,7 +18,7 @@ from softcli.io.readers import ArrayReader
 from softcli.tiling import TileGrid
 
 from .conftest import run_soft
-from .killing import kill_after_recorded, one_thread_env
+from .killing import clean_then_killed, one_thread_env
 from .synthetic import ONE_THREAD_ENV
 from .zygote import torchrun
 
@@ -97,12 +97,10 @@ def _segment_killed_then_resumed(weights: Path, tmp_path: Path, side: int, tile:
               "--tile", str(tile), "--overlap", "64", "--context", "tile", "--json"]
     (tmp_path / "clean").mkdir()
     (tmp_path / "run").mkdir()
-    clean = run_soft(*common, "--out", tmp_path / "clean" / "mask.png", "--no-resume", env=ONE_THREAD_ENV)
-    assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "run" / "mask.png"
     state = state_folder(out)
     rows = -(-side // (tile - 64))
-    done = kill_after_recorded([*common, "--out", str(out)], state, kill_after, tmp_path)
+    _, done = clean_then_killed(common, tmp_path / "clean" / "mask.png", out, kill_after, tmp_path)
     assert not out.exists() and (state / "state.json").is_file()
     assert kill_after <= done < rows, "the kill came after the last band"
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
@@ -126,10 +124,8 @@ def test_features_killed_then_resumed_equals_clean_run(weights, tmp_path):
     image = blocky_tiff(tmp_path / "big.tif", 2048, seed=2)
     common = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "3,4", "--pool",
               "--tile", "256", "--overlap", "64", "--context", "tile", "--json"]
-    clean = run_soft(*common, "--out", tmp_path / "clean.safetensors", "--no-resume", env=ONE_THREAD_ENV)
-    assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "f.safetensors"
-    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 2, tmp_path)
+    _, done = clean_then_killed(common, tmp_path / "clean.safetensors", out, 2, tmp_path)
     assert done < 11 and not out.exists()
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()

@@ -14,7 +14,7 @@ from softcli.context import LayerCheckpoints, TensorSource, count_passes, run_gl
 from softcli.errors import OutputError
 
 from .conftest import run_soft
-from .killing import kill_after_recorded
+from .killing import clean_then_killed, kill_after_recorded
 from .synthetic import ONE_THREAD_ENV
 from .test_band_resume import blocky_tiff, split_and_single_runs
 
@@ -90,12 +90,9 @@ def test_segment_global_killed_then_resumed_equals_clean_run(weights, tmp_path):
               "--tile", "128", "--context", "global", "--json"]
     (tmp_path / "clean").mkdir()
     (tmp_path / "run").mkdir()
-    clean = run_soft(*common, "--out", tmp_path / "clean" / "mask.png", "--no-resume", env=ONE_THREAD_ENV)
-    assert clean.returncode == 0, clean.stderr.decode()
-    assert json.loads(clean.stdout)["context"]["mode"] == "global"
     out = tmp_path / "run" / "mask.png"
-    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 4, tmp_path)
-    assert not out.exists()
+    clean, done = clean_then_killed(common, tmp_path / "clean" / "mask.png", out, 4, tmp_path)
+    assert json.loads(clean.stdout)["context"]["mode"] == "global"
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert json.loads(resumed.stdout)["resumed_passes"] == done
@@ -108,10 +105,8 @@ def test_features_global_killed_then_resumed_equals_clean_run(weights, tmp_path)
     image = blocky_tiff(tmp_path / "img.tif", 1024, seed=7)
     common = ["features", str(image), "--weights", str(weights), "--device", "cpu", "--stages", "2,4", "--pool",
               "--tile", "128", "--context", "global", "--json"]
-    clean = run_soft(*common, "--out", tmp_path / "clean.safetensors", "--no-resume", env=ONE_THREAD_ENV)
-    assert clean.returncode == 0, clean.stderr.decode()
     out = tmp_path / "f.safetensors"
-    done = kill_after_recorded([*common, "--out", str(out)], state_folder(out), 5, tmp_path)
+    _, done = clean_then_killed(common, tmp_path / "clean.safetensors", out, 5, tmp_path)
     assert done < 11 and not out.exists()
     resumed = run_soft(*common, "--out", out, env=ONE_THREAD_ENV)
     assert resumed.returncode == 0, resumed.stderr.decode()

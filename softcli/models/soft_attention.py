@@ -235,17 +235,16 @@ class SoftAttention(nn.Module):
         return q, v
 
     def landmark_pinv(self, lm: Tensor) -> Tensor:
-        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant).
-
-        In closed form, except when gradients flow into the landmarks: an
-        eigendecomposition's gradient blows up at repeated eigenvalues, the
-        steps' gradient does not.
-        """
-        closed_form = not (torch.is_grad_enabled() and lm.requires_grad)
+        """A⁺ of the landmark kernel A = k(L, L), float32 (the Newton iteration of the variant)."""
         with torch.autocast(device_type=lm.device.type, enabled=False):
             a = gaussian_kernel(lm.float(), lm.float())
             pinv = newton_pinv_norm if self.norm else newton_pinv_plain
-            return pinv(a, closed_form=closed_form)
+            return pinv(a, closed_form=self.newton_in_closed_form(lm))
+
+    def newton_in_closed_form(self, lm: Tensor) -> bool:
+        """Closed form, except when gradients flow into the landmarks: an eigendecomposition's
+        gradient blows up at repeated eigenvalues, the steps' gradient does not."""
+        return not (torch.is_grad_enabled() and lm.requires_grad)
 
     @staticmethod
     def chunk_plan(n_tokens: int, n_landmarks: int, batch_heads: int, rows: int | None = None) -> ChunkPlan:

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..models.landmarks import LandmarkPolicy
 from ..models.nystromformer import NystromAttention
 from ..models.soft import SoftAttention, SoftmaxAttention, SoftModel, create_soft
-from ..models.soft_attention import gaussian_kernel, newton_pinv_norm, newton_pinv_plain
+from ..models.soft_attention import gaussian_kernel
 from .settings import METHODS, ProfileSettings
 
 __all__ = ["build_attention", "random_model"]
@@ -48,11 +48,9 @@ class OfficialOrderAttention(SoftAttention):
         module.__class__ = cls
         return module  # type: ignore[return-value]
 
-    def landmark_pinv(self, lm: Tensor) -> Tensor:
-        """A⁺ by the 20 Newton steps one by one, as the official code does."""
-        with torch.autocast(device_type=lm.device.type, enabled=False):
-            a = gaussian_kernel(lm.float(), lm.float())
-            return newton_pinv_norm(a, closed_form=False) if self.norm else newton_pinv_plain(a, closed_form=False)
+    def newton_in_closed_form(self, lm: Tensor) -> bool:
+        """Never: the 20 Newton steps one by one, as the official code does."""
+        return False
 
     def global_term(self, q: Tensor, v: Tensor, lm: Tensor) -> Tensor:
         out_dtype = v.dtype
